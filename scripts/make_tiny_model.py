@@ -1,0 +1,89 @@
+"""Build a small randomly initialised Llama locally, for demos and tests (nothing is downloaded).
+
+The tokenizer is copied from ``--tokenizer`` (a local folder, e.g. stories260K's); the architecture
+comes from the flags. Written atomically with a ``pipeline.json``; re-running with the same
+arguments is a no-op.
+
+Example:
+    python scripts/make_tiny_model.py --output_dir runs/demo/base --tokenizer ../shared/models/stories260K/hf
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.cli import SuiteError, run  # noqa: E402
+
+
+def main(
+    output_dir: str,
+    tokenizer: str,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 192,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> None:
+    """Create a tiny Llama model folder (config, safetensors weights, tokenizer).
+
+    Args:
+        output_dir: Folder to write.
+        tokenizer: Local folder holding the tokenizer to copy.
+        hidden_size: Model width.
+        num_layers: Decoder layers.
+        num_heads: Attention heads (must divide hidden_size).
+        num_kv_heads: Key/value heads (must divide num_heads).
+        intermediate_size: MLP width.
+        max_position_embeddings: Context length.
+        seed: Seed of the random initialisation.
+        overwrite: Replace an output_dir holding a different model.
+    """
+    args = dict(locals())
+    problems = []
+    if not Path(tokenizer).is_dir():
+        problems.append(f"--tokenizer {tokenizer}: no such folder")
+    if hidden_size % num_heads:
+        problems.append(f"--num_heads {num_heads} must divide --hidden_size {hidden_size}")
+    if num_heads % num_kv_heads:
+        problems.append(f"--num_kv_heads {num_kv_heads} must divide --num_heads {num_heads}")
+    if problems:
+        raise SuiteError("\n".join(problems))
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from utils.artifacts import check_output_dir, finish_meta, sha256_json, staged_dir, tokenizer_fingerprint
+
+    fingerprint = sha256_json({k: v for k, v in args.items() if k not in ("output_dir", "tokenizer", "overwrite")}
+                              | {"tokenizer": tokenizer_fingerprint(tokenizer)})
+    if check_output_dir(output_dir, "make_tiny_model", fingerprint, overwrite):
+        print(f"make_tiny_model: {output_dir} already holds this model; nothing to do", file=sys.stderr)
+        print(Path(output_dir).absolute())
+        return
+    tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    with staged_dir(output_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        finish_meta(tmp, {"stage": "make_tiny_model", "fingerprint": fingerprint, "args": args, "parameters": n_params})
+    print(f"make_tiny_model: {n_params:,} parameters -> {output_dir}", file=sys.stderr)
+    print(Path(output_dir).absolute())
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,1 @@
+"""Shared code for the pipeline stages: CLI, templates, data, encoding, artifacts."""
