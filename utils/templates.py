@@ -329,8 +329,9 @@ class JinjaTemplate(Template):
         after = probe.split("\x00a", 1)[-1].strip()
         eos = getattr(tokenizer, "eos_token", None)
         self.stop = self.stop or [s for s in dict.fromkeys([after, eos]) if s]
-        prompt = self._apply([Message("user", "\x00q")], True)
-        self.generation_prompt = prompt.split("\x00q", 1)[-1]
+        asked = [Message("user", "\x00q")]
+        prompt, plain = self._apply(asked, True), self._apply(asked, False)
+        self.generation_prompt = prompt[len(plain):] if prompt.startswith(plain) else ""
 
     def _apply(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         if not messages:

@@ -1,0 +1,97 @@
+"""Shared fixtures: real tokenizer and data from ../shared, and tokenizers built locally.
+
+Nothing here downloads anything. ``SHARED`` is the ``shared`` folder beside the repository (CI
+clones the repository with it alongside).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SHARED", REPO.parent / "shared")).resolve()
+DATA = SHARED / "data"
+STORIES = SHARED / "models" / "stories260K" / "hf"
+
+sys.path.insert(0, str(REPO))
+
+REAL_SETS = {
+    "alpaca": DATA / "alpaca" / "gsm8k_train.json",
+    "moss": DATA / "moss" / "moss_sft_sample.jsonl",
+    "pair": DATA / "chatglm" / "data_sample.jsonl",
+    "sharegpt": DATA / "llmzoo" / "phoenix_sharegpt.json",
+}
+
+CHATML_JINJA = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer():
+    """The real stories260K tokenizer: SentencePiece-style, adds BOS, EOS is ``</s>``, 512 pieces."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(STORIES), local_files_only=True)
+
+
+def _corpus() -> list[str]:
+    texts = []
+    with open(DATA / "tinystories" / "valid_sample.jsonl", encoding="utf-8") as f:
+        texts += [json.loads(line)["text"] for line in f][:200]
+    with open(DATA / "chatglm" / "data_sample.jsonl", encoding="utf-8") as f:
+        texts += [json.loads(line)["prompt"] + json.loads(line)["response"] for line in f]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer trained here (GPT-2 style: no BOS, EOS ``<|endoftext|>``), with ChatML
+    special tokens and a ChatML ``chat_template``. Saved as a model folder (tokenizer files only)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[1:])
+    fast.chat_template = CHATML_JINJA
+    out = tmp_path_factory.mktemp("bpe_tok")
+    fast.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(bpe_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def stories_chat_tokenizer_dir(tmp_path_factory) -> Path:
+    """stories260K's tokenizer with a ChatML chat_template added (a BOS-adding tokenizer for the
+    ``tokenizer`` template)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(STORIES), local_files_only=True)
+    tok.chat_template = "{{ bos_token }}" + CHATML_JINJA
+    out = tmp_path_factory.mktemp("stories_chat")
+    tok.save_pretrained(str(out))
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
