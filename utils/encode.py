@@ -40,6 +40,8 @@ class Encoded:
     line: int
     full_length: int  # before truncation
     truncated: bool
+    offsets: list[tuple[int, int]] | None = None  # character span per token; (-1, -1) for inserted EOS
+
 
     @property
     def n_trained(self) -> int:
@@ -119,6 +121,7 @@ class Encoder:
         offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         flags = _token_flags(offs, trained_char_spans(r, self.mask_mode), len(r.text)).tolist()
         ids = list(ids)
+        spans = [tuple(o) for o in offs.tolist()]
         # EOS after every trained assistant response, unless its end marker already is EOS.
         # turn_ends: token index just past each assistant turn (truncation prefers these cut points).
         inserts = []
@@ -137,6 +140,7 @@ class Encoder:
             if insert:
                 ids.insert(k, self.eos_id)
                 flags.insert(k, True)
+                spans.insert(k, (-1, -1))
                 shift += 1
                 k += 1
             turn_ends.append(k)
@@ -154,7 +158,7 @@ class Encoder:
             cut = max((k for k in turn_ends if k <= self.cutoff_len), default=self.cutoff_len)
             if not any(l != IGNORE_INDEX for l in labels[:cut]):
                 cut = self.cutoff_len
-            ids, labels, truncated = ids[:cut], labels[:cut], True
+            ids, labels, spans, truncated = ids[:cut], labels[:cut], spans[:cut], True
             if not any(l != IGNORE_INDEX for l in labels):
                 return RowError("no_trained_tokens_after_truncation", ex.path, ex.line, f"{full} tokens > {self.cutoff_len}", full)
-        return Encoded(ids, labels, ex.path, ex.line, full, truncated)
+        return Encoded(ids, labels, ex.path, ex.line, full, truncated, spans)
