@@ -65,7 +65,7 @@ def main(
         data_path: One or more JSON / JSONL files (``--data_path a.json b.jsonl``); formats may be mixed.
         output_dir: Folder to write; re-running with the same inputs is a no-op.
         prompt_template_name: Built-in template (alpaca, alpaca_legacy, alpaca_short, vigogne, vicuna_v1.1,
-            phoenix, moss, chatglm, llama2, chatml, tokenizer) or a path to a template JSON. ``auto``:
+            phoenix, moss, chatglm, llama2, chatml, tokenizer) or a path to a template JSON. With ``auto``,
             alpaca for alpaca data, moss for MOSS, chatglm for prompt/response pairs, and for ShareGPT /
             OpenAI conversations the tokenizer's chat_template if it has one, else vicuna_v1.1.
         data_format: Record format of every file; ``auto`` detects it per file from its records.
@@ -239,7 +239,8 @@ def encode_all(examples, tokenizer, template, cutoff_len, on_overlength, mode, s
     def fail_or_count(src: int, err: RowError) -> None:
         fatal = strict or (err.category == "overlength" and on_overlength == "error")
         if log_bad_rows:
-            print(f"prepare_data: bad row {err}", file=sys.stderr)
+            content = json.dumps(err.raw, ensure_ascii=False, default=str)
+            print(f"prepare_data: bad row {err}\n  row: {content[:4000]}", file=sys.stderr)
         if fatal:
             hint = "" if err.category == "overlength" else " (drop --strict to skip and count malformed rows)"
             raise DataError(f"{err}{hint}")
@@ -371,7 +372,10 @@ def write_output(output_dir, args, sources, base_model, tokenizer, template, enc
     report["mask_mode"] = mode
     datasets.disable_progress_bars()  # a per-split "Saving" bar for a few MB is noise
     with staged_dir(output_dir) as tmp:
-        DatasetDict({"train": to_dataset(train_idx), "validation": to_dataset(val_idx)}).save_to_disk(str(tmp / "dataset"))
+        splits = {"train": to_dataset(train_idx)}
+        if val_idx:  # datasets cannot load an empty split back, so --val_set_size 0 writes none
+            splits["validation"] = to_dataset(val_idx)
+        DatasetDict(splits).save_to_disk(str(tmp / "dataset"))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         write_json(tmp / "template.json", template.to_json())
         write_json(tmp / "data_report.json", report)

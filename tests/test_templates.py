@@ -229,21 +229,11 @@ def test_moss_default_system_is_meta_instruction():
     assert load_template("moss").default_system == meta
 
 
-@pytest.mark.xfail(
-    reason="BUG: MOSS replies written '<|MOSS|>: \\n...' (49 of 1120 sample rows) render as "
-    "'<|MOSS|>:\\n...': parse_moss drops the space after ':' and strip_space_before_newline then drops "
-    "the template's space too, so the rendered text differs from the original data",
-    strict=True,
-)
 def test_moss_every_real_row_round_trips(moss_rows):
     mismatched = [i for i, obj in enumerate(moss_rows, start=1) if _moss_render(i, obj) != _moss_expected(obj)]
     assert mismatched == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: a MOSS reply starting with a newline ('<|MOSS|>: \\nText<eom>') loses its space",
-    strict=True,
-)
 def test_moss_reply_starting_with_newline_minimal():
     obj = {"meta_instruction": "META\n", "chat": {"turn_1": {
         "Human": "<|Human|>: q<eoh>\n", "Inner Thoughts": "<|Inner Thoughts|>: None<eot>\n",
@@ -511,22 +501,12 @@ def test_content_missing_named(tmp_path):
         load_template(path)
 
 
-@pytest.mark.xfail(
-    reason="BUG: placeholders outside [a-z_] (e.g. '{Name}', '{0}') escape load-time validation and "
-    "crash render() with KeyError/IndexError instead of a TemplateError naming the key",
-    strict=True,
-)
 def test_capitalised_placeholder_rejected(tmp_path):
     path = _write(tmp_path, {"user_format": "U: {content} {Name}", "assistant_format": "A: {content}"})
     with pytest.raises(TemplateError, match="user_format"):
         load_template(path).render([M("user", "hi"), M("assistant", "yo")])
 
 
-@pytest.mark.xfail(
-    reason="BUG: an instruction template whose prompt lacks {instruction} loads and silently renders "
-    "without the instruction (every example loses its prompt)",
-    strict=True,
-)
 def test_instruction_prompt_without_instruction_rejected(tmp_path):
     path = _write(tmp_path, {"prompt_input": "{instruction}\n{input}\n### Response:\n",
                              "prompt_no_input": "### Response:\n", "response_split": "### Response:"})
@@ -628,12 +608,6 @@ def test_jinja_template_with_bos_in_template(stories_chat_tokenizer_dir):
     assert r.text[r.segments[1].train_start:r.segments[1].train_end] == "Hi<|im_end|>"
 
 
-@pytest.mark.xfail(
-    reason="BUG: JinjaTemplate locates content with text.find(content, start, end), so content that also "
-    "occurs in the role header (e.g. user 's' or assistant 'a', both inside '<|im_start|>') gets a "
-    "content span pointing into the header",
-    strict=True,
-)
 def test_jinja_content_span_not_inside_header(bpe_tokenizer):
     t = load_template("tokenizer", bpe_tokenizer)
     r = t.render([M("system", "system"), M("user", "s"), M("assistant", "a")])

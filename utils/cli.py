@@ -20,9 +20,11 @@ import functools
 import inspect
 import json
 import os
+import re
 import sys
 import types
 import typing
+from collections import Counter
 from typing import Any, Callable, Literal
 
 __all__ = ["SuiteError", "UsageError", "run", "bind_args", "coerce"]
@@ -129,12 +131,19 @@ def coerce(value: Any, tp: Any, flag: str) -> Any:
     return tp(value)
 
 
-def _aliases(names: list[str]) -> dict[str, str]:
-    """Fire's one-letter aliases: only for parameters whose first letter is unique."""
-    firsts: dict[str, list[str]] = {}
-    for name in names:
-        firsts.setdefault(name[0], []).append(name)
-    return {letter: group[0] for letter, group in firsts.items() if len(group) == 1}
+def _aliases(params: dict[str, inspect.Parameter]) -> dict[str, str]:
+    """One-letter aliases exactly as Fire's help advertises them: a first letter unique among the
+    keyword-only flags, or among the positional parameters that have defaults. ``-h`` is help."""
+    groups = [
+        [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY],
+        [n for n, p in params.items() if p.kind is not inspect.Parameter.KEYWORD_ONLY
+         and p.default is not inspect.Parameter.empty],
+    ]
+    out = {}
+    for names in groups:
+        firsts = Counter(n[0] for n in names)
+        out.update({n[0]: n for n in names if firsts[n[0]] == 1 and n[0] != "h"})
+    return out
 
 
 def bind_args(main: Callable, argv: list[str]) -> dict[str, Any]:
@@ -150,7 +159,7 @@ def bind_args(main: Callable, argv: list[str]) -> dict[str, Any]:
     hints = typing.get_type_hints(main)
     params = sig.parameters
     names = list(params)
-    aliases = _aliases(names)
+    aliases = _aliases(params)
     is_bool = {n: _is_optional(hints.get(n, str))[1] is bool for n in names}
     is_list = {n: _is_list(_is_optional(hints.get(n, str))[1]) for n in names}
 
@@ -196,7 +205,12 @@ def bind_args(main: Callable, argv: list[str]) -> dict[str, Any]:
                 i += 1
             continue
         if name.startswith("!"):
-            raw[name[1:]] = "false"
+            name = name[1:]
+            if eq:
+                problems.append(f"--no{name} takes no value (use --{name}={inline})")
+            elif name in raw:
+                problems.append(f"--{name} given more than once")
+            raw[name] = "false"
             continue
         if name in raw:
             problems.append(f"--{name} given more than once")
@@ -212,7 +226,8 @@ def bind_args(main: Callable, argv: list[str]) -> dict[str, Any]:
                 i += 1
             if not values:
                 problems.append(f"--{name} needs at least one value")
-            raw[name] = values
+            # One token may itself be a list ("a,b" or "[a,b]"); several tokens are taken as they are.
+            raw[name] = values[0] if len(values) == 1 else values
         elif i < len(argv) and not is_flag(argv[i]):
             raw[name] = argv[i]
             i += 1
@@ -251,14 +266,23 @@ def _looks_numeric(token: str) -> bool:
         return False
 
 
+def help_text(main: Callable, prog: str) -> str:
+    """Fire's help page for ``main`` (from its signature and Google-style docstring), for stdout."""
+    from fire import helptext, trace
+
+    text = helptext.HelpText(main, trace=trace.FireTrace(main, name=prog))
+    # Fire advertises "-h, --history_column"-style aliases that we do not accept (-h is help).
+    aliases = _aliases(dict(inspect.signature(main).parameters))
+    return re.sub(r"-([a-zA-Z]), --(\w+)", lambda m: m.group(0) if aliases.get(m.group(1)) == m.group(2)
+                  else f"--{m.group(2)}", text)
+
+
 def run(main: Callable, argv: list[str] | None = None) -> None:
     """Run ``main`` as a strict Fire command. Exit 2 on bad arguments, 1 on a ``SuiteError``."""
     prog = os.path.basename(sys.argv[0]) if argv is None else f"{main.__module__}.{main.__name__}"
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        import fire
-
-        fire.Fire(main, command=["--help"], name=prog)
+        print(help_text(main, prog))
         return
     try:
         kwargs = bind_args(main, argv)

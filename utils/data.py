@@ -61,6 +61,7 @@ class RowError(Exception):
     line: int
     detail: str = ""
     length: int = 0  # tokens, for length-policy drops (feeds the report's length statistics)
+    raw: Any = field(default=None, repr=False)  # the row itself: printed only with --log_bad_rows
 
     def where(self) -> str:
         return f"{self.path}:{self.line}"
@@ -95,14 +96,33 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def _has_surrogate(value: Any) -> bool:
     """True if any string in ``value`` holds a lone surrogate: an invalid UTF-8 byte (decoded with
-    ``surrogateescape``) or an unpaired ``\\udXXX`` escape. Such text cannot be tokenized or saved."""
-    if isinstance(value, str):
-        return bool(_SURROGATE.search(value))
-    if isinstance(value, dict):
-        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_surrogate(v) for v in value)
+    ``surrogateescape``) or an unpaired ``\\udXXX`` escape. Such text cannot be tokenized or saved.
+    Iterative, so deeply nested rows cannot exhaust the stack."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
     return False
+
+
+def _is_json_lines(text: str) -> bool:
+    """A file starting with '[' is JSON lines, not one array, if its first line is a complete JSON
+    value by itself and more lines follow."""
+    first, _, rest = text.lstrip().partition("\n")
+    if not rest.strip():
+        return False
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def read_records(path: str | Path) -> Iterator[Record | RowError]:
@@ -123,7 +143,7 @@ def read_records(path: str | Path) -> Iterator[Record | RowError]:
     stripped = text.lstrip()
     if not stripped:
         raise DataError(f"--data_path: {path} is empty")
-    if stripped[0] == "[":
+    if stripped[0] == "[" and not _is_json_lines(text):
         yield from _read_json_array(path, text)
     else:
         yield from _read_json_lines(path, text)
@@ -135,14 +155,20 @@ def _read_json_lines(path: str, text: str) -> Iterator[Record | RowError]:
         if not line.strip():
             continue
         if _SURROGATE.search(line):
-            yield RowError("invalid_utf8", path, lineno)
+            yield RowError("invalid_utf8", path, lineno, raw=line)
             continue
         try:
             value, end = decoder.raw_decode(line.strip())
             if line.strip()[end:].strip():
                 raise ValueError("extra data after the JSON value")
         except (json.JSONDecodeError, ValueError) as exc:
-            yield RowError("invalid_json", path, lineno, str(exc))
+            yield RowError("invalid_json", path, lineno, str(exc), raw=line)
+            continue
+        except RecursionError:
+            yield RowError("invalid_json", path, lineno, "nested too deeply", raw=line[:1000])
+            continue
+        if _has_surrogate(value):  # an unpaired \udXXX escape
+            yield RowError("invalid_utf8", path, lineno, raw=line)
             continue
         yield Record(path, lineno, value)
 
@@ -171,14 +197,20 @@ def _read_json_array(path: str, text: str) -> Iterator[Record | RowError]:
             # Elements after a syntax error cannot be located reliably: report it and stop.
             yield RowError("invalid_json", path, line_at(max(exc.pos, pos)), f"{exc.msg}; rest of file not read")
             return
+        except RecursionError:
+            yield RowError("invalid_json", path, lineno, "nested too deeply; rest of file not read")
+            return
         if _has_surrogate(value):
-            yield RowError("invalid_utf8", path, lineno)
+            yield RowError("invalid_utf8", path, lineno, raw=value)
         else:
             yield Record(path, lineno, value)
         pos = ws.match(text, pos).end()
         if text.startswith(",", pos):
             pos = ws.match(text, pos + 1).end()
         elif text.startswith("]", pos):
+            rest = ws.match(text, pos + 1).end()
+            if rest < len(text):
+                yield RowError("invalid_json", path, line_at(rest), "data after the closing ']' of the array (not read)")
             return
         else:
             yield RowError("invalid_json", path, line_at(pos), "expected ',' or ']' between elements; rest of file not read")
@@ -276,7 +308,7 @@ def _parse_turns(rec: Record, key: str, role_key: str, content_key: str, roles: 
             raise RowError("wrong_type", rec.path, rec.line, f"{key}[{i}] {role_key}/{content_key} must be strings")
         mapped = roles.get(role.strip().lower())
         if mapped is None:
-            raise RowError("unknown_role", rec.path, rec.line, f"{key}[{i}].{role_key} = {role[:40]!r}")
+            raise RowError("unknown_role", rec.path, rec.line, f"{key}[{i}].{role_key}")
         messages.append(Message(mapped, content))
     notes: list[str] = []
     return Example(_check_turns(rec, messages, notes), notes=notes)
@@ -311,7 +343,7 @@ def parse_moss(rec: Record, columns: Columns) -> Example:
     def turn_no(key: str) -> int:
         m = re.fullmatch(r"turn_(\d+)", key)
         if not m:
-            raise RowError("malformed_field", rec.path, rec.line, f"chat key {key[:40]!r} is not turn_N")
+            raise RowError("malformed_field", rec.path, rec.line, "a chat key is not turn_N")
         return int(m.group(1))
 
     messages = [Message("system", meta)] if meta else []
@@ -329,8 +361,10 @@ def parse_moss(rec: Record, columns: Columns) -> Example:
             if not (body.startswith(start) and body.endswith(end)):
                 raise RowError("malformed_field", rec.path, rec.line, f"chat.{key}.{name}: expected {start} ... {end}")
             content = body[len(start): len(body) - len(end)]
-            if content.startswith(" "):
-                content = content[1:]  # the template writes '<|Role|>: ' (MOSS puts one space after ':')
+            if content.startswith(" ") and not content[1:2].isspace():
+                # The template writes '<|Role|>: ' and omits that space before content that starts
+                # with whitespace, so this inverts it exactly (': None', ':\nSearch...', ': \n\nText').
+                content = content[1:]
             messages.append(Message(role, content))
     if not any(m.role == "assistant" for m in messages):
         raise RowError("empty_conversation", rec.path, rec.line)
@@ -394,14 +428,15 @@ def detect_format(records: list[Record | RowError], path: str, columns: Columns)
 def parse_record(rec: Record, fmt: str, columns: Columns) -> Example:
     """One record to an Example; raises RowError. Total: no other exception escapes."""
     if not isinstance(rec.value, dict):
-        raise RowError("not_an_object", rec.path, rec.line, f"got {type(rec.value).__name__}")
+        raise RowError("not_an_object", rec.path, rec.line, f"got {type(rec.value).__name__}", raw=rec.value)
     parser = FORMATS[fmt][0]
     try:
         example = parser(rec, columns)
-    except RowError:
+    except RowError as err:
+        err.raw = rec.value
         raise
     except Exception as exc:  # a parser bug must still point at the row that triggered it
-        raise RowError("malformed_field", rec.path, rec.line, f"{type(exc).__name__}: {exc}") from exc
+        raise RowError("malformed_field", rec.path, rec.line, f"parser error {type(exc).__name__}", raw=rec.value) from exc
     example.path, example.line = rec.path, rec.line
     return example
 

@@ -19,6 +19,8 @@ tokenize to EOS, one is inserted after it.
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -40,7 +42,7 @@ class Encoded:
     line: int
     full_length: int  # before truncation
     truncated: bool
-    offsets: list[tuple[int, int]] | None = None  # character span per token; (-1, -1) for inserted EOS
+    offsets: np.ndarray | None = None  # (tokens, 2) character span per token; (-1, -1) for inserted EOS
 
 
     @property
@@ -77,6 +79,11 @@ def _token_flags(offsets: np.ndarray, spans: list[tuple[int, int]], n_chars: int
     return (csum[ends] - csum[starts]) > 0
 
 
+def _raw(ex: Example) -> dict:
+    """What --log_bad_rows prints for an example that failed after parsing."""
+    return {"messages": [{"role": m.role, "content": m.content} for m in ex.messages], "input": ex.input}
+
+
 class Encoder:
     """Turns Examples into ``Encoded`` rows for one tokenizer, template and policy."""
 
@@ -87,6 +94,11 @@ class Encoder:
         if tokenizer.eos_token_id is None:
             raise TemplateError("the tokenizer has no EOS token: every trained response must end with one")
         self.tokenizer = tokenizer
+        # The Rust tokenizer directly (what tokenizer(...) calls underneath, minus the per-call Python
+        # conversion), without any truncation or padding a tokenizer.json may carry: we cut ourselves.
+        self.backend = copy.deepcopy(tokenizer.backend_tokenizer)
+        self.backend.no_truncation()
+        self.backend.no_padding()
         self.template = template
         self.cutoff_len = cutoff_len
         self.on_overlength = on_overlength
@@ -97,68 +109,62 @@ class Encoder:
         try:
             return self.template.render(ex.messages, input=ex.input)
         except TemplateError as exc:
-            raise RowError("unsupported_by_template", ex.path, ex.line, str(exc)) from None
+            raise RowError("unsupported_by_template", ex.path, ex.line, str(exc), raw=_raw(ex)) from None
 
     def encode_batch(self, examples: Sequence[Example]) -> list[Encoded | RowError]:
-        rendered: list[Rendered | RowError] = []
+        out: list[Any] = []
         for ex in examples:
             try:
-                rendered.append(self.render(ex))
+                out.append(self.render(ex))
             except RowError as err:
-                rendered.append(err)
-        out: list[Encoded | RowError] = [r for r in rendered]  # placeholders, replaced below
+                out.append(err)
         for add_special in (True, False):
-            idx = [i for i, r in enumerate(rendered) if isinstance(r, Rendered) and r.add_special_tokens == add_special]
-            if not idx:
-                continue
-            batch = self.tokenizer([rendered[i].text for i in idx], add_special_tokens=add_special,
-                                   return_offsets_mapping=True)
-            for j, i in enumerate(idx):
-                out[i] = self._label(examples[i], rendered[i], batch["input_ids"][j], batch["offset_mapping"][j])
+            idx = [i for i, r in enumerate(out) if isinstance(r, Rendered) and r.add_special_tokens == add_special]
+            if idx:
+                encodings = self.backend.encode_batch([out[i].text for i in idx], add_special_tokens=add_special)
+                for i, enc in zip(idx, encodings):
+                    out[i] = self._label(examples[i], out[i], enc.ids, enc.offsets)
         return out
 
     def _label(self, ex: Example, r: Rendered, ids: list[int], offsets: list[tuple[int, int]]) -> Encoded | RowError:
-        offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        flags = _token_flags(offs, trained_char_spans(r, self.mask_mode), len(r.text)).tolist()
-        ids = list(ids)
-        spans = [tuple(o) for o in offs.tolist()]
-        # EOS after every trained assistant response, unless its end marker already is EOS.
-        # turn_ends: token index just past each assistant turn (truncation prefers these cut points).
-        inserts = []
+        n = len(ids)
+        offs = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * n).reshape(n, 2)
+        ids_arr = np.asarray(ids, dtype=np.int64)
+        flags = _token_flags(offs, trained_char_spans(r, self.mask_mode), len(r.text))
+        # EOS after every trained assistant response, unless its end marker already is EOS. Insert
+        # positions are token indices just past each response; truncation prefers them as cut points.
         starts, ends = offs[:, 0], offs[:, 1]
         real = ends > starts  # zero-width tokens (BOS, post-processor specials) are not text
+        inserts, turn_ends = [], []
         for seg in r.segments:
             if not seg.eos_after or seg.train_end <= seg.train_start:
                 continue
-            before = np.nonzero(real & (starts < seg.train_end))[0]
+            before = np.flatnonzero(real & (starts < seg.train_end))
             k = int(before[-1]) + 1 if len(before) else 0
-            inserts.append((k, not (k > 0 and ids[k - 1] == self.eos_id)))
-        turn_ends = []
-        shift = 0
-        for k, insert in inserts:
-            k += shift
-            if insert:
-                ids.insert(k, self.eos_id)
-                flags.insert(k, True)
-                spans.insert(k, (-1, -1))
-                shift += 1
-                k += 1
-            turn_ends.append(k)
-        labels = [t if f else IGNORE_INDEX for t, f in zip(ids, flags)]
-        full = len(ids)
-        if not any(flags):
-            return RowError("no_trained_tokens", ex.path, ex.line)
+            if k > 0 and ids_arr[k - 1] == self.eos_id:
+                turn_ends.append(k + len(inserts))
+            else:
+                inserts.append(k)
+                turn_ends.append(k + len(inserts))
+        if inserts:
+            ids_arr = np.insert(ids_arr, inserts, self.eos_id)
+            flags = np.insert(flags, inserts, True)
+            offs = np.insert(offs, inserts, -1, axis=0)
+        labels = np.where(flags, ids_arr, IGNORE_INDEX)
+        full = len(ids_arr)
+        trained_upto = np.cumsum(flags)
+        if full == 0 or trained_upto[-1] == 0:
+            return RowError("no_trained_tokens", ex.path, ex.line, raw=_raw(ex))
         truncated = False
         if full > self.cutoff_len:
-            if self.on_overlength == "drop":
-                return RowError("overlength", ex.path, ex.line, f"{full} tokens > {self.cutoff_len}", full)
-            if self.on_overlength == "error":
-                return RowError("overlength", ex.path, ex.line, f"{full} tokens > {self.cutoff_len} (--on_overlength error)", full)
+            detail = f"{full} tokens > --cutoff_len {self.cutoff_len}"
+            if self.on_overlength in ("drop", "error"):
+                return RowError("overlength", ex.path, ex.line, detail, full)
             # Prefer cutting after the last whole assistant turn that fits; else cut mid-response.
             cut = max((k for k in turn_ends if k <= self.cutoff_len), default=self.cutoff_len)
-            if not any(l != IGNORE_INDEX for l in labels[:cut]):
+            if trained_upto[cut - 1] == 0:
                 cut = self.cutoff_len
-            ids, labels, spans, truncated = ids[:cut], labels[:cut], spans[:cut], True
-            if not any(l != IGNORE_INDEX for l in labels):
-                return RowError("no_trained_tokens_after_truncation", ex.path, ex.line, f"{full} tokens > {self.cutoff_len}", full)
-        return Encoded(ids, labels, ex.path, ex.line, full, truncated, spans)
+            if trained_upto[cut - 1] == 0:
+                return RowError("no_trained_tokens_after_truncation", ex.path, ex.line, detail, full)
+            ids_arr, labels, offs, truncated = ids_arr[:cut], labels[:cut], offs[:cut], True
+        return Encoded(ids_arr.tolist(), labels.tolist(), ex.path, ex.line, full, truncated, offs)

@@ -11,7 +11,8 @@ the working directory), or any JSON file the user names. Three kinds:
   is given to the model at inference), ``response_split`` and ``stop``. Optional: ``system`` (default
   system message), ``first_user_format`` (may hold ``{system}``, placing the system block inside the
   first turn, as Llama-2 does), ``single_turn_user_format`` (ChatGLM's raw query when there is no
-  history), ``{round}`` in a user format (0-based turn number), ``strip_space_before_newline``.
+  history), ``{round}`` in a user format (0-based turn number), ``omit_space_before_whitespace`` (the space
+  just before ``{content}`` is left out when the content starts with whitespace, as MOSS writes it).
 * **jinja** — the tokenizer's own ``chat_template`` (name ``tokenizer``).
 
 ``render(messages)`` returns the text and, for every message, its character span, the span of its
@@ -22,7 +23,7 @@ one tokenization of the full text (see ``utils/encode.py``), so they are exactly
 from __future__ import annotations
 
 import json
-import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -175,15 +176,21 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _check_format(fmt: Any, key: str, source: str, allowed: set[str]) -> None:
+def _check_format(fmt: Any, key: str, source: str, allowed: set[str], required: set[str] = frozenset()) -> None:
+    """A format string may use only ``allowed`` fields and must use each of ``required`` exactly once."""
     if not isinstance(fmt, str):
         raise TemplateError(f"template {source}: {key!r} must be a string")
-    fields = set(re.findall(r"(?<!\{)\{([a-z_]*)\}(?!\})", fmt))
-    unknown = fields - allowed
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None]
+    except ValueError as exc:  # a lone '{' or '}': literal braces must be doubled
+        raise TemplateError(f"template {source}: {key!r} is not a valid format string ({exc})") from None
+    unknown = sorted({f for f in fields if f not in allowed})
     if unknown:
-        raise TemplateError(f"template {source}: {key!r} uses unknown placeholder(s) {sorted(unknown)}")
-    if "content" in allowed and fmt.count("{content}") != 1:
-        raise TemplateError(f"template {source}: {key!r} must contain {{content}} exactly once")
+        raise TemplateError(f"template {source}: {key!r} uses unknown placeholder(s) {unknown}; "
+                            f"allowed: {sorted(allowed)} (double literal braces: {{{{ }}}})")
+    for name in required:
+        if fields.count(name) != 1:
+            raise TemplateError(f"template {source}: {key!r} must contain {{{name}}} exactly once")
 
 
 class InstructionTemplate(Template):
@@ -196,8 +203,8 @@ class InstructionTemplate(Template):
         for key in ("prompt_input", "prompt_no_input", "response_split"):
             if key not in data:
                 raise TemplateError(f"template {source}: missing key {key!r}")
-        _check_format(data["prompt_input"], "prompt_input", source, {"instruction", "input"})
-        _check_format(data["prompt_no_input"], "prompt_no_input", source, {"instruction"})
+        _check_format(data["prompt_input"], "prompt_input", source, {"instruction", "input"}, {"instruction", "input"})
+        _check_format(data["prompt_no_input"], "prompt_no_input", source, {"instruction"}, {"instruction"})
 
     def render(self, messages, add_generation_prompt=False, input=None):
         roles = [m.role for m in messages]
@@ -235,12 +242,14 @@ class ConversationTemplate(Template):
         for role in ROLES:
             key = f"{role}_format"
             if key in data:
-                allowed = {"system"} if role == "system" else {"content", "round"}
-                _check_format(data[key], key, source, allowed)
+                if role == "system":
+                    _check_format(data[key], key, source, {"system"}, {"system"})
+                else:
+                    _check_format(data[key], key, source, {"content", "round"}, {"content"})
                 self.formats[role] = data[key]
         for key in ("first_user_format", "single_turn_user_format"):
             if key in data:
-                _check_format(data[key], key, source, {"content", "round", "system"})
+                _check_format(data[key], key, source, {"content", "round", "system"}, {"content"})
         self.default_system = data.get("system", "") or ""
         if self.default_system and "system" not in self.formats:
             raise TemplateError(f"template {source}: has a default 'system' but no 'system_format'")
@@ -292,7 +301,7 @@ class ConversationTemplate(Template):
             pre, post = fmt.split("{content}")
             pre, post = pre.format(**fields), post.format(**fields)
             content = m.content
-            if self.data.get("strip_space_before_newline") and content.startswith("\n") and pre.endswith(" "):
+            if self.data.get("omit_space_before_whitespace") and content[:1].isspace() and pre.endswith(" "):
                 pre = pre[:-1]  # MOSS writes '<|Results|>:\n...' but '<|Results|>: None'
             start = len(text)
             c_start = start + len(pre)
@@ -313,6 +322,9 @@ class ConversationTemplate(Template):
         if add_generation_prompt:
             text += self.generation_prompt
         return Rendered(text, segments)
+
+
+_SENTINEL = "\x00\x01content\x01\x00"
 
 
 class JinjaTemplate(Template):
@@ -369,8 +381,11 @@ class JinjaTemplate(Template):
                     "earlier text), so trained spans cannot be located; use a named template"
                 )
             start, end = len(prev), len(upto)
-            c_start = text.find(m.content, start, end) if m.content else start
-            if c_start < 0:
+            # Locate the content by rendering a sentinel in its place: a text search could match the
+            # role header instead (a system message that reads "system").
+            probe = self._apply(messages[:i] + [Message(m.role, _SENTINEL)], False)
+            c_start = probe.find(_SENTINEL)
+            if c_start < start or upto[c_start:c_start + len(m.content)] != m.content:
                 raise TemplateError(f"chat_template of {self.name!r} rewrites message content; use a named template")
             c_end = c_start + len(m.content)
             if m.role == "assistant":
