@@ -15,7 +15,8 @@ BIG = 1_000_000
 
 
 def encode(tokenizer, template, examples, *, cutoff_len=BIG, on_overlength="truncate", mask_mode="assistant"):
-    enc = Encoder(tokenizer, template, cutoff_len=cutoff_len, on_overlength=on_overlength, mask_mode=mask_mode)
+    enc = Encoder(tokenizer, template, cutoff_len=cutoff_len, on_overlength=on_overlength, mask_mode=mask_mode,
+                  keep_offsets=True)
     return enc.encode_batch(examples)
 
 

@@ -42,8 +42,7 @@ class Encoded:
     line: int
     full_length: int  # before truncation
     truncated: bool
-    offsets: np.ndarray | None = None  # (tokens, 2) character span per token; (-1, -1) for inserted EOS
-
+    offsets: np.ndarray | None = None  # (tokens, 2) character spans, (-1, -1) for inserted EOS; if kept
 
     @property
     def n_trained(self) -> int:
@@ -88,7 +87,7 @@ class Encoder:
     """Turns Examples into ``Encoded`` rows for one tokenizer, template and policy."""
 
     def __init__(self, tokenizer: Any, template: Template, *, cutoff_len: int, on_overlength: OverlengthPolicy,
-                 mask_mode: MaskMode):
+                 mask_mode: MaskMode, keep_offsets: bool = False):
         if not getattr(tokenizer, "is_fast", False):
             raise TemplateError("a fast tokenizer (tokenizer.json) is needed: labels come from character offsets")
         if tokenizer.eos_token_id is None:
@@ -104,6 +103,7 @@ class Encoder:
         self.on_overlength = on_overlength
         self.mask_mode = mask_mode
         self.eos_id = tokenizer.eos_token_id
+        self.keep_offsets = keep_offsets
 
     def render(self, ex: Example) -> Rendered:
         try:
@@ -167,4 +167,5 @@ class Encoder:
             if trained_upto[cut - 1] == 0:
                 return RowError("no_trained_tokens_after_truncation", ex.path, ex.line, detail, full)
             ids_arr, labels, offs, truncated = ids_arr[:cut], labels[:cut], offs[:cut], True
-        return Encoded(ids_arr.tolist(), labels.tolist(), ex.path, ex.line, full, truncated, offs)
+        return Encoded(ids_arr.tolist(), labels.tolist(), ex.path, ex.line, full, truncated,
+                       offs if self.keep_offsets else None)

@@ -23,6 +23,7 @@ one tokenization of the full text (see ``utils/encode.py``), so they are exactly
 from __future__ import annotations
 
 import json
+import os
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,8 @@ def load_template(name_or_path: str, tokenizer: Any = None) -> "Template":
         tokenizer: needed for the ``tokenizer`` template (its ``chat_template`` is used).
     """
     path = Path(name_or_path)
-    if name_or_path.endswith(".json") or path.is_file():
+    # A path only when it looks like one: a bare name never picks up a stray file in the working dir.
+    if name_or_path.endswith(".json") or "/" in name_or_path or os.sep in name_or_path:
         if not path.is_file():
             raise TemplateError(f"template file not found: {name_or_path}")
         name = path.stem
