@@ -229,7 +229,7 @@ def encode_all(examples, tokenizer, template, cutoff_len, on_overlength, mode, s
     """Encode every parsed row. Returns (encoded rows, row errors) in input order."""
     from tqdm import tqdm
 
-    from utils.data import DataError, RowError
+    from utils.data import POLICY_DROPS, DataError, RowError
     from utils.encode import Encoder
 
     encoder = Encoder(tokenizer, template, cutoff_len=cutoff_len, on_overlength=on_overlength, mask_mode=mode)
@@ -237,7 +237,8 @@ def encode_all(examples, tokenizer, template, cutoff_len, on_overlength, mode, s
     encoded, errors = [], []
 
     def fail_or_count(src: int, err: RowError) -> None:
-        fatal = strict or (err.category == "overlength" and on_overlength == "error")
+        # --strict is about malformed rows; a length-policy drop is fatal only under --on_overlength error.
+        fatal = (strict and err.category not in POLICY_DROPS) or (err.category == "overlength" and on_overlength == "error")
         if log_bad_rows:
             content = json.dumps(err.raw, ensure_ascii=False, default=str)
             print(f"prepare_data: bad row {err}\n  row: {content[:4000]}", file=sys.stderr)
@@ -249,12 +250,9 @@ def encode_all(examples, tokenizer, template, cutoff_len, on_overlength, mode, s
     with tqdm(total=len(flat), desc="tokenizing", unit="ex", file=sys.stderr, disable=None) as bar:
         for start in range(0, len(flat), BATCH):
             chunk = flat[start:start + BATCH]
-            good = [(src, ex) for src, ex in chunk if not isinstance(ex, RowError)]
-            for src, ex in chunk:
-                if isinstance(ex, RowError):
-                    fail_or_count(src, ex)
-            results = encoder.encode_batch([ex for _, ex in good])
-            for (src, _), res in zip(good, results):
+            results = iter(encoder.encode_batch([ex for _, ex in chunk if not isinstance(ex, RowError)]))
+            for src, ex in chunk:  # in file order, so --strict stops at the first bad row
+                res = ex if isinstance(ex, RowError) else next(results)
                 if isinstance(res, RowError):
                     fail_or_count(src, res)
                 else:

@@ -198,3 +198,15 @@ def test_real_data_sets(tmp_path, fmt, extra):
     assert report["splits"]["train"] + report["splits"]["validation"] == src["kept"]
     assert os.path.isdir(out / "dataset" / "train")
     assert DATA.is_dir()
+
+
+def test_strict_does_not_turn_length_policy_into_failure(tmp_path):
+    """--strict stops on malformed rows only; examples dropped by --on_overlength drop are counted."""
+    prepare(tmp_path / "o", "--strict", "--on_overlength", "drop", "--cutoff_len", "500", "--val_set_size", "0")
+    report = json.loads((tmp_path / "o" / "data_report.json").read_text(encoding="utf-8"))
+    assert report["sources"][0]["dropped"].get("overlength", 0) > 0 and report["totals"]["bad"] == 0
+
+
+def test_on_overlength_error_stops_with_location(tmp_path, capsys):
+    err = fails(capsys, tmp_path / "o", "--on_overlength", "error", "--cutoff_len", "300")
+    assert "overlength" in err and "data_sample.jsonl:" in err and not (tmp_path / "o").exists()
