@@ -1,0 +1,194 @@
+"""finetune.py on the real stories260K model and real GSM8K rows: learning, resume, artifacts, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REAL_SETS, REPO, STORIES
+from utils.cli import run
+
+COMMON = ["--batch_size", "16", "--micro_batch_size", "8", "--logging_steps", "0", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """300 GSM8K rows prepared once (cutoff 320, 48 validation examples)."""
+    import prepare_data
+
+    root = tmp_path_factory.mktemp("ft")
+    rows = json.loads(Path(REAL_SETS["alpaca"]).read_text(encoding="utf-8"))[:300]
+    src = root / "gsm300.json"
+    src.write_text(json.dumps(rows), encoding="utf-8")
+    out = root / "prepared"
+    run(prepare_data.main, ["--base_model", str(STORIES), "--data_path", str(src), "--output_dir", str(out),
+                            "--cutoff_len", "320", "--val_set_size", "48"])
+    return out
+
+
+def finetune(out: Path, data: Path, *extra: str) -> None:
+    import finetune as ft
+
+    run(ft.main, ["--base_model", str(STORIES), "--data_path", str(data), "--output_dir", str(out), *COMMON, *extra])
+
+
+def base_eval_loss(prepared: Path) -> float:
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    import finetune as ft
+
+    val = load_from_disk(str(prepared / "dataset"))["validation"]
+    model = AutoModelForCausalLM.from_pretrained(str(STORIES))
+    return ft.evaluate(model, list(zip(val["input_ids"], val["labels"])), {"micro_batch_size": 8}, 0)["eval_loss"]
+
+
+@pytest.mark.parametrize("method,extra,gain", [
+    ("lora", ["--learning_rate", "3e-3", "--max_steps", "30"], 0.3),
+    # A random prefix first hurts (peft initialises it N(0, 1)); it has to learn its way back and past.
+    ("prefix", ["--learning_rate", "1e-1", "--num_virtual_tokens", "8", "--max_steps", "50"], 0.2),
+])
+def test_training_lowers_validation_loss(tmp_path, prepared, method, extra, gain):
+    out = tmp_path / method
+    finetune(out, prepared, "--method", method, *extra)
+    meta = json.loads((out / "pipeline.json").read_text())
+    before, after = base_eval_loss(prepared), meta["final_eval"]["eval_loss"]
+    assert after < before - gain, (before, after)
+    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(losses) == meta["args"]["max_steps"] and sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_lora_artifact_loads_in_plain_peft(tmp_path, prepared):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    finetune(out, prepared, "--max_steps", "4", "--learning_rate", "1e-2", "--lora_target_modules", "q_proj", "v_proj")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"] and cfg["r"] == 8
+    for name in ("adapter_model.safetensors", "tokenizer.json", "template.json", "data_report.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin"))
+    ids = torch.tensor([[1, 100, 200, 300]])
+    base = AutoModelForCausalLM.from_pretrained(str(STORIES))
+    ref = base(ids).logits
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(STORIES)), str(out))(ids).logits
+    assert not torch.allclose(ref, tuned, atol=1e-4)  # a trained, non-zero adapter
+    meta = json.loads((out / "pipeline.json").read_text())
+    assert meta["stage"] == "finetune" and meta["complete"] and meta["base_model"]["path"] == str(STORIES)
+    assert meta["data"]["path"] == str(prepared) and meta["trainable_parameters"] > 0
+
+
+def test_raw_files_are_prepared_into_the_run_folder(tmp_path):
+    rows = json.loads(Path(REAL_SETS["alpaca"]).read_text(encoding="utf-8"))[:40]
+    src = tmp_path / "d.json"
+    src.write_text(json.dumps(rows))
+    out = tmp_path / "run"
+    finetune(out, src, "--max_steps", "2", "--cutoff_len", "320", "--val_set_size", "8", "--method", "prompt",
+             "--num_virtual_tokens", "4", "--learning_rate", "1e-2")
+    assert json.loads((out / "data" / "pipeline.json").read_text())["stage"] == "prepare_data"
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+
+
+def test_rerun_is_noop_and_other_args_need_overwrite(tmp_path, prepared, capsys):
+    out = tmp_path / "r"
+    finetune(out, prepared, "--max_steps", "2")
+    stamp = (out / "pipeline.json").stat().st_mtime_ns
+    finetune(out, prepared, "--max_steps", "2")
+    assert "nothing to do" in capsys.readouterr().err and (out / "pipeline.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit) as exc:
+        finetune(out, prepared, "--max_steps", "3")
+    assert exc.value.code == 1 and "--overwrite" in capsys.readouterr().err
+    finetune(out, prepared, "--max_steps", "3", "--overwrite")
+    assert json.loads((out / "pipeline.json").read_text())["args"]["max_steps"] == 3
+
+
+def test_bad_inputs_fail_before_training(tmp_path, prepared, capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune(tmp_path / "a", prepared, "--lora_target_modules", "query_key_value")
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "query_key_value" in err and "q_proj" in err
+    assert not (tmp_path / "a" / "checkpoint-1").exists()
+    pickle_only = tmp_path / "pkl"
+    pickle_only.mkdir()
+    shutil.copy(STORIES / "config.json", pickle_only)
+    (pickle_only / "pytorch_model.bin").write_bytes(b"not really")
+    import finetune as ft
+
+    with pytest.raises(SystemExit) as exc:
+        run(ft.main, ["--base_model", str(pickle_only), "--data_path", str(prepared), "--output_dir", str(tmp_path / "b")])
+    assert exc.value.code == 2 and "--allow_pickle_weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run(ft.main, ["--base_model", str(STORIES), "--data_path", str(prepared), "--output_dir", str(tmp_path / "c"),
+                      "--batch_size", "10", "--micro_batch_size", "4", "--lora_rank", "4"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unknown flag --lora_rank (did you mean --lora_r?)" in err
+    assert "--batch_size 10 must be a multiple of --micro_batch_size 4" in err
+
+
+def test_second_run_on_same_folder_is_refused(tmp_path, prepared, capsys):
+    from utils.checkpoint import RunLock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with RunLock(out):
+        with pytest.raises(SystemExit) as exc:
+            finetune(out, prepared, "--max_steps", "1")
+    assert exc.value.code == 1 and "in use by another run" in capsys.readouterr().err
+
+
+def _cmd(out: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "finetune.py", "--base_model", str(STORIES), "--data_path", str(data),
+            "--output_dir", str(out), *COMMON, "--max_steps", "40", "--save_steps", "1000", *extra]
+
+
+def test_sigterm_then_resume_is_bitwise_identical(tmp_path, prepared):
+    """Interrupted mid-epoch by SIGTERM, resumed: same adapter bytes and loss log as an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(ref, prepared), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+
+    out = tmp_path / "int"
+    proc = subprocess.Popen(_cmd(out, prepared), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    ckpts = list(out.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and 5 <= int(ckpts[0].name.split("-")[1]) < 40
+    assert not (out / "adapter_model.safetensors").exists()
+
+    # Without --resume_from_checkpoint, the unfinished run is not silently restarted.
+    again = subprocess.run(_cmd(out, prepared), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "resume_from_checkpoint auto" in again.stderr
+
+    done = subprocess.run(_cmd(out, prepared, "--resume_from_checkpoint", "auto"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
+    assert (out / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
+
+
+def test_damaged_checkpoint_is_skipped(tmp_path, prepared, capsys):
+    out = tmp_path / "d"
+    finetune(out, prepared, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5")
+    (out / "pipeline.json").unlink()  # pretend the run stopped before finishing
+    (out / "checkpoint-2" / "trainable.safetensors").write_bytes(b"torn")
+    from utils.checkpoint import complete_checkpoints
+
+    capsys.readouterr()
+    assert [p.name for p in complete_checkpoints(out, report=True)] == []
+    assert "checkpoint-2: trainable.safetensors does not match its hash" in capsys.readouterr().err

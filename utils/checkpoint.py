@@ -1,0 +1,216 @@
+"""Crash-safe training checkpoints and the final fine-tune artifact.
+
+A checkpoint is written into a temporary folder and renamed to ``checkpoint-N``; its
+``manifest.json`` (sha256 of every file) is written last, so a folder without a valid manifest is
+incomplete and resume skips it with a message. Nothing here is pickled: weights are safetensors,
+optimizer state is a tensor-only ``torch.save`` read back with ``weights_only=True``, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+from utils.artifacts import META_FILE, library_versions, read_meta, sha256_file, write_json
+from utils.cli import SuiteError
+
+MANIFEST = "manifest.json"
+
+
+class RunLock:
+    """An exclusive lock on the output folder: a second run on it at the same time is refused."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise SuiteError(f"--output_dir {self.path.parent} is in use by another run") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def verify(folder: Path) -> str | None:
+    """None if ``folder`` is a complete checkpoint, else what is wrong with it."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no manifest (interrupted while saving?)"
+    for name, digest in manifest["files"].items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(folder / name) != digest:
+            return f"{name} does not match its hash"
+    return None
+
+
+def complete_checkpoints(out: Path, report: bool = False) -> list[Path]:
+    found = []
+    for path in sorted(Path(out).glob("checkpoint-*"), key=_step_of):
+        problem = verify(path)
+        if problem is None:
+            found.append(path)
+        elif report:
+            print(f"finetune: skipping damaged checkpoint {path}: {problem}", file=sys.stderr)
+    return found
+
+
+def find_resume(out: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(out, report=True)
+        if not found:
+            print(f"finetune: no complete checkpoint in {out}; starting from the beginning", file=sys.stderr)
+            return None
+        return found[-1]
+    path = Path(resume)
+    problem = verify(path)
+    if problem:
+        raise SuiteError(f"--resume_from_checkpoint {path}: {problem}")
+    return path
+
+
+def save(out: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from utils.model import trainable_state
+
+    final = Path(out) / f"checkpoint-{step}"
+    tmp = Path(out) / f".checkpoint-{step}.tmp-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    try:
+        save_file({k: v.contiguous().clone() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        write_json(tmp / "trainer_state.json", {"step": step, "scheduler": scheduler.state_dict()})
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        write_json(tmp / MANIFEST, {"step": step, "files": files})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in complete_checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(folder: Path, model, optimizer, scheduler) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "trainable.safetensors"))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        raise SuiteError(f"--resume_from_checkpoint {folder}: its weights do not match this run's trainable "
+                         f"parameters ({len(state)} vs {len(expected)}); was it made with other flags?")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
+    meta = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"])
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines() if step > 0 else []
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def clear_run(out: Path) -> None:
+    for path in Path(out).glob("checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    (Path(out) / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def verify_artifact(out: Path, model, method: str) -> None:
+    """Reload what was saved and check it: non-empty, the expected keys, finite, not all zero."""
+    import torch
+    from safetensors.torch import load_file
+
+    name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    files = sorted(Path(out).glob("model*.safetensors")) if method == "full" else [Path(out) / name]
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    if not state:
+        raise SuiteError(f"saved {name} in {out} is empty")
+    bad = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
+    if bad:
+        raise SuiteError(f"saved weights hold non-finite values: {bad[:5]}")
+    if method != "full":
+        trained = [k for k in state if "lora_B" in k or "prompt" in k or "prefix" in k or "embedding" in k]
+        if method == "lora" and not any("lora_A" in k for k in state):
+            raise SuiteError(f"saved adapter in {out} has no lora_A/lora_B weights")
+        if trained and all(float(state[k].abs().max()) == 0 for k in trained):
+            raise SuiteError(f"saved adapter in {out} is all zeros: training changed nothing")
+
+
+def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, final_eval: dict, n_trainable: int) -> None:
+    """Write the adapter (or model), tokenizer, template and report into ``out``, then pipeline.json."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    tmp = out / f".final.tmp-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"), local_files_only=True).save_pretrained(str(tmp))
+        for name in ("template.json", "data_report.json"):
+            shutil.copyfile(data_dir / name, tmp / name)
+        verify_artifact(tmp, model, args["method"])
+        for path in tmp.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    data_meta = read_meta(data_dir)
+    meta = {
+        "stage": "finetune",
+        "fingerprint": fingerprint,
+        "args": args,
+        "method": args["method"],
+        "base_model": {"path": os.path.abspath(args["base_model"])},
+        "data": {"path": os.path.abspath(data_dir), "fingerprint": data_meta["fingerprint"]},
+        "template": {"name": json.loads((out / "template.json").read_text())["name"], "file": "template.json"},
+        "trainable_parameters": n_trainable,
+        "final_eval": final_eval,
+        "versions": library_versions("torch", "transformers", "peft"),
+    }
+    # Hash only this stage's own files (not checkpoints or the prepared data, which carry their own).
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.name != META_FILE}
+    write_json(out / META_FILE, {"meta_version": 1, **meta, "files": files, "complete": True})

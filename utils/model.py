@@ -1,0 +1,129 @@
+"""Loading base models safely, finding their linear layers, and the tuning-method registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from utils.cli import SuiteError
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path: str, allow_pickle: bool = False, flag: str = "--base_model") -> list[str]:
+    """Problems with a local model folder (empty list if it is usable)."""
+    p = Path(path)
+    if not p.is_dir():
+        return [f"{flag} {path}: no such folder (models are never downloaded)"]
+    if not (p / "config.json").is_file():
+        return [f"{flag} {path}: no config.json"]
+    if any((p / f).is_file() for f in SAFE_WEIGHTS):
+        return []
+    if any((p / f).is_file() for f in PICKLE_WEIGHTS):
+        if allow_pickle:
+            return []
+        return [f"{flag} {path}: only pickle weights (pytorch_model.bin); pass --allow_pickle_weights to load "
+                "them with torch.load(weights_only=True), or convert to safetensors"]
+    return [f"{flag} {path}: no weights (model.safetensors)"]
+
+
+def needs_remote_code(path: str) -> bool:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return "auto_map" in config
+
+
+def load_base_model(path: str, *, dtype: str = "fp32", trust_remote_code: bool = False,
+                    allow_pickle_weights: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if needs_remote_code(path) and not trust_remote_code:
+        raise SuiteError(f"--base_model {path} needs custom code (auto_map in config.json); pass "
+                         "--trust_remote_code if you trust it")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True,
+        use_safetensors=not allow_pickle_weights,
+    )
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the model's linear layers (nn.Linear and GPT-2's Conv1D), output head excluded."""
+    import torch
+
+    head = model.get_output_embeddings()
+    names = set()
+    for full, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        if is_linear and module is not head:
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def lora_config(a: dict, model) -> Any:
+    from peft import LoraConfig, TaskType
+
+    targets = a["lora_target_modules"]
+    available = linear_module_names(model)
+    if targets in (["all-linear"], ["all_linear"]):
+        targets = available
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise SuiteError(f"--lora_target_modules: the model has no linear layer named {', '.join(missing)}; "
+                         f"its linear layers are: {', '.join(available)} (or use all-linear)")
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=a["lora_r"], lora_alpha=a["lora_alpha"],
+                      lora_dropout=a["lora_dropout"], target_modules=targets, use_rslora=a["use_rslora"],
+                      use_dora=a["use_dora"])
+
+
+def prefix_config(a: dict, model) -> Any:
+    from peft import PrefixTuningConfig, TaskType
+
+    return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a["num_virtual_tokens"],
+                              prefix_projection=a["prefix_projection"],
+                              encoder_hidden_size=a["encoder_hidden_size"] or model.config.hidden_size)
+
+
+def ptuning_config(a: dict, model) -> Any:
+    from peft import PromptEncoderConfig, TaskType
+
+    return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a["num_virtual_tokens"],
+                               encoder_hidden_size=a["encoder_hidden_size"] or model.config.hidden_size)
+
+
+def prompt_config(a: dict, model) -> Any:
+    from peft import PromptTuningConfig, TaskType
+
+    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a["num_virtual_tokens"])
+
+
+# --method -> builder of its peft config (None: every weight is trained)
+METHODS: dict[str, Callable[[dict, Any], Any] | None] = {
+    "lora": lora_config,
+    "prefix": prefix_config,
+    "ptuning": ptuning_config,
+    "prompt": prompt_config,
+    "full": None,
+}
+
+
+def prepare_model(model, method: str, args: dict):
+    """Wrap ``model`` for ``method``; returns the model whose trainable parameters are the ones to train."""
+    builder = METHODS[method]
+    if builder is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, builder(args, model))
+
+
+def trainable_state(model) -> dict:
+    """The trained parameters by name (what a checkpoint must hold to resume)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
