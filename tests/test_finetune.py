@@ -129,10 +129,14 @@ def test_bad_inputs_fail_before_training(tmp_path, prepared, capsys):
     assert exc.value.code == 2 and "--allow_pickle_weights" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         run(ft.main, ["--base_model", str(STORIES), "--data_path", str(prepared), "--output_dir", str(tmp_path / "c"),
-                      "--batch_size", "10", "--micro_batch_size", "4", "--lora_rank", "4"])
+                      "--lora_rank", "4"])
+    assert exc.value.code == 2 and "unknown flag --lora_rank (did you mean --lora_r?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run(ft.main, ["--base_model", str(STORIES), "--data_path", str(prepared), "--output_dir", str(tmp_path / "c"),
+                      "--batch_size", "10", "--micro_batch_size", "4", "--warmup_ratio", "2"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "unknown flag --lora_rank (did you mean --lora_r?)" in err
-    assert "--batch_size 10 must be a multiple of --micro_batch_size 4" in err
+    assert exc.value.code == 2 and "--batch_size 10 must be a multiple of --micro_batch_size 4" in err
+    assert "--warmup_ratio" in err and not (tmp_path / "c").exists()
 
 
 def test_second_run_on_same_folder_is_refused(tmp_path, prepared, capsys):

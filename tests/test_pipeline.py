@@ -37,6 +37,9 @@ def test_readme_pipeline_command_runs_end_to_end(tmp_path):
     assert meta["stage"] == "prepare_data" and meta["base_model"]["path"] == str(base)
     assert proc.stdout.count("⟦") >= 2  # the inspected examples, trained text marked
     assert "trained-token ratio" in proc.stdout
+    lora = tmp_path / "demo" / "lora"
+    assert json.loads((lora / "pipeline.json").read_text())["stage"] == "finetune"
+    assert (lora / "adapter_model.safetensors").is_file() and "generation: " in proc.stdout
     # A second run is a no-op for every stage.
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stderr.count("nothing to do") == 2
+    assert again.returncode == 0 and again.stderr.count("nothing to do") == 3
