@@ -196,3 +196,47 @@ def test_damaged_checkpoint_is_skipped(tmp_path, prepared, capsys):
     capsys.readouterr()
     assert [p.name for p in complete_checkpoints(out, report=True)] == []
     assert "checkpoint-2: trainable.safetensors does not match its hash" in capsys.readouterr().err
+
+
+def _tiny_model(kind: str, folder: Path, tokenizer_dir: Path) -> Path:
+    """A tiny randomly initialised model of architecture ``kind`` with the locally built BPE tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GlmConfig, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    common = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = {
+        "llama": lambda: LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, **common),
+        "qwen2": lambda: Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, **common),
+        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, bos_token_id=tok.eos_token_id, **common),
+        "glm": lambda: GlmConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8, **common),
+    }[kind]()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "glm"])
+def test_architectures_lora_all_linear_and_prefix(tmp_path, kind, bpe_tokenizer_dir):
+    from safetensors.torch import load_file
+
+    base = _tiny_model(kind, tmp_path / kind, bpe_tokenizer_dir)
+    rows = json.loads(Path(REAL_SETS["alpaca"]).read_text(encoding="utf-8"))[:24]
+    src = tmp_path / "d.json"
+    src.write_text(json.dumps(rows))
+    import finetune as ft
+
+    for method in ("lora", "prefix"):
+        out = tmp_path / f"{kind}-{method}"
+        run(ft.main, ["--base_model", str(base), "--data_path", str(src), "--output_dir", str(out), "--method", method,
+                      "--max_steps", "2", "--batch_size", "8", "--micro_batch_size", "4", "--cutoff_len", "192",
+                      "--val_set_size", "4", "--learning_rate", "1e-2", "--num_virtual_tokens", "4", "--logging_steps", "0"])
+        state = load_file(str(out / "adapter_model.safetensors"))
+        assert state and json.loads((out / "pipeline.json").read_text())["complete"]
+        if method == "lora":
+            assert any("lora_B" in k and float(v.abs().max()) > 0 for k, v in state.items())
