@@ -68,6 +68,7 @@ def main(
     save_total_limit: int = 3,
     logging_steps: int = 10,
     resume_from_checkpoint: str | None = None,
+    init_from: str | None = None,
     seed: int = 42,
     trust_remote_code: bool = False,
     allow_pickle_weights: bool = False,
@@ -110,6 +111,8 @@ def main(
         save_total_limit: Keep at most this many checkpoints.
         logging_steps: Print the loss every N steps.
         resume_from_checkpoint: ``auto`` (the newest complete checkpoint in output_dir) or a checkpoint folder.
+        init_from: Start a new run (new data, epochs or schedule) from the trained weights of an earlier
+            finetune output folder or checkpoint, with a fresh optimizer. Unlike resume, nothing else is restored.
         seed: Seed for data order, initialisation and dropout.
         trust_remote_code: Allow custom model code from base_model to run.
         allow_pickle_weights: Accept pytorch_model.bin weights (loaded with weights_only=True).
@@ -153,6 +156,11 @@ def validate_args(**a) -> None:
     rc = a["resume_from_checkpoint"]
     if rc not in (None, "auto") and not Path(rc).is_dir():
         problems.append(f"--resume_from_checkpoint {rc}: no such folder (or use auto)")
+    if a["init_from"] is not None:
+        if not Path(a["init_from"]).is_dir():
+            problems.append(f"--init_from {a['init_from']}: no such folder")
+        if rc is not None:
+            problems.append("--init_from starts a new run; it cannot be combined with --resume_from_checkpoint")
     if Path(a["output_dir"]).absolute() == Path(a["base_model"]).absolute():
         problems.append("--output_dir must not be the base model folder")
     if problems:
@@ -188,15 +196,18 @@ def prepare(args: dict) -> Path:
 
 def fingerprint_of(args: dict, data_dir: Path) -> str:
     from utils.artifacts import read_meta, sha256_file, sha256_json
+    from utils.checkpoint import init_weights_file
 
     base = Path(args["base_model"])
     weights = {f.name: [f.stat().st_size, sha256_file(f) if f.stat().st_size < 1 << 28 else None]
                for f in sorted(base.glob("*.safetensors"))}
-    ignore = ("output_dir", "resume_from_checkpoint", "overwrite", "data_path", "base_model", "logging_steps")
+    ignore = ("output_dir", "resume_from_checkpoint", "overwrite", "data_path", "base_model", "logging_steps",
+              "init_from")
     return sha256_json({
         "stage": "finetune", "args": {k: v for k, v in args.items() if k not in ignore},
         "base": {"config": sha256_file(base / "config.json"), "weights": weights},
         "data": read_meta(data_dir)["fingerprint"],
+        "init_from": sha256_file(init_weights_file(Path(args["init_from"]))) if args["init_from"] else None,
     })
 
 
@@ -226,6 +237,8 @@ def train(args: dict) -> None:
     model = load_base_model(args["base_model"], dtype=args["dtype"], trust_remote_code=args["trust_remote_code"],
                             allow_pickle_weights=args["allow_pickle_weights"])
     model = prepare_model(model, args["method"], args)
+    if args["init_from"]:
+        ckpt.init_weights(Path(args["init_from"]), model)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     print(f"finetune: method {args['method']}, {n_trainable:,} trainable parameters, "
@@ -306,6 +319,9 @@ def check_output_dir_for_run(out: Path, fingerprint: str, args: dict) -> bool:
     meta = read_meta(out)
     if meta is None:
         return False
+    if meta.get("stage") != "finetune":
+        raise SuiteError(f"--output_dir {out} holds a {meta.get('stage', 'different')} output, not a fine-tune; "
+                         "choose another folder (it is never replaced)")
     if meta.get("fingerprint") == fingerprint and meta.get("complete"):
         return True
     if not args["overwrite"]:

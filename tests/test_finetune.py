@@ -240,3 +240,20 @@ def test_architectures_lora_all_linear_and_prefix(tmp_path, kind, bpe_tokenizer_
         assert state and json.loads((out / "pipeline.json").read_text())["complete"]
         if method == "lora":
             assert any("lora_B" in k and float(v.abs().max()) > 0 for k, v in state.items())
+
+
+def test_init_from_starts_a_new_run_from_trained_weights(tmp_path, prepared):
+    import torch
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    finetune(first, prepared, "--max_steps", "3", "--learning_rate", "1e-2")
+    second = tmp_path / "second"
+    finetune(second, prepared, "--max_steps", "1", "--learning_rate", "1e-12", "--init_from", str(first))
+    a, b = load_file(str(first / "adapter_model.safetensors")), load_file(str(second / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+    third = tmp_path / "third"
+    with pytest.raises(SystemExit) as exc:
+        finetune(third, prepared, "--max_steps", "1", "--method", "prefix", "--init_from", str(first))
+    assert exc.value.code == 1

@@ -137,6 +137,50 @@ def load(folder: Path, model, optimizer, scheduler) -> int:
     return int(meta["step"])
 
 
+def init_weights_file(folder: Path) -> Path:
+    """The weights file of a finetune output (adapter) or of one of its checkpoints."""
+    for name in ("trainable.safetensors", "adapter_model.safetensors", "model.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    raise SuiteError(f"--init_from {folder}: no trainable.safetensors, adapter_model.safetensors or model.safetensors")
+
+
+def init_weights(folder: Path, model) -> None:
+    """Copy the trained weights of an earlier run into ``model``; every trainable tensor must be found."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = init_weights_file(folder)
+    state = load_file(str(path))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if path.name == "adapter_model.safetensors":  # PEFT drops the adapter name from saved keys
+        from peft import set_peft_model_state_dict
+
+        try:
+            result = set_peft_model_state_dict(model, state)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise SuiteError(f"--init_from {folder}: adapter does not fit this run ({type(exc).__name__}: {exc}); "
+                             "same --method and settings?") from None
+        missing = [k for k in result.missing_keys if k in params]
+        if result.unexpected_keys or missing:
+            raise SuiteError(f"--init_from {folder}: adapter does not fit this run (unexpected "
+                             f"{list(result.unexpected_keys)[:3]}, missing {missing[:3]}); same --method and settings?")
+        print(f"finetune: initialised from {path}", file=sys.stderr)
+        return
+    unknown, missing = set(state) - set(params), set(params) - set(state)
+    if path.name == "model.safetensors":
+        missing = set()  # a full model leaves tied weights (e.g. lm_head) out of the file
+    if unknown or missing:
+        raise SuiteError(f"--init_from {folder}: weights do not fit this run (unknown {sorted(unknown)[:3]}, "
+                         f"missing {sorted(missing)[:3]}); same --method and settings?")
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for k, v in state.items():
+            if k in named:
+                named[k].copy_(v)
+    print(f"finetune: initialised from {path}", file=sys.stderr)
+
+
 def append_metrics(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
