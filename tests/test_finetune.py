@@ -257,3 +257,11 @@ def test_init_from_starts_a_new_run_from_trained_weights(tmp_path, prepared):
     with pytest.raises(SystemExit) as exc:
         finetune(third, prepared, "--max_steps", "1", "--method", "prefix", "--init_from", str(first))
     assert exc.value.code == 1
+
+
+def test_other_stage_folder_is_never_replaced(tmp_path, prepared, capsys):
+    before = (prepared / "pipeline.json").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        finetune(prepared, prepared, "--max_steps", "1", "--overwrite")
+    assert exc.value.code == 1 and "not a fine-tune" in capsys.readouterr().err
+    assert (prepared / "pipeline.json").read_bytes() == before and not list(prepared.glob("checkpoint-*"))
