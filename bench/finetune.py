@@ -62,7 +62,7 @@ data = load_from_disk(sys.argv[3] + "/dataset")["train"].remove_columns(["length
 data = data.map(lambda r: {"attention_mask": [1] * len(r["input_ids"])})
 args = TrainingArguments(output_dir=sys.argv[4], per_device_train_batch_size=4, gradient_accumulation_steps=32,
                          num_train_epochs=1, learning_rate=3e-4, logging_steps=1000, save_strategy="no",
-                         report_to=[], use_cpu=True, dataloader_num_workers=0, group_by_length=False)
+                         report_to=[], use_cpu=True, dataloader_num_workers=0)
 trainer = Trainer(model=model, args=args, train_dataset=data,
                   data_collator=DataCollatorForSeq2Seq(tok, pad_to_multiple_of=8, return_tensors="pt", padding=True))
 trainer.train()
