@@ -52,6 +52,7 @@ def main(
     val_set_size: float = 0.05,
     prompt_template_name: str = "auto",
     train_on_inputs: bool = False,
+    add_eos_token: bool = True,
     group_by_length: bool = True,
     lora_r: int = 8,
     lora_alpha: int = 16,
@@ -95,6 +96,8 @@ def main(
         val_set_size: Validation examples for raw data: a count, a fraction < 1, or 0 for none.
         prompt_template_name: Template for raw data (see prepare_data.py); ``auto`` picks by data format.
         train_on_inputs: Train on prompt tokens too (raw data only).
+        add_eos_token: End every trained response with EOS. Always on here (accepted so alpaca-lora commands
+            keep working); False is refused, since a model never taught to stop does not stop.
         group_by_length: Batch rows of similar length together (less padding, faster).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator.
@@ -147,6 +150,8 @@ def validate_args(**a) -> None:
         problems.append(f"--batch_size {a['batch_size']} must be a multiple of --micro_batch_size {a['micro_batch_size']}")
     if a["max_steps"] < 0 or a["num_epochs"] < 1 and a["max_steps"] == 0:
         problems.append("--max_steps must be >= 0 and --num_epochs >= 1")
+    if not a["add_eos_token"]:
+        problems.append("--add_eos_token False is not supported: every trained response ends with EOS")
     if not 0 <= a["warmup_ratio"] < 1:
         problems.append(f"--warmup_ratio must be in [0, 1), got {a['warmup_ratio']}")
     if not 0 <= a["lora_dropout"] < 1:

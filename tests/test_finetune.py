@@ -133,10 +133,10 @@ def test_bad_inputs_fail_before_training(tmp_path, prepared, capsys):
     assert exc.value.code == 2 and "unknown flag --lora_rank (did you mean --lora_r?)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         run(ft.main, ["--base_model", str(STORIES), "--data_path", str(prepared), "--output_dir", str(tmp_path / "c"),
-                      "--batch_size", "10", "--micro_batch_size", "4", "--warmup_ratio", "2"])
+                      "--batch_size", "10", "--micro_batch_size", "4", "--warmup_ratio", "2", "--noadd_eos_token"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--batch_size 10 must be a multiple of --micro_batch_size 4" in err
-    assert "--warmup_ratio" in err and not (tmp_path / "c").exists()
+    assert "--warmup_ratio" in err and "--add_eos_token" in err and not (tmp_path / "c").exists()
 
 
 def test_second_run_on_same_folder_is_refused(tmp_path, prepared, capsys):
