@@ -221,7 +221,6 @@ def train(args: dict) -> None:
     from datasets import load_from_disk
 
     from utils import checkpoint as ckpt
-    from utils.artifacts import check_output_dir
     from utils.batches import collate, epoch_batches, steps_per_epoch
     from utils.model import load_base_model, prepare_model
 
@@ -262,7 +261,7 @@ def train(args: dict) -> None:
     if resume is not None:
         step = ckpt.load(resume, model, optimizer, scheduler)
         print(f"finetune: resumed from {resume} at step {step}", file=sys.stderr)
-    elif ckpt.complete_checkpoints(out):
+    elif ckpt.checkpoint_dirs(out):
         raise SuiteError(f"--output_dir {out} holds checkpoints of an unfinished run; pass --resume_from_checkpoint "
                          "auto to continue it, or --overwrite to start again")
     ckpt.truncate_metrics(out / "metrics.jsonl", step)
@@ -350,19 +349,25 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
+def next_token_targets(model, batch, n_virtual: int):
+    """(logits, labels) aligned for next-token prediction, virtual-token positions dropped."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, n_virtual:, :][:, :-1].float()
+    return logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1)
+
+
 def token_loss_sum(model, batch, n_virtual: int):
     """Summed next-token cross-entropy over trained positions (so accumulation is token-exact)."""
     import torch.nn.functional as F
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, n_virtual:, :]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    logits, labels = next_token_targets(model, batch, n_virtual)
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
 def evaluate(model, rows, args, n_virtual: int) -> dict:
     """Token-mean loss and next-token accuracy on the validation split."""
     import torch
+    import torch.nn.functional as F
 
     from utils.batches import collate
 
@@ -372,12 +377,9 @@ def evaluate(model, rows, args, n_virtual: int) -> dict:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
         for i in range(0, len(order), args["micro_batch_size"]):
             batch = collate([rows[j] for j in order[i:i + args["micro_batch_size"]]], 0)
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, n_virtual:, :][:, :-1].float()
-            labels = batch["labels"][:, 1:]
+            logits, labels = next_token_targets(model, batch, n_virtual)
             mask = labels != -100
-            loss_sum += float(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"))
+            loss_sum += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
             correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
             count += int(mask.sum())
     return {"eval_loss": round(loss_sum / max(count, 1), 6), "eval_token_accuracy": round(correct / max(count, 1), 6),

@@ -34,6 +34,14 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
+def encode_in_batches(encoder, examples, size: int = 512):
+    """What prepare_data.py does: the encoder over batches of 512 examples."""
+    out = []
+    for i in range(0, len(examples), size):
+        out += encoder.encode_batch(examples[i:i + size])
+    return out
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -52,10 +60,7 @@ def main() -> None:
     prompts = [(tpl.generate_prompt(e.messages[0].content, e.input), e.messages[1].content) for e in alpaca]
 
     def run_ours():
-        out = []
-        for i in range(0, len(alpaca), 512):
-            out += ours.encode_batch(alpaca[i:i + 512])
-        return out
+        return encode_in_batches(ours, alpaca)
 
     def run_alpaca_lora():
         out = []
@@ -79,10 +84,7 @@ def main() -> None:
     rendered = [tpl.render(e.messages) for e in convs]
 
     def run_ours_conv():
-        out = []
-        for i in range(0, len(convs), 512):
-            out += ours.encode_batch(convs[i:i + 512])
-        return out
+        return encode_in_batches(ours, convs)
 
     def run_llmzoo():
         out = []

@@ -63,9 +63,14 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Checkpoint folders by step, unverified (cheap: no hashing)."""
+    return sorted((p for p in Path(out).glob("checkpoint-*") if p.is_dir()), key=_step_of)
+
+
 def complete_checkpoints(out: Path, report: bool = False) -> list[Path]:
     found = []
-    for path in sorted(Path(out).glob("checkpoint-*"), key=_step_of):
+    for path in checkpoint_dirs(out):
         problem = verify(path)
         if problem is None:
             found.append(path)
@@ -112,8 +117,10 @@ def save(out: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in complete_checkpoints(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    # Prune by step without re-hashing every kept checkpoint on each save.
+    for old in (checkpoint_dirs(out)[:-keep] if keep > 0 else []):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
