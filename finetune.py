@@ -37,7 +37,7 @@ def main(
     data_path: list[str],
     output_dir: str = "./lora-alpaca",
     *,
-    method: Literal["lora", "prefix", "ptuning", "prompt", "full"] = "lora",
+    method: Literal["lora", "qlora", "prefix", "ptuning", "prompt", "full"] = "lora",
     batch_size: int = 128,
     micro_batch_size: int = 4,
     num_epochs: int = 3,
@@ -53,21 +53,34 @@ def main(
     prompt_template_name: str = "auto",
     train_on_inputs: bool = False,
     add_eos_token: bool = True,
-    group_by_length: bool = True,
+    group_by_length: bool = False,
+    packing: bool = False,
     lora_r: int = 8,
     lora_alpha: int = 16,
     lora_dropout: float = 0.05,
     lora_target_modules: list[str] = ("all-linear",),
     use_rslora: bool = False,
     use_dora: bool = False,
+    qlora_bits: int = 4,
+    qlora_quant_type: Literal["nf4", "fp4"] = "nf4",
+    qlora_double_quant: bool = True,
     num_virtual_tokens: int = 16,
     prefix_projection: bool = False,
     encoder_hidden_size: int = 0,
     dtype: Literal["fp32", "bf16"] = "fp32",
+    gradient_checkpointing: bool = False,
     eval_steps: int = 0,
+    early_stopping_patience: int = 0,
+    load_best_model_at_end: bool = False,
     save_steps: int = 200,
     save_total_limit: int = 3,
+    max_shard_size: str = "2GB",
     logging_steps: int = 10,
+    tensorboard: bool = True,
+    wandb_project: str = "",
+    wandb_run_name: str = "",
+    wandb_watch: Literal["", "false", "gradients", "all"] = "",
+    wandb_log_model: bool = False,
     resume_from_checkpoint: str | None = None,
     init_from: str | None = None,
     seed: int = 42,
@@ -81,9 +94,11 @@ def main(
         base_model: Local Hugging Face model folder (safetensors weights; nothing is downloaded).
         data_path: Data files (JSON/JSONL; any format prepare_data.py reads) or one prepare_data.py output folder.
         output_dir: Where the adapter (or model), checkpoints and metadata go.
-        method: lora, prefix (P-tuning v2), ptuning (prompt encoder), prompt (prompt tuning) or full.
-        batch_size: Effective batch (rows per optimizer step) = micro_batch_size x accumulation steps.
-        micro_batch_size: Rows per forward pass.
+        method: lora, qlora (LoRA on a bitsandbytes 4/8-bit base), prefix (P-tuning v2), ptuning (prompt
+            encoder), prompt (prompt tuning) or full.
+        batch_size: Effective batch: rows per optimizer step, over all processes (micro_batch_size x
+            accumulation x processes).
+        micro_batch_size: Rows (packed rows with --packing) per forward pass.
         num_epochs: Passes over the training split (ignored when max_steps > 0).
         max_steps: Optimizer steps to run; 0 means num_epochs.
         learning_rate: Peak learning rate (AdamW).
@@ -98,21 +113,36 @@ def main(
         train_on_inputs: Train on prompt tokens too (raw data only).
         add_eos_token: End every trained response with EOS. Always on here (accepted so alpaca-lora commands
             keep working); False is refused, since a model never taught to stop does not stop.
-        group_by_length: Batch rows of similar length together (less padding, faster).
+        group_by_length: Put rows of similar length in the same optimizer step (as Hugging Face's sampler).
+            Within a step, rows are always sorted by length before being cut into micro-batches.
+        packing: Pack several examples into each row of up to cutoff_len tokens; each example attends only
+            to itself (block-diagonal causal mask), so the loss equals the unpacked loss (lora, qlora, full).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator.
         lora_dropout: Dropout on the LoRA input.
         lora_target_modules: Linear layers to adapt, by leaf name (e.g. q_proj v_proj), or all-linear.
         use_rslora: Rank-stabilised LoRA scaling (alpha / sqrt(r)).
         use_dora: Weight-decomposed LoRA (DoRA).
+        qlora_bits: qlora: quantize the frozen base to 4 or 8 bits (bitsandbytes).
+        qlora_quant_type: qlora 4-bit data type: nf4 or fp4.
+        qlora_double_quant: qlora 4-bit: also quantize the quantization constants.
         num_virtual_tokens: Virtual tokens for prefix, ptuning and prompt.
         prefix_projection: P-tuning v2 with an MLP reparameterisation of the prefix.
         encoder_hidden_size: Hidden size of the prefix / prompt encoder MLP (0: the model's hidden size).
         dtype: Training precision: fp32 or bf16 (fp16 has no fast path on CPU).
+        gradient_checkpointing: Recompute activations in the backward pass (less memory, more time).
         eval_steps: Evaluate on the validation split every N steps (0: only at the end).
+        early_stopping_patience: Stop after this many evaluations without a lower eval loss (0: never).
+        load_best_model_at_end: Write the weights of the evaluation with the lowest eval loss, not the last.
         save_steps: Write a resumable checkpoint every N steps (0: only at the end / on interrupt).
         save_total_limit: Keep at most this many checkpoints.
+        max_shard_size: full: largest safetensors shard of the saved model (e.g. 500MB, 2GB).
         logging_steps: Print the loss every N steps.
+        tensorboard: Also write the metrics as TensorBoard events in OUTPUT_DIR/tensorboard.
+        wandb_project: Log to this Weights & Biases project (needs the wandb package).
+        wandb_run_name: Weights & Biases run name.
+        wandb_watch: Weights & Biases model watching: gradients or all.
+        wandb_log_model: Upload the final output folder to Weights & Biases as an artifact.
         resume_from_checkpoint: ``auto`` (the newest complete checkpoint in output_dir) or a checkpoint folder.
         init_from: Start a new run (new data, epochs or schedule) from the trained weights of an earlier
             finetune output folder or checkpoint, with a fresh optimizer. Unlike resume, nothing else is restored.
@@ -125,11 +155,19 @@ def main(
     args["lora_target_modules"] = list(lora_target_modules)
     validate_args(**args)
     from utils.checkpoint import RunLock
+    from utils.distributed import from_env
 
+    dist = from_env()
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        train(args)
+    locks = []
+    try:
+        # Only rank 0 holds the lock; its refusal reaches every rank.
+        dist.on_main(lambda: (out.mkdir(parents=True, exist_ok=True), locks.append(RunLock(out).__enter__())))
+        train(args, dist)
+    finally:
+        for lock in locks:
+            lock.__exit__(None, None, None)
+        dist.close()
 
 
 def validate_args(**a) -> None:
@@ -146,8 +184,10 @@ def validate_args(**a) -> None:
     for name in ("batch_size", "micro_batch_size", "lora_r", "num_virtual_tokens"):
         if a[name] < 1:
             problems.append(f"--{name} must be >= 1, got {a[name]}")
-    if a["batch_size"] % max(a["micro_batch_size"], 1):
-        problems.append(f"--batch_size {a['batch_size']} must be a multiple of --micro_batch_size {a['micro_batch_size']}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if a["batch_size"] % max(a["micro_batch_size"] * world, 1):
+        problems.append(f"--batch_size {a['batch_size']} must be a multiple of --micro_batch_size "
+                        f"{a['micro_batch_size']}" + (f" x {world} processes" if world > 1 else ""))
     if a["max_steps"] < 0 or a["num_epochs"] < 1 and a["max_steps"] == 0:
         problems.append("--max_steps must be >= 0 and --num_epochs >= 1")
     if not a["add_eos_token"]:
@@ -158,6 +198,38 @@ def validate_args(**a) -> None:
         problems.append(f"--lora_dropout must be in [0, 1), got {a['lora_dropout']}")
     if a["learning_rate"] <= 0:
         problems.append(f"--learning_rate must be > 0, got {a['learning_rate']}")
+    if a["qlora_bits"] not in (4, 8):
+        problems.append(f"--qlora_bits must be 4 or 8, got {a['qlora_bits']}")
+    if a["method"] == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as exc:  # a broken install raises more than ImportError
+            problems.append(f"--method qlora needs bitsandbytes ({type(exc).__name__}: {exc})")
+    if a["packing"] and a["method"] not in ("lora", "qlora", "full"):
+        problems.append(f"--packing works with lora, qlora and full; --method {a['method']} puts virtual tokens "
+                        "before each row, which packed examples cannot share")
+    if a["early_stopping_patience"] < 0:
+        problems.append(f"--early_stopping_patience must be >= 0, got {a['early_stopping_patience']}")
+    if (a["early_stopping_patience"] or a["load_best_model_at_end"]) and a["eval_steps"] < 1:
+        problems.append("--early_stopping_patience and --load_best_model_at_end need --eval_steps N (evaluations "
+                        "to compare)")
+    if (a["early_stopping_patience"] or a["load_best_model_at_end"]) and not Path(a["data_path"][0]).is_dir() \
+            and a["val_set_size"] <= 0:
+        problems.append("--early_stopping_patience and --load_best_model_at_end need a validation split "
+                        "(--val_set_size > 0)")
+    if a["wandb_project"] or a["wandb_log_model"] or a["wandb_watch"] not in ("", "false"):
+        if not a["wandb_project"]:
+            problems.append("--wandb_watch / --wandb_log_model need --wandb_project")
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            problems.append("--wandb_project needs the wandb package (pip install wandb)")
+    if a["tensorboard"]:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            problems.append("--tensorboard needs the tensorboard package (pip install tensorboard), or pass "
+                            "--notensorboard")
     rc = a["resume_from_checkpoint"]
     if rc not in (None, "auto") and not Path(rc).is_dir():
         problems.append(f"--resume_from_checkpoint {rc}: no such folder (or use auto)")
@@ -199,89 +271,120 @@ def prepare(args: dict) -> Path:
     return folder
 
 
-def fingerprint_of(args: dict, data_dir: Path) -> str:
+def base_fingerprint(base_model: str) -> dict:
+    """What identifies the base model: its config and each weight file's size and hash."""
+    from utils.artifacts import sha256_file
+
+    base = Path(base_model)
+    weights = {f.name: [f.stat().st_size, sha256_file(f) if f.stat().st_size < 1 << 28 else None]
+               for f in sorted(base.glob("*.safetensors"))}
+    return {"config": sha256_file(base / "config.json"), "weights": weights}
+
+
+def fingerprint_of(args: dict, data_dir: Path, base: dict) -> str:
     from utils.artifacts import read_meta, sha256_file, sha256_json
     from utils.checkpoint import init_weights_file
 
-    base = Path(args["base_model"])
-    weights = {f.name: [f.stat().st_size, sha256_file(f) if f.stat().st_size < 1 << 28 else None]
-               for f in sorted(base.glob("*.safetensors"))}
     ignore = ("output_dir", "resume_from_checkpoint", "overwrite", "data_path", "base_model", "logging_steps",
-              "init_from")
+              "init_from", "tensorboard", "wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model")
     return sha256_json({
         "stage": "finetune", "args": {k: v for k, v in args.items() if k not in ignore},
-        "base": {"config": sha256_file(base / "config.json"), "weights": weights},
+        "base": base,
         "data": read_meta(data_dir)["fingerprint"],
         "init_from": sha256_file(init_weights_file(Path(args["init_from"]))) if args["init_from"] else None,
     })
 
 
-def train(args: dict) -> None:
+def train(args: dict, dist) -> None:
     import torch
     from datasets import load_from_disk
 
     from utils import checkpoint as ckpt
-    from utils.batches import collate, epoch_batches, steps_per_epoch
-    from utils.model import load_base_model, prepare_model
+    from utils.artifacts import read_meta
+    from utils.batches import epoch_steps, steps_per_epoch
+    from utils.model import check_packing, load_base_model, prepare_model
+    from utils.tracking import Tracker
 
     out = Path(args["output_dir"])
-    data_dir = prepare(args)
-    fingerprint = fingerprint_of(args, data_dir)
-    if check_output_dir_for_run(out, fingerprint, args):
-        print(f"finetune: {out} already holds this finished run; nothing to do", file=sys.stderr)
-        print(out.absolute())
+    data_dir = dist.on_main(prepare, args)
+    base = base_fingerprint(args["base_model"])
+    fingerprint = fingerprint_of(args, data_dir, base)
+    if dist.on_main(check_output_dir_for_run, out, fingerprint, args):
+        if dist.main:
+            print(f"finetune: {out} already holds this finished run; nothing to do", file=sys.stderr)
+            print(out.absolute())
         return
 
     torch.manual_seed(args["seed"])
     splits = load_from_disk(str(data_dir / "dataset"))
     train_rows = list(zip(splits["train"]["input_ids"], splits["train"]["labels"]))
     val_rows = list(zip(splits["validation"]["input_ids"], splits["validation"]["labels"])) if "validation" in splits else []
+    if (args["early_stopping_patience"] or args["load_best_model_at_end"]) and not val_rows:
+        raise SuiteError(f"--data_path {data_dir} has no validation split, which --early_stopping_patience and "
+                         "--load_best_model_at_end need")
     lengths = [len(ids) for ids, _ in train_rows]
+    pack_len = max(read_meta(data_dir)["args"]["cutoff_len"], max(lengths))
 
     model = load_base_model(args["base_model"], dtype=args["dtype"], trust_remote_code=args["trust_remote_code"],
-                            allow_pickle_weights=args["allow_pickle_weights"])
+                            allow_pickle_weights=args["allow_pickle_weights"], device=dist.device,
+                            quantization=quantization_of(args))
+    if args["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = prepare_model(model, args["method"], args)
+    if args["packing"]:
+        check_packing(model, dist.device)
     if args["init_from"]:
         ckpt.init_weights(Path(args["init_from"]), model)
+    # Same initial weights on every rank (seeded above); different dropout masks per rank from here.
+    torch.manual_seed(args["seed"] + dist.rank)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    print(f"finetune: method {args['method']}, {n_trainable:,} trainable parameters, "
-          f"{len(train_rows)} train / {len(val_rows)} validation examples", file=sys.stderr)
+    if dist.main:
+        print(f"finetune: method {args['method']}, {n_trainable:,} trainable parameters, "
+              f"{len(train_rows)} train / {len(val_rows)} validation examples", file=sys.stderr)
 
-    accum = args["batch_size"] // args["micro_batch_size"]
-    n_batches = math.ceil(len(train_rows) / args["micro_batch_size"])
-    per_epoch = steps_per_epoch(n_batches, accum)
+    per_epoch = steps_per_epoch(len(train_rows), args["batch_size"])
     total_steps = args["max_steps"] or per_epoch * args["num_epochs"]
     warmup = args["warmup_steps"] or int(args["warmup_ratio"] * total_steps)
     optimizer = torch.optim.AdamW(params, lr=args["learning_rate"], weight_decay=args["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args["lr_scheduler"], warmup, total_steps))
 
-    step = 0
-    resume = ckpt.find_resume(out, args["resume_from_checkpoint"])
+    step, state = 0, {"best": None, "bad_evals": 0}
+    best_weights = None
+    resume = dist.on_main(ckpt.find_resume, out, args["resume_from_checkpoint"])
     if resume is not None:
-        step = ckpt.load(resume, model, optimizer, scheduler)
-        print(f"finetune: resumed from {resume} at step {step}", file=sys.stderr)
-    elif ckpt.checkpoint_dirs(out):
+        step, state, best_weights = ckpt.load(resume, model, optimizer, scheduler, dist)
+        if dist.main:
+            print(f"finetune: resumed from {resume} at step {step}", file=sys.stderr)
+    elif dist.on_main(ckpt.checkpoint_dirs, out):
         raise SuiteError(f"--output_dir {out} holds checkpoints of an unfinished run; pass --resume_from_checkpoint "
                          "auto to continue it, or --overwrite to start again")
-    ckpt.truncate_metrics(out / "metrics.jsonl", step)
+    tracker = Tracker(out, args, step, dist.main)
+    tracker.watch(model)
 
     stop = StopFlag()
     n_virtual = args["num_virtual_tokens"] if args["method"] in PROMPT_METHODS else 0
-    pad_id = 0
     model.train()
-    t0, tokens_seen = time.perf_counter(), 0
+    t0, tokens_seen, cached_epoch, steps = time.perf_counter(), 0, None, []
+    stopped_early = False
     while step < total_steps:
-        epoch, group = divmod(step, per_epoch)
-        batches = epoch_batches(lengths, args["micro_batch_size"], args["seed"], epoch, args["group_by_length"])
-        micro = [collate([train_rows[i] for i in b], pad_id) for b in batches[group * accum:(group + 1) * accum]]
-        n_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+        epoch, index = divmod(step, per_epoch)
+        if epoch != cached_epoch:
+            steps = epoch_steps(lengths, args["batch_size"], args["seed"], epoch, args["group_by_length"])
+            cached_epoch = epoch
+        micro = step_micro_batches(steps[index], train_rows, lengths, args, dist, pack_len)
+        local_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+        n_tokens = int(dist.all_reduce_(torch.tensor([local_tokens], dtype=torch.float64))[0])
         loss_sum = 0.0
         for m in micro:
-            loss = token_loss_sum(model, m, n_virtual) / max(n_tokens, 1)
+            loss = token_loss_sum(model, m, n_virtual, dist.device) / max(n_tokens, 1)
             loss.backward()
             loss_sum += loss.item()
-            tokens_seen += int(m["attention_mask"].sum())
+            tokens_seen += m["real_tokens"]
+        dist.all_reduce_grads(params)
+        # One collective for the logged loss and for agreeing to stop on a signal at this step.
+        totals = dist.all_reduce_(torch.tensor([loss_sum, 1.0 if stop.requested else 0.0], dtype=torch.float64))
+        loss_sum, interrupted = float(totals[0]), bool(totals[1] > 0)
         if args["max_grad_norm"] > 0:
             torch.nn.utils.clip_grad_norm_(params, args["max_grad_norm"])
         optimizer.step()
@@ -290,30 +393,93 @@ def train(args: dict) -> None:
         step += 1
         record = {"step": step, "epoch": epoch, "loss": round(loss_sum, 6), "lr": scheduler.get_last_lr()[0],
                   "trained_tokens": n_tokens}
-        ckpt.append_metrics(out / "metrics.jsonl", record)
-        if args["logging_steps"] and step % args["logging_steps"] == 0:
-            rate = tokens_seen / (time.perf_counter() - t0)
+        tracker.log(record)
+        if dist.main and args["logging_steps"] and step % args["logging_steps"] == 0:
+            rate = tokens_seen * dist.world_size / (time.perf_counter() - t0)
             print(f"finetune: step {step}/{total_steps} loss {loss_sum:.4f} lr {record['lr']:.2e} "
                   f"({rate:,.0f} tokens/s)", file=sys.stderr)
         if val_rows and args["eval_steps"] and step % args["eval_steps"] == 0 and step < total_steps:
-            ckpt.append_metrics(out / "metrics.jsonl", {"step": step, **evaluate(model, val_rows, args, n_virtual)})
+            result = evaluate(model, val_rows, args, n_virtual, dist)
+            tracker.log({"step": step, **result})
+            best_weights, stopped_early = track_best(result, step, state, best_weights, model, args, dist)
             model.train()
-        interrupted = stop.requested
-        if interrupted or (args["save_steps"] and step % args["save_steps"] == 0 and step < total_steps):
-            ckpt.save(out, step, model, optimizer, scheduler, args["save_total_limit"])
+        last = step >= total_steps or stopped_early
+        if interrupted or (args["save_steps"] and step % args["save_steps"] == 0 and not last):
+            dist.on_main(ckpt.save, out, step, model, optimizer, scheduler, args["save_total_limit"],
+                         state, best_weights, ckpt.gather_rng(dist))
+            dist.barrier()
         if interrupted:
-            print(f"finetune: interrupted ({stop.requested}); checkpoint at step {step} saved. Resume with "
-                  "--resume_from_checkpoint auto", file=sys.stderr)
+            if dist.main:
+                print(f"finetune: interrupted ({stop.requested or 'by another rank'}); checkpoint at step {step} "
+                      "saved. Resume with --resume_from_checkpoint auto", file=sys.stderr)
+            tracker.close()
             sys.exit(130 if stop.requested == "SIGINT" else 143)
+        if stopped_early:
+            if dist.main:
+                print(f"finetune: early stopping at step {step}: eval loss has not improved on "
+                      f"{state['best']['eval_loss']:.4f} (step {state['best']['step']}) for "
+                      f"{state['bad_evals']} evaluations", file=sys.stderr)
+            break
     stop.restore()
 
-    final_eval = evaluate(model, val_rows, args, n_virtual) if val_rows else {}
+    if args["load_best_model_at_end"] and best_weights is not None:
+        ckpt.copy_weights(model, best_weights)
+        if dist.main:
+            print(f"finetune: keeping the best weights, from step {state['best']['step']} (eval loss "
+                  f"{state['best']['eval_loss']:.4f})", file=sys.stderr)
+    final_eval = evaluate(model, val_rows, args, n_virtual, dist) if val_rows else {}
     if final_eval:
-        ckpt.append_metrics(out / "metrics.jsonl", {"step": step, **final_eval})
-        print(f"finetune: eval loss {final_eval['eval_loss']:.4f}, token accuracy "
-              f"{final_eval['eval_token_accuracy']:.4f}", file=sys.stderr)
-    ckpt.save_final(out, model, args, data_dir, fingerprint, final_eval, n_trainable)
-    print(out.absolute())
+        tracker.log({"step": step, "final": True, **final_eval})
+        if dist.main:
+            print(f"finetune: eval loss {final_eval['eval_loss']:.4f}, token accuracy "
+                  f"{final_eval['eval_token_accuracy']:.4f}", file=sys.stderr)
+    summary = {"final_eval": final_eval, "steps": step, "stopped_early": stopped_early, "best": state["best"],
+               "trainable_parameters": n_trainable, "world_size": dist.world_size}
+    dist.on_main(ckpt.save_final, out, model, args, data_dir, fingerprint, base, summary)
+    tracker.finish(out if dist.main else None)
+    if dist.main:
+        print(out.absolute())
+
+
+def quantization_of(args: dict) -> dict | None:
+    if args["method"] != "qlora":
+        return None
+    return {"bits": args["qlora_bits"], "quant_type": args["qlora_quant_type"],
+            "double_quant": args["qlora_double_quant"], "compute_dtype": args["dtype"]}
+
+
+def step_micro_batches(step_rows: list[int], rows, lengths, args: dict, dist, pack_len: int) -> list[dict]:
+    """This rank's micro-batches of one optimizer step: its share of the step's rows, sorted by length,
+    then padded in groups of micro_batch_size or packed into rows of pack_len tokens."""
+    from utils.batches import collate, collate_packed, micro_batches, pack, rank_rows
+
+    mine = rank_rows(step_rows, lengths, dist.rank, dist.world_size)
+    mb = args["micro_batch_size"]
+    if args["packing"]:
+        bins = pack(mine, lengths, pack_len)
+        return [collate_packed([[rows[i] for i in b] for b in bins[j:j + mb]], 0) for j in range(0, len(bins), mb)]
+    batches = []
+    for group in micro_batches(mine, lengths, mb):
+        batch = collate([rows[i] for i in group], 0)
+        batch["real_tokens"] = sum(lengths[i] for i in group)
+        batches.append(batch)
+    return batches
+
+
+def track_best(result: dict, step: int, state: dict, best_weights, model, args: dict, dist):
+    """Update the best evaluation; returns (best weights to keep, whether to stop early)."""
+    from utils.checkpoint import trainable_copy
+
+    best = state["best"]
+    if best is None or result["eval_loss"] < best["eval_loss"]:
+        state["best"] = {"step": step, "eval_loss": result["eval_loss"]}
+        state["bad_evals"] = 0
+        if args["load_best_model_at_end"]:
+            best_weights = trainable_copy(model)
+    else:
+        state["bad_evals"] += 1
+    patience = args["early_stopping_patience"]
+    return best_weights, bool(patience and state["bad_evals"] >= patience)
 
 
 def check_output_dir_for_run(out: Path, fingerprint: str, args: dict) -> bool:
@@ -349,39 +515,44 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def next_token_targets(model, batch, n_virtual: int):
+def next_token_targets(model, batch, n_virtual: int, device="cpu"):
     """(logits, labels) aligned for next-token prediction, virtual-token positions dropped."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
     logits = logits[:, n_virtual:, :][:, :-1].float()
-    return logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1)
+    return logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1).to(device)
 
 
-def token_loss_sum(model, batch, n_virtual: int):
+def token_loss_sum(model, batch, n_virtual: int, device="cpu"):
     """Summed next-token cross-entropy over trained positions (so accumulation is token-exact)."""
     import torch.nn.functional as F
 
-    logits, labels = next_token_targets(model, batch, n_virtual)
+    logits, labels = next_token_targets(model, batch, n_virtual, device)
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
-def evaluate(model, rows, args, n_virtual: int) -> dict:
-    """Token-mean loss and next-token accuracy on the validation split."""
+def evaluate(model, rows, args, n_virtual: int, dist=None) -> dict:
+    """Token-mean loss and next-token accuracy on the validation split (sharded over ranks)."""
     import torch
     import torch.nn.functional as F
 
     from utils.batches import collate
 
+    rank, world, device = (dist.rank, dist.world_size, dist.device) if dist else (0, 1, "cpu")
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     with torch.no_grad():
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), i))[rank::world]
         for i in range(0, len(order), args["micro_batch_size"]):
             batch = collate([rows[j] for j in order[i:i + args["micro_batch_size"]]], 0)
-            logits, labels = next_token_targets(model, batch, n_virtual)
+            logits, labels = next_token_targets(model, batch, n_virtual, device)
             mask = labels != -100
             loss_sum += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
             correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
             count += int(mask.sum())
+    if dist is not None:
+        loss_sum, correct, count = dist.all_reduce_(torch.tensor([loss_sum, correct, count], dtype=torch.float64)).tolist()
+        correct, count = int(correct), int(count)
     return {"eval_loss": round(loss_sum / max(count, 1), 6), "eval_token_accuracy": round(correct / max(count, 1), 6),
             "eval_tokens": count}
 

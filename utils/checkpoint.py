@@ -95,20 +95,24 @@ def find_resume(out: Path, resume: str | None) -> Path | None:
     return path
 
 
-def save(out: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
+def save(out: Path, step: int, model, optimizer, scheduler, keep: int, state: dict | None = None,
+         best_weights: dict | None = None, rng: list | None = None) -> Path:
+    """Write checkpoint-STEP atomically: trainable weights, optimizer, scheduler, RNG of every rank,
+    the early-stopping state and (with --load_best_model_at_end) the best weights so far."""
     import torch
     from safetensors.torch import save_file
-
-    from utils.model import trainable_state
 
     final = Path(out) / f"checkpoint-{step}"
     tmp = Path(out) / f".checkpoint-{step}.tmp-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
-        save_file({k: v.contiguous().clone() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
+        save_file(trainable_copy(model), str(tmp / "trainable.safetensors"))
+        if best_weights is not None:
+            save_file(best_weights, str(tmp / "best.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        write_json(tmp / "trainer_state.json", {"step": step, "scheduler": scheduler.state_dict()})
+        torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")
+        write_json(tmp / "trainer_state.json", {"step": step, "scheduler": scheduler.state_dict(),
+                                                **(state or {})})
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         write_json(tmp / MANIFEST, {"step": step, "files": files})
         if final.exists():
@@ -124,7 +128,44 @@ def save(out: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
     return final
 
 
-def load(folder: Path, model, optimizer, scheduler) -> int:
+def rng_state() -> dict:
+    import torch
+
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def gather_rng(dist) -> list:
+    """Every rank's RNG state, in rank order (rank 0 writes them all into the checkpoint)."""
+    if not dist.active:
+        return [rng_state()]
+    import torch.distributed as td
+
+    states = [None] * dist.world_size
+    td.all_gather_object(states, rng_state())
+    return states
+
+
+def trainable_copy(model) -> dict:
+    """A CPU copy of the trained parameters by name."""
+    from utils.model import trainable_state
+
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_state(model).items()}
+
+
+def copy_weights(model, weights: dict) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+
+def load(folder: Path, model, optimizer, scheduler, dist=None) -> tuple[int, dict, dict | None]:
+    """Restore a checkpoint; returns (step, early-stopping state, best weights or None)."""
     import torch
     from safetensors.torch import load_file
 
@@ -133,15 +174,21 @@ def load(folder: Path, model, optimizer, scheduler) -> int:
     if set(state) != expected:
         raise SuiteError(f"--resume_from_checkpoint {folder}: its weights do not match this run's trainable "
                          f"parameters ({len(state)} vs {len(expected)}); was it made with other flags?")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
+    copy_weights(model, state)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
+    ranks = torch.load(folder / "rng.pt", weights_only=True)["ranks"]
+    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    if len(ranks) != world:
+        print(f"finetune: checkpoint was written by {len(ranks)} processes, this run has {world}; dropout "
+              "randomness will differ from an uninterrupted run", file=sys.stderr)
+    mine = ranks[rank % len(ranks)]
+    torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
     meta = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     scheduler.load_state_dict(meta["scheduler"])
-    return int(meta["step"])
+    best = load_file(str(folder / "best.safetensors")) if (folder / "best.safetensors").is_file() else None
+    return int(meta["step"]), {"best": meta.get("best"), "bad_evals": meta.get("bad_evals", 0)}, best
 
 
 def init_weights_file(folder: Path) -> Path:
@@ -206,6 +253,7 @@ def clear_run(out: Path) -> None:
     for path in Path(out).glob("checkpoint-*"):
         shutil.rmtree(path, ignore_errors=True)
     (Path(out) / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(Path(out) / "tensorboard", ignore_errors=True)
 
 
 def verify_artifact(out: Path, model, method: str) -> None:
@@ -213,7 +261,7 @@ def verify_artifact(out: Path, model, method: str) -> None:
     import torch
     from safetensors.torch import load_file
 
-    name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    name = "model*.safetensors" if method == "full" else "adapter_model.safetensors"
     files = sorted(Path(out).glob("model*.safetensors")) if method == "full" else [Path(out) / name]
     state = {}
     for f in files:
@@ -225,13 +273,13 @@ def verify_artifact(out: Path, model, method: str) -> None:
         raise SuiteError(f"saved weights hold non-finite values: {bad[:5]}")
     if method != "full":
         trained = [k for k in state if "lora_B" in k or "prompt" in k or "prefix" in k or "embedding" in k]
-        if method == "lora" and not any("lora_A" in k for k in state):
+        if method in ("lora", "qlora") and not any("lora_A" in k for k in state):
             raise SuiteError(f"saved adapter in {out} has no lora_A/lora_B weights")
         if trained and all(float(state[k].abs().max()) == 0 for k in trained):
             raise SuiteError(f"saved adapter in {out} is all zeros: training changed nothing")
 
 
-def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, final_eval: dict, n_trainable: int) -> None:
+def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, base: dict, summary: dict) -> None:
     """Write the adapter (or model), tokenizer, template and report into ``out``, then pipeline.json."""
     from transformers import AutoTokenizer
 
@@ -239,7 +287,10 @@ def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, f
     tmp = out / f".final.tmp-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if args["method"] == "full":
+            model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=args["max_shard_size"])
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"), local_files_only=True).save_pretrained(str(tmp))
         for name in ("template.json", "data_report.json"):
             shutil.copyfile(data_dir / name, tmp / name)
@@ -254,11 +305,10 @@ def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, f
         "fingerprint": fingerprint,
         "args": args,
         "method": args["method"],
-        "base_model": {"path": os.path.abspath(args["base_model"])},
+        "base_model": {"path": os.path.abspath(args["base_model"]), "fingerprint": base},
         "data": {"path": os.path.abspath(data_dir), "fingerprint": data_meta["fingerprint"]},
         "template": {"name": json.loads((out / "template.json").read_text())["name"], "file": "template.json"},
-        "trainable_parameters": n_trainable,
-        "final_eval": final_eval,
+        **summary,
         "versions": library_versions("torch", "transformers", "peft"),
     }
     # Hash only this stage's own files (not checkpoints or the prepared data, which carry their own).

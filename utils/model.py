@@ -38,7 +38,9 @@ def needs_remote_code(path: str) -> bool:
 
 
 def load_base_model(path: str, *, dtype: str = "fp32", trust_remote_code: bool = False,
-                    allow_pickle_weights: bool = False):
+                    allow_pickle_weights: bool = False, device: str = "cpu", quantization: dict | None = None):
+    """Load a local causal LM. ``quantization`` ({bits, quant_type, double_quant, compute_dtype}) loads the
+    frozen base through bitsandbytes (QLoRA)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -46,10 +48,48 @@ def load_base_model(path: str, *, dtype: str = "fp32", trust_remote_code: bool =
         raise SuiteError(f"--base_model {path} needs custom code (auto_map in config.json); pass "
                          "--trust_remote_code if you trust it")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(
+    kwargs = {}
+    if quantization is not None:
+        kwargs = {"quantization_config": bnb_config(quantization, torch_dtype), "device_map": {"": device}}
+    model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True,
-        use_safetensors=not allow_pickle_weights,
+        use_safetensors=not allow_pickle_weights, **kwargs,
     )
+    if quantization is None and device != "cpu":
+        model.to(device)
+    return model
+
+
+def bnb_config(q: dict, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    if q["bits"] == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
+                              bnb_4bit_use_double_quant=q["double_quant"], bnb_4bit_compute_dtype=compute_dtype)
+
+
+def check_packing(model, device: str = "cpu") -> None:
+    """Refuse --packing for an architecture whose attention would leak across packed examples: two
+    short random sequences must give the same logits packed into one row as run separately."""
+    import torch
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(3, vocab, (n,), generator=gen) for n in (5, 7))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        alone = [model(input_ids=x[None].to(device), use_cache=False).logits[0].float() for x in (a, b)]
+        positions = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
+        packed = model(input_ids=torch.cat([a, b])[None].to(device), position_ids=positions,
+                       use_cache=False).logits[0].float()
+    model.train(was_training)
+    scale = max(float(torch.cat(alone).abs().max()), 1.0)
+    err = float(torch.cat([(packed[:5] - alone[0]).abs().flatten(), (packed[5:] - alone[1]).abs().flatten()]).max())
+    if not err <= 1e-3 * scale:
+        raise SuiteError(f"--packing: this model's architecture ({type(model).__name__}) lets packed examples attend "
+                         f"to each other (logit difference {err:.3g}); train without --packing")
 
 
 def linear_module_names(model) -> list[str]:
@@ -105,6 +145,7 @@ def prompt_config(a: dict, model) -> Any:
 # --method -> builder of its peft config (None: every weight is trained)
 METHODS: dict[str, Callable[[dict, Any], Any] | None] = {
     "lora": lora_config,
+    "qlora": lora_config,  # on a base loaded through bitsandbytes (load_base_model's quantization)
     "prefix": prefix_config,
     "ptuning": ptuning_config,
     "prompt": prompt_config,
@@ -121,6 +162,12 @@ def prepare_model(model, method: str, args: dict):
         return model
     from peft import get_peft_model
 
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32 and makes the (frozen, quantized) inputs carry gradients.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.get("gradient_checkpointing",
+                                                                                           False))
     return get_peft_model(model, builder(args, model))
 
 
