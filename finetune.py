@@ -69,6 +69,7 @@ def main(
     encoder_hidden_size: int = 0,
     dtype: Literal["fp32", "bf16"] = "fp32",
     gradient_checkpointing: bool = False,
+    fsdp: bool = False,
     eval_steps: int = 0,
     early_stopping_patience: int = 0,
     load_best_model_at_end: bool = False,
@@ -131,6 +132,8 @@ def main(
         encoder_hidden_size: Hidden size of the prefix / prompt encoder MLP (0: the model's hidden size).
         dtype: Training precision: fp32 or bf16 (fp16 has no fast path on CPU).
         gradient_checkpointing: Recompute activations in the backward pass (less memory, more time).
+        fsdp: Under torchrun, shard weights, gradients and optimizer state over the processes (torch FSDP)
+            instead of replicating them (lora and full).
         eval_steps: Evaluate on the validation split every N steps (0: only at the end).
         early_stopping_patience: Stop after this many evaluations without a lower eval loss (0: never).
         load_best_model_at_end: Write the weights of the evaluation with the lowest eval loss, not the last.
@@ -208,6 +211,8 @@ def validate_args(**a) -> None:
     if a["packing"] and a["method"] not in ("lora", "qlora", "full"):
         problems.append(f"--packing works with lora, qlora and full; --method {a['method']} puts virtual tokens "
                         "before each row, which packed examples cannot share")
+    if a["fsdp"] and (world < 2 or a["method"] not in ("lora", "full")):
+        problems.append("--fsdp needs torchrun with 2 or more processes and --method lora or full")
     if a["early_stopping_patience"] < 0:
         problems.append(f"--early_stopping_patience must be >= 0, got {a['early_stopping_patience']}")
     if (a["early_stopping_patience"] or a["load_best_model_at_end"]) and a["eval_steps"] < 1:
@@ -333,6 +338,8 @@ def train(args: dict, dist) -> None:
     model = prepare_model(model, args["method"], args)
     if args["packing"]:
         check_packing(model, dist.device)
+    if args["fsdp"]:
+        dist.shard(model)
     if args["init_from"]:
         ckpt.init_weights(Path(args["init_from"]), model)
     # Same initial weights on every rank (seeded above); different dropout masks per rank from here.
@@ -375,10 +382,17 @@ def train(args: dict, dist) -> None:
         micro = step_micro_batches(steps[index], train_rows, lengths, args, dist, pack_len)
         local_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
         n_tokens = int(dist.all_reduce_(torch.tensor([local_tokens], dtype=torch.float64))[0])
+        # FSDP gathers weights in every forward: all ranks must run as many (empty ones if need be). Its
+        # gradient reduction averages over ranks, which the loss scale undoes.
+        n_micro = dist.most(len(micro)) if dist.fsdp else len(micro)
+        scale = dist.world_size if dist.fsdp else 1
         loss_sum = 0.0
-        for m in micro:
+        for i in range(n_micro):
+            m = micro[i] if i < len(micro) else empty_batch()
+            if dist.fsdp:
+                model.set_requires_gradient_sync(i == n_micro - 1)
             loss = token_loss_sum(model, m, n_virtual, dist.device) / max(n_tokens, 1)
-            loss.backward()
+            (loss * scale).backward()
             loss_sum += loss.item()
             tokens_seen += m["real_tokens"]
         dist.all_reduce_grads(params)
@@ -405,7 +419,8 @@ def train(args: dict, dist) -> None:
             model.train()
         last = step >= total_steps or stopped_early
         if interrupted or (args["save_steps"] and step % args["save_steps"] == 0 and not last):
-            dist.on_main(ckpt.save, out, step, model, optimizer, scheduler, args["save_total_limit"],
+            weights, optim = dist.trainable_state(model), dist.optimizer_state(model, optimizer)
+            dist.on_main(ckpt.save, out, step, weights, optim, scheduler, args["save_total_limit"],
                          state, best_weights, ckpt.gather_rng(dist))
             dist.barrier()
         if interrupted:
@@ -422,8 +437,11 @@ def train(args: dict, dist) -> None:
             break
     stop.restore()
 
-    if args["load_best_model_at_end"] and best_weights is not None:
-        ckpt.copy_weights(model, best_weights)
+    if args["load_best_model_at_end"] and dist.broadcast(best_weights is not None):
+        if dist.fsdp:
+            dist.load_state(model, optimizer, best_weights if dist.main else {}, None)
+        else:
+            ckpt.copy_weights(model, best_weights)
         if dist.main:
             print(f"finetune: keeping the best weights, from step {state['best']['step']} (eval loss "
                   f"{state['best']['eval_loss']:.4f})", file=sys.stderr)
@@ -435,10 +453,19 @@ def train(args: dict, dist) -> None:
                   f"{final_eval['eval_token_accuracy']:.4f}", file=sys.stderr)
     summary = {"final_eval": final_eval, "steps": step, "stopped_early": stopped_early, "best": state["best"],
                "trainable_parameters": n_trainable, "world_size": dist.world_size}
-    dist.on_main(ckpt.save_final, out, model, args, data_dir, fingerprint, base, summary)
+    gathered = dist.trainable_state(model) if dist.fsdp else None
+    dist.on_main(ckpt.save_final, out, model, args, data_dir, fingerprint, base, summary, gathered)
     tracker.finish(out if dist.main else None)
     if dist.main:
         print(out.absolute())
+
+
+def empty_batch() -> dict:
+    """A micro-batch with nothing to learn (loss 0): a rank's turn in a collective it has no rows for."""
+    import torch
+
+    return {"input_ids": torch.zeros((1, 2), dtype=torch.long), "attention_mask": torch.ones((1, 2), dtype=torch.long),
+            "labels": torch.full((1, 2), -100, dtype=torch.long), "real_tokens": 0}
 
 
 def quantization_of(args: dict) -> dict | None:
@@ -468,14 +495,12 @@ def step_micro_batches(step_rows: list[int], rows, lengths, args: dict, dist, pa
 
 def track_best(result: dict, step: int, state: dict, best_weights, model, args: dict, dist):
     """Update the best evaluation; returns (best weights to keep, whether to stop early)."""
-    from utils.checkpoint import trainable_copy
-
     best = state["best"]
     if best is None or result["eval_loss"] < best["eval_loss"]:
         state["best"] = {"step": step, "eval_loss": result["eval_loss"]}
         state["bad_evals"] = 0
         if args["load_best_model_at_end"]:
-            best_weights = trainable_copy(model)
+            best_weights = dist.trainable_state(model)
     else:
         state["bad_evals"] += 1
     patience = args["early_stopping_patience"]
@@ -543,8 +568,11 @@ def evaluate(model, rows, args, n_virtual: int, dist=None) -> dict:
     loss_sum, correct, count = 0.0, 0, 0
     with torch.no_grad():
         order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), i))[rank::world]
-        for i in range(0, len(order), args["micro_batch_size"]):
-            batch = collate([rows[j] for j in order[i:i + args["micro_batch_size"]]], 0)
+        mb = args["micro_batch_size"]
+        batches = [collate([rows[j] for j in order[i:i + mb]], 0) for i in range(0, len(order), mb)]
+        if dist is not None and dist.fsdp:  # every rank must join every forward
+            batches += [empty_batch()] * (dist.most(len(batches)) - len(batches))
+        for batch in batches:
             logits, labels = next_token_targets(model, batch, n_virtual, device)
             mask = labels != -100
             loss_sum += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))

@@ -95,8 +95,8 @@ def find_resume(out: Path, resume: str | None) -> Path | None:
     return path
 
 
-def save(out: Path, step: int, model, optimizer, scheduler, keep: int, state: dict | None = None,
-         best_weights: dict | None = None, rng: list | None = None) -> Path:
+def save(out: Path, step: int, weights: dict, optimizer_state: dict, scheduler, keep: int,
+         state: dict | None = None, best_weights: dict | None = None, rng: list | None = None) -> Path:
     """Write checkpoint-STEP atomically: trainable weights, optimizer, scheduler, RNG of every rank,
     the early-stopping state and (with --load_best_model_at_end) the best weights so far."""
     import torch
@@ -106,10 +106,10 @@ def save(out: Path, step: int, model, optimizer, scheduler, keep: int, state: di
     tmp = Path(out) / f".checkpoint-{step}.tmp-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
-        save_file(trainable_copy(model), str(tmp / "trainable.safetensors"))
+        save_file(weights, str(tmp / "trainable.safetensors"))
         if best_weights is not None:
             save_file(best_weights, str(tmp / "best.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")
         write_json(tmp / "trainer_state.json", {"step": step, "scheduler": scheduler.state_dict(),
                                                 **(state or {})})
@@ -174,8 +174,12 @@ def load(folder: Path, model, optimizer, scheduler, dist=None) -> tuple[int, dic
     if set(state) != expected:
         raise SuiteError(f"--resume_from_checkpoint {folder}: its weights do not match this run's trainable "
                          f"parameters ({len(state)} vs {len(expected)}); was it made with other flags?")
-    copy_weights(model, state)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    optim = torch.load(folder / "optimizer.pt", weights_only=True)
+    if dist is not None and dist.fsdp:
+        dist.load_state(model, optimizer, state, optim)
+    else:
+        copy_weights(model, state)
+        optimizer.load_state_dict(optim)
     ranks = torch.load(folder / "rng.pt", weights_only=True)["ranks"]
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     if len(ranks) != world:
@@ -279,18 +283,21 @@ def verify_artifact(out: Path, model, method: str) -> None:
             raise SuiteError(f"saved adapter in {out} is all zeros: training changed nothing")
 
 
-def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, base: dict, summary: dict) -> None:
-    """Write the adapter (or model), tokenizer, template and report into ``out``, then pipeline.json."""
+def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, base: dict, summary: dict,
+               state_dict: dict | None = None) -> None:
+    """Write the adapter (or model), tokenizer, template and report into ``out``, then pipeline.json.
+    ``state_dict``: the gathered weights of a sharded (FSDP) model."""
     from transformers import AutoTokenizer
 
     out = Path(out)
     tmp = out / f".final.tmp-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
+    extra = {} if state_dict is None else {"state_dict": state_dict}
     try:
         if args["method"] == "full":
-            model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=args["max_shard_size"])
+            model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=args["max_shard_size"], **extra)
         else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            model.save_pretrained(str(tmp), safe_serialization=True, **extra)
         AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"), local_files_only=True).save_pretrained(str(tmp))
         for name in ("template.json", "data_report.json"):
             shutil.copyfile(data_dir / name, tmp / name)

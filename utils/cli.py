@@ -289,7 +289,8 @@ def run(main: Callable, argv: list[str] | None = None) -> None:
     except UsageError as exc:
         print(f"{prog}: invalid arguments\n{exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    print(f"{prog}: resolved arguments " + json.dumps(kwargs, ensure_ascii=False, default=str), file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # once per torchrun job, not once per process
+        print(f"{prog}: resolved arguments " + json.dumps(kwargs, ensure_ascii=False, default=str), file=sys.stderr)
 
     import fire
 

@@ -30,13 +30,23 @@ class Dist:
         return self.world_size > 1
 
     # -- collectives (no-ops for one process) -------------------------------------------------
-    def all_reduce_(self, tensor):
-        """Sum ``tensor`` over ranks in place (and return it)."""
+    fsdp: bool = False
+
+    def all_reduce_(self, tensor, op: str = "sum"):
+        """Sum (or max) ``tensor`` over ranks in place (and return it)."""
         if self.active:
             import torch.distributed as td
 
-            td.all_reduce(tensor, op=td.ReduceOp.SUM)
+            td.all_reduce(tensor, op=td.ReduceOp.SUM if op == "sum" else td.ReduceOp.MAX)
         return tensor
+
+    def most(self, n: int) -> int:
+        """The largest ``n`` over ranks."""
+        if not self.active:
+            return n
+        import torch
+
+        return int(self.all_reduce_(torch.tensor([n]), op="max")[0])
 
     def barrier(self) -> None:
         if self.active:
@@ -73,10 +83,59 @@ class Dist:
             raise SuiteError(error)
         return result
 
+    def shard(self, model):
+        """FSDP (torch's fully_shard): every decoder layer, then the whole model, sharded over ranks."""
+        from torch.distributed.fsdp import fully_shard
+
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        layers = [m for m in model.modules() if type(m).__name__ in names]
+        if not layers:
+            raise SuiteError(f"--fsdp: cannot find the decoder layers of {type(model).__name__} (its "
+                             "_no_split_modules is empty); train without --fsdp")
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        self.fsdp = True
+        return model
+
+    def trainable_state(self, model) -> dict:
+        """The trained parameters as whole CPU tensors. Under FSDP this is a collective: every rank must
+        call it; rank 0 gets the tensors, the others an empty dict."""
+        if not self.fsdp:
+            from utils.checkpoint import trainable_copy
+
+            return trainable_copy(model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=True))
+        return {k: v for k, v in state.items() if k in trained}  # tied frozen weights can slip in
+
+    def optimizer_state(self, model, optimizer) -> dict:
+        """The optimizer state (collective under FSDP, like trainable_state)."""
+        if not self.fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+
+    def load_state(self, model, optimizer, weights: dict, optim: dict | None) -> None:
+        """Put whole (unsharded) weights and optimizer state back into a sharded model."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        # Rank 0's whole tensors are broadcast and each rank keeps its shard.
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(model, weights, options=options)
+        if optim is not None:
+            set_optimizer_state_dict(model, optimizer, optim, options=options)
+
     def all_reduce_grads(self, params) -> None:
         """Sum the gradients of ``params`` over ranks, in one flat buffer (a rank without rows this step
         contributes zeros)."""
-        if not self.active:
+        if not self.active or self.fsdp:  # FSDP reduce-scatters gradients itself
             return
         import torch
 
