@@ -540,19 +540,49 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def next_token_targets(model, batch, n_virtual: int, device="cpu"):
-    """(logits, labels) aligned for next-token prediction, virtual-token positions dropped."""
+def next_token_targets(model, batch, n_virtual: int, device="cpu", trained_only: bool = False):
+    """(logits, labels) aligned for next-token prediction, virtual-token positions dropped.
+
+    With ``trained_only`` the output head runs only at positions whose next token is trained (a
+    forward pre-hook on the head selects them): with a 32k-150k vocabulary the full logits are most of
+    a step's memory, and prompt positions never need them.
+    """
+    import torch
+
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"].to(device)
+    head = model.get_output_embeddings() if trained_only and n_virtual == 0 else None
+    keep = labels[:, 1:] != -100
+    selected = []
+    if head is not None:
+        positions = torch.zeros_like(labels, dtype=torch.bool)
+        positions[:, :-1] = keep
+
+        def select(module, args):
+            hidden = args[0]
+            if hidden.shape[:2] != positions.shape:  # an unusual head call: leave it alone
+                return None
+            selected.append(True)
+            return (hidden[positions][None], *args[1:])
+
+        handle = head.register_forward_pre_hook(select)
+        try:
+            logits = model(**inputs, use_cache=False).logits
+        finally:
+            handle.remove()
+        if selected:
+            return logits[0].float(), labels[:, 1:][keep]
+    else:
+        logits = model(**inputs, use_cache=False).logits
     logits = logits[:, n_virtual:, :][:, :-1].float()
-    return logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1).to(device)
+    return logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
 
 
 def token_loss_sum(model, batch, n_virtual: int, device="cpu"):
     """Summed next-token cross-entropy over trained positions (so accumulation is token-exact)."""
     import torch.nn.functional as F
 
-    logits, labels = next_token_targets(model, batch, n_virtual, device)
+    logits, labels = next_token_targets(model, batch, n_virtual, device, trained_only=True)
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 

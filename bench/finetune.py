@@ -40,7 +40,7 @@ t0 = time.perf_counter()
 run(finetune.main, ["--base_model", sys.argv[2], "--data_path", sys.argv[3], "--output_dir", sys.argv[4],
     "--method", "lora", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
     "--lora_target_modules", "q_proj", "v_proj", "--batch_size", "128", "--micro_batch_size", "4",
-    "--num_epochs", "1", "--logging_steps", "0", "--save_steps", "0", "--learning_rate", "3e-4"])
+    "--num_epochs", "1", "--logging_steps", "0", "--save_steps", "0", "--learning_rate", "3e-4", "--notensorboard"])
 print("CHILD " + json.dumps({"seconds": time.perf_counter() - t0,
                              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
