@@ -453,6 +453,9 @@ def train(args: dict, dist) -> None:
                   f"{final_eval['eval_token_accuracy']:.4f}", file=sys.stderr)
     summary = {"final_eval": final_eval, "steps": step, "stopped_early": stopped_early, "best": state["best"],
                "trainable_parameters": n_trainable, "world_size": dist.world_size}
+    if quantization_of(args):
+        layers = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+        summary["quantization"] = {**quantization_of(args), "quantized_layers": layers}
     gathered = dist.trainable_state(model) if dist.fsdp else None
     dist.on_main(ckpt.save_final, out, model, args, data_dir, fingerprint, base, summary, gathered)
     tracker.finish(out if dist.main else None)
