@@ -16,8 +16,8 @@ pytest.importorskip("bitsandbytes")
 
 @pytest.fixture(scope="module")
 def base64(tmp_path_factory) -> Path:
-    """A tiny Llama whose linear layers are multiples of 64 (what bitsandbytes' CPU 4-bit kernels need),
-    with the stories260K tokenizer (vocabulary 512)."""
+    """A tiny Llama (linear layers in multiples of 64, bitsandbytes' block size) with the stories260K
+    tokenizer (vocabulary 512)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
