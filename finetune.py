@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -70,6 +71,7 @@ def main(
     dtype: Literal["fp32", "bf16"] = "fp32",
     gradient_checkpointing: bool = False,
     fsdp: bool = False,
+    deepspeed: str | None = None,
     eval_steps: int = 0,
     early_stopping_patience: int = 0,
     load_best_model_at_end: bool = False,
@@ -134,6 +136,9 @@ def main(
         gradient_checkpointing: Recompute activations in the backward pass (less memory, more time).
         fsdp: Under torchrun, shard weights, gradients and optimizer state over the processes (torch FSDP)
             instead of replicating them (lora and full).
+        deepspeed: A DeepSpeed JSON config (e.g. examples/deepspeed_zero2.json or _zero3.json): ZeRO through
+            DeepSpeed, under torchrun or the deepspeed launcher. Batch size, accumulation and clipping come
+            from the flags above, the optimizer and schedule from this script.
         eval_steps: Evaluate on the validation split every N steps (0: only at the end).
         early_stopping_patience: Stop after this many evaluations without a lower eval loss (0: never).
         load_best_model_at_end: Write the weights of the evaluation with the lowest eval loss, not the last.
@@ -213,6 +218,17 @@ def validate_args(**a) -> None:
                         "before each row, which packed examples cannot share")
     if a["fsdp"] and (world < 2 or a["method"] not in ("lora", "full")):
         problems.append("--fsdp needs torchrun with 2 or more processes and --method lora or full")
+    if a["deepspeed"] is not None:
+        try:
+            json.loads(Path(a["deepspeed"]).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            problems.append(f"--deepspeed {a['deepspeed']}: not a readable JSON config ({exc})")
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:  # not imported here: it prints to stdout
+            problems.append("--deepspeed needs the deepspeed package (pip install deepspeed)")
+        if a["fsdp"] or a["method"] == "qlora":
+            problems.append("--deepspeed cannot be combined with --fsdp or --method qlora")
     if a["early_stopping_patience"] < 0:
         problems.append(f"--early_stopping_patience must be >= 0, got {a['early_stopping_patience']}")
     if (a["early_stopping_patience"] or a["load_best_model_at_end"]) and a["eval_steps"] < 1:
@@ -355,6 +371,11 @@ def train(args: dict, dist) -> None:
     warmup = args["warmup_steps"] or int(args["warmup_ratio"] * total_steps)
     optimizer = torch.optim.AdamW(params, lr=args["learning_rate"], weight_decay=args["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args["lr_scheduler"], warmup, total_steps))
+    # What runs the forward pass: the model, or the DeepSpeed engine wrapping it.
+    runner = model
+    if args["deepspeed"]:
+        runner = dist.deepspeed(model, optimizer, args["deepspeed"], args["micro_batch_size"], args["max_grad_norm"],
+                                bf16=args["dtype"] == "bf16")
 
     step, state = 0, {"best": None, "bad_evals": 0}
     best_weights = None
@@ -384,26 +405,32 @@ def train(args: dict, dist) -> None:
         n_tokens = int(dist.all_reduce_(torch.tensor([local_tokens], dtype=torch.float64))[0])
         # FSDP gathers weights in every forward: all ranks must run as many (empty ones if need be). Its
         # gradient reduction averages over ranks, which the loss scale undoes.
-        n_micro = dist.most(len(micro)) if dist.fsdp else len(micro)
-        scale = dist.world_size if dist.fsdp else 1
+        n_micro = dist.most(len(micro)) if dist.sharded else len(micro)
+        scale = dist.world_size if dist.sharded else 1
         loss_sum = 0.0
         for i in range(n_micro):
             m = micro[i] if i < len(micro) else empty_batch()
             if dist.fsdp:
                 model.set_requires_gradient_sync(i == n_micro - 1)
-            loss = token_loss_sum(model, m, n_virtual, dist.device) / max(n_tokens, 1)
-            (loss * scale).backward()
+            loss = token_loss_sum(runner, m, n_virtual, dist.device) / max(n_tokens, 1)
+            if dist.engine is not None:
+                dist.engine.backward(loss * scale, scale_wrt_gas=False)
+            else:
+                (loss * scale).backward()
             loss_sum += loss.item()
             tokens_seen += m["real_tokens"]
         dist.all_reduce_grads(params)
         # One collective for the logged loss and for agreeing to stop on a signal at this step.
         totals = dist.all_reduce_(torch.tensor([loss_sum, 1.0 if stop.requested else 0.0], dtype=torch.float64))
         loss_sum, interrupted = float(totals[0]), bool(totals[1] > 0)
-        if args["max_grad_norm"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, args["max_grad_norm"])
-        optimizer.step()
+        if dist.engine is not None:
+            dist.engine.step()  # clips (gradient_clipping), steps and zeroes the gradients
+        else:
+            if args["max_grad_norm"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, args["max_grad_norm"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         record = {"step": step, "epoch": epoch, "loss": round(loss_sum, 6), "lr": scheduler.get_last_lr()[0],
                   "trained_tokens": n_tokens}
@@ -419,9 +446,14 @@ def train(args: dict, dist) -> None:
             model.train()
         last = step >= total_steps or stopped_early
         if interrupted or (args["save_steps"] and step % args["save_steps"] == 0 and not last):
+            engine_dir = None
+            if dist.engine is not None:  # DeepSpeed writes its own sharded optimizer state, every rank
+                engine_dir = out / f".deepspeed-{step}"
+                dist.engine.save_checkpoint(str(engine_dir), tag="ds")
+                dist.barrier()
             weights, optim = dist.trainable_state(model), dist.optimizer_state(model, optimizer)
             dist.on_main(ckpt.save, out, step, weights, optim, scheduler, args["save_total_limit"],
-                         state, best_weights, ckpt.gather_rng(dist))
+                         state, best_weights, ckpt.gather_rng(dist), engine_dir)
             dist.barrier()
         if interrupted:
             if dist.main:
@@ -438,10 +470,7 @@ def train(args: dict, dist) -> None:
     stop.restore()
 
     if args["load_best_model_at_end"] and dist.broadcast(best_weights is not None):
-        if dist.fsdp:
-            dist.load_state(model, optimizer, best_weights if dist.main else {}, None)
-        else:
-            ckpt.copy_weights(model, best_weights)
+        dist.put_weights(model, best_weights)
         if dist.main:
             print(f"finetune: keeping the best weights, from step {state['best']['step']} (eval loss "
                   f"{state['best']['eval_loss']:.4f})", file=sys.stderr)
@@ -452,11 +481,12 @@ def train(args: dict, dist) -> None:
             print(f"finetune: eval loss {final_eval['eval_loss']:.4f}, token accuracy "
                   f"{final_eval['eval_token_accuracy']:.4f}", file=sys.stderr)
     summary = {"final_eval": final_eval, "steps": step, "stopped_early": stopped_early, "best": state["best"],
-               "trainable_parameters": n_trainable, "world_size": dist.world_size}
+               "trainable_parameters": n_trainable, "world_size": dist.world_size,
+               "sharding": "fsdp" if dist.fsdp else f"deepspeed-zero{dist.zero_stage}" if dist.engine else None}
     if quantization_of(args):
         layers = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
         summary["quantization"] = {**quantization_of(args), "quantized_layers": layers}
-    gathered = dist.trainable_state(model) if dist.fsdp else None
+    gathered = dist.trainable_state(model) if dist.sharded else None
     dist.on_main(ckpt.save_final, out, model, args, data_dir, fingerprint, base, summary, gathered)
     tracker.finish(out if dist.main else None)
     if dist.main:

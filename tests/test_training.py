@@ -1,4 +1,4 @@
-"""finetune.py's training features: packing, data parallel and FSDP under torchrun, gradient
+"""finetune.py's training features: packing, data parallel, FSDP and DeepSpeed under torchrun, gradient
 checkpointing, early stopping and keep-best, TensorBoard and wandb, sharded full saves.
 
 Each "same result" test compares against a plain single-process run with LoRA dropout off, so the
@@ -182,7 +182,20 @@ def _torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
                            *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+NO_DEEPSPEED = pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed (optional)")
+
+
+@pytest.mark.parametrize("extra", [
+    [], ["--fsdp"],
+    pytest.param(["--deepspeed", str(REPO / "examples/deepspeed_zero2.json")], marks=NO_DEEPSPEED),
+    pytest.param(["--deepspeed", str(REPO / "examples/deepspeed_zero3.json")], marks=NO_DEEPSPEED),
+], ids=["ddp", "fsdp", "zero2", "zero3"])
 def test_two_processes_match_one(tmp_path, prepared, extra):
     one = tmp_path / "one"
     _finetune(one, prepared, "--max_steps", "3", "--save_steps", "2")
@@ -215,6 +228,18 @@ def test_batch_must_divide_over_processes(tmp_path, prepared, capsys, monkeypatc
                       "--batch_size", "6", "--micro_batch_size", "2", "--max_steps", "1"])
     assert exc.value.code == 2
     assert "--batch_size 6 must be a multiple of --micro_batch_size 2 x 2 processes" in capsys.readouterr().err
+
+
+def test_deepspeed_flag_is_checked_up_front(tmp_path, prepared, capsys):
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit) as exc:
+        _finetune(tmp_path / "x", prepared, "--deepspeed", str(bad), "--fsdp")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"--deepspeed {bad}: not a readable JSON config" in err
+    assert "--deepspeed cannot be combined with --fsdp" in err
+    if not _has_deepspeed():
+        assert "--deepspeed needs the deepspeed package" in err
 
 
 def test_fsdp_needs_several_processes(tmp_path, prepared, capsys):

@@ -96,7 +96,8 @@ def find_resume(out: Path, resume: str | None) -> Path | None:
 
 
 def save(out: Path, step: int, weights: dict, optimizer_state: dict, scheduler, keep: int,
-         state: dict | None = None, best_weights: dict | None = None, rng: list | None = None) -> Path:
+         state: dict | None = None, best_weights: dict | None = None, rng: list | None = None,
+         engine_dir: Path | None = None) -> Path:
     """Write checkpoint-STEP atomically: trainable weights, optimizer, scheduler, RNG of every rank,
     the early-stopping state and (with --load_best_model_at_end) the best weights so far."""
     import torch
@@ -113,7 +114,9 @@ def save(out: Path, step: int, weights: dict, optimizer_state: dict, scheduler, 
         torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")
         write_json(tmp / "trainer_state.json", {"step": step, "scheduler": scheduler.state_dict(),
                                                 **(state or {})})
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        if engine_dir is not None:
+            os.replace(engine_dir, tmp / "deepspeed")
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / MANIFEST, {"step": step, "files": files})
         if final.exists():
             shutil.rmtree(final)
@@ -175,7 +178,11 @@ def load(folder: Path, model, optimizer, scheduler, dist=None) -> tuple[int, dic
         raise SuiteError(f"--resume_from_checkpoint {folder}: its weights do not match this run's trainable "
                          f"parameters ({len(state)} vs {len(expected)}); was it made with other flags?")
     optim = torch.load(folder / "optimizer.pt", weights_only=True)
-    if dist is not None and dist.fsdp:
+    if dist is not None and dist.engine is not None:
+        # DeepSpeed's own files (written by this run, hash-checked by the manifest) hold weights and optimizer.
+        dist.engine.load_checkpoint(str(folder / "deepspeed"), tag="ds", load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+    elif dist is not None and dist.fsdp:
         dist.load_state(model, optimizer, state, optim)
     else:
         copy_weights(model, state)
