@@ -469,12 +469,18 @@ def train(args: dict, dist) -> None:
             break
     stop.restore()
 
-    if args["load_best_model_at_end"] and dist.broadcast(best_weights is not None):
-        dist.put_weights(model, best_weights)
-        if dist.main:
-            print(f"finetune: keeping the best weights, from step {state['best']['step']} (eval loss "
-                  f"{state['best']['eval_loss']:.4f})", file=sys.stderr)
     final_eval = evaluate(model, val_rows, args, n_virtual, dist) if val_rows else {}
+    if args["load_best_model_at_end"] and final_eval:
+        # The last weights compete too (the loop does not evaluate at the last step).
+        best = state["best"]
+        if best is None or final_eval["eval_loss"] < best["eval_loss"] or best["step"] == step:
+            state["best"] = {"step": step, "eval_loss": final_eval["eval_loss"]}
+        elif dist.broadcast(best_weights is not None):
+            dist.put_weights(model, best_weights)
+            final_eval = evaluate(model, val_rows, args, n_virtual, dist)
+            if dist.main:
+                print(f"finetune: keeping the best weights, from step {best['step']} (eval loss "
+                      f"{best['eval_loss']:.4f})", file=sys.stderr)
     if final_eval:
         tracker.log({"step": step, "final": True, **final_eval})
         if dist.main:
@@ -554,6 +560,8 @@ def check_output_dir_for_run(out: Path, fingerprint: str, args: dict) -> bool:
         return True
     if not args["overwrite"]:
         raise SuiteError(f"--output_dir {out} holds a different finished run; pass --overwrite to replace it")
+    for name in meta.get("files", {}):  # the old run's own outputs (e.g. a single model.safetensors
+        (out / name).unlink(missing_ok=True)  # that transformers would load before new shards)
     (out / META_FILE).unlink()
     from utils import checkpoint as ckpt
 
