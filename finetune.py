@@ -525,7 +525,7 @@ def step_micro_batches(step_rows: list[int], rows, lengths, args: dict, dist, pa
         bins = pack(mine, lengths, pack_len)
         return [collate_packed([[rows[i] for i in b] for b in bins[j:j + mb]], 0) for j in range(0, len(bins), mb)]
     batches = []
-    for group in micro_batches(mine, lengths, mb):
+    for group in micro_batches(mine, mb):
         batch = collate([rows[i] for i in group], 0)
         batch["real_tokens"] = sum(lengths[i] for i in group)
         batches.append(batch)

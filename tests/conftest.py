@@ -95,3 +95,20 @@ def stories_chat_tokenizer_dir(tmp_path_factory) -> Path:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def prepare_gsm8k(root: Path, rows: list[dict], *flags: str) -> Path:
+    """Write ``rows`` (alpaca-format GSM8K) under ``root`` and run prepare_data.py on them with stories260K's
+    tokenizer; returns the prepared folder."""
+    import prepare_data
+    from utils.cli import run
+
+    src = root / "gsm8k.json"
+    src.write_text(json.dumps(rows), encoding="utf-8")
+    out = root / "prepared"
+    run(prepare_data.main, ["--base_model", str(STORIES), "--data_path", str(src), "--output_dir", str(out), *flags])
+    return out
+
+
+def gsm8k_rows(n: int) -> list[dict]:
+    return json.loads(Path(REAL_SETS["alpaca"]).read_text(encoding="utf-8"))[:n]

@@ -8,7 +8,6 @@ subprocess for ``--help`` and for a misspelled flag.
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Literal
 
 import pytest

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REAL_SETS, REPO, STORIES
+from conftest import REAL_SETS, REPO, STORIES, gsm8k_rows, prepare_gsm8k
 from utils.cli import run
 
 COMMON = ["--batch_size", "16", "--micro_batch_size", "8", "--logging_steps", "0", "--seed", "3"]
@@ -22,16 +22,7 @@ COMMON = ["--batch_size", "16", "--micro_batch_size", "8", "--logging_steps", "0
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """300 GSM8K rows prepared once (cutoff 320, 48 validation examples)."""
-    import prepare_data
-
-    root = tmp_path_factory.mktemp("ft")
-    rows = json.loads(Path(REAL_SETS["alpaca"]).read_text(encoding="utf-8"))[:300]
-    src = root / "gsm300.json"
-    src.write_text(json.dumps(rows), encoding="utf-8")
-    out = root / "prepared"
-    run(prepare_data.main, ["--base_model", str(STORIES), "--data_path", str(src), "--output_dir", str(out),
-                            "--cutoff_len", "320", "--val_set_size", "48"])
-    return out
+    return prepare_gsm8k(tmp_path_factory.mktemp("ft"), gsm8k_rows(300), "--cutoff_len", "320", "--val_set_size", "48")
 
 
 def finetune(out: Path, data: Path, *extra: str) -> None:

@@ -9,10 +9,8 @@ tests read are module-scoped fixtures, made once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import REAL_SETS, REPO, STORIES, read_jsonl
+from conftest import STORIES, gsm8k_rows, prepare_gsm8k, read_jsonl
 from utils.batches import collate, collate_packed, pack
 from utils.cli import SuiteError, run
 
@@ -43,17 +41,9 @@ EARLY = [*flags(lr="0.3"), "--max_steps", "12", "--eval_steps", "1", "--early_st
 def prepared(tmp_path_factory) -> Path:
     """The 120 shortest of the first 2000 GSM8K rows with the short Alpaca template (examples of 118-202 tokens),
     cutoff 512: two or three examples share a packed row of 512 tokens. 16 validation examples."""
-    import prepare_data
-
-    root = tmp_path_factory.mktemp("feat")
-    rows = json.loads(Path(REAL_SETS["alpaca"]).read_text(encoding="utf-8"))[:2000]
-    rows = sorted(rows, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:120]
-    src = root / "gsm_short.json"
-    src.write_text(json.dumps(rows), encoding="utf-8")
-    out = root / "prepared"
-    run(prepare_data.main, ["--base_model", str(STORIES), "--data_path", str(src), "--output_dir", str(out),
-                            "--cutoff_len", "512", "--val_set_size", "16", "--prompt_template_name", "alpaca_short"])
-    return out
+    rows = sorted(gsm8k_rows(2000), key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:120]
+    return prepare_gsm8k(tmp_path_factory.mktemp("feat"), rows, "--cutoff_len", "512", "--val_set_size", "16",
+                         "--prompt_template_name", "alpaca_short")
 
 
 def finetune(out: Path, data: Path, *extra: str) -> Path:
@@ -403,9 +393,8 @@ def test_tensorboard_scalars_match_metrics(plain, checkpointed):
     assert (checkpointed[0] / "metrics.jsonl").is_file()
 
 
-def test_wandb_missing_package_is_refused(tmp_path, prepared, capsys):
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here")
+def test_wandb_missing_package_is_refused(tmp_path, prepared, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed, even where it is
     for extra in (["--wandb_project", "x"], ["--wandb_log_model"]):
         with pytest.raises(SystemExit) as exc:
             finetune(tmp_path / "o", prepared, *flags(), "--max_steps", "2", *extra)

@@ -6,7 +6,6 @@ of the real MOSS SFT sample.
 """
 
 import json
-import re
 
 import pytest
 

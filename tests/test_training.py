@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REAL_SETS, REPO, STORIES
+from conftest import REPO, STORIES, gsm8k_rows, prepare_gsm8k
 from utils.cli import run
 
 BASE_FLAGS = ["--batch_size", "8", "--micro_batch_size", "2", "--lora_dropout", "0", "--learning_rate", "3e-3",
@@ -25,16 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    import prepare_data
-
-    root = tmp_path_factory.mktemp("tr")
-    rows = json.loads(Path(REAL_SETS["alpaca"]).read_text(encoding="utf-8"))[:120]
-    src = root / "gsm.json"
-    src.write_text(json.dumps(rows), encoding="utf-8")
-    out = root / "prepared"
-    run(prepare_data.main, ["--base_model", str(STORIES), "--data_path", str(src), "--output_dir", str(out),
-                            "--cutoff_len", "320", "--val_set_size", "16"])
-    return out
+    return prepare_gsm8k(tmp_path_factory.mktemp("tr"), gsm8k_rows(120), "--cutoff_len", "320", "--val_set_size", "16")
 
 
 def _flags(extra) -> list[str]:

@@ -49,7 +49,7 @@ def rank_rows(step: list[int], lengths: list[int], rank: int, world_size: int) -
     return ordered[rank::world_size]
 
 
-def micro_batches(rows: list[int], lengths: list[int], micro_batch_size: int) -> list[list[int]]:
+def micro_batches(rows: list[int], micro_batch_size: int) -> list[list[int]]:
     """Cut rows (already sorted longest first) into micro-batches of similar length: little padding."""
     return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
 
