@@ -125,12 +125,15 @@ def staged_dir(output_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def finish_meta(folder: Path, meta: dict) -> dict:
-    """Write ``pipeline.json`` last, with the hash of every other file in ``folder``."""
+def finish_meta(folder: Path, meta: dict, known_hashes: dict[str, str] | None = None) -> dict:
+    """Write ``pipeline.json`` last, with the hash of every other file in ``folder``. ``known_hashes``: sha256
+    of files already hashed while they were written (by relative path), not read again."""
     files = {}
+    known = known_hashes or {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != META_FILE:
-            files[path.relative_to(folder).as_posix()] = sha256_file(path)
+            rel = path.relative_to(folder).as_posix()
+            files[rel] = known[rel] if rel in known else sha256_file(path)
     meta = {
         "meta_version": META_VERSION,
         **meta,

@@ -1,0 +1,371 @@
+"""export_hf.py: merges of every LoRA variant on llama (GQA), qwen2 and gpt2 built from configs and on
+stories260K, checked against peft's own base + adapter logits in plain transformers; refusals; atomicity.
+
+The model and adapter builders here are shared with test_export_state_dict.py and test_delta.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, STORIES, gsm8k_rows, prepare_gsm8k
+from utils.cli import SuiteError, run
+
+PROMPT = [[1, 17, 250, 3, 99, 411, 7]]
+
+
+def build_model(kind: str, folder: Path, tokenizer_dir: Path, seed: int = 0, shard: str = "60KB", **over) -> Path:
+    """A tiny randomly initialised model saved sharded, with the tokenizer copied beside it."""
+    import torch
+    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    torch.manual_seed(seed)
+    vocab = len(tok)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                             max_position_embeddings=128, **over))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                             max_position_embeddings=128, **over))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab, n_positions=128,
+                                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, **over))
+    model.save_pretrained(str(folder), max_shard_size=shard)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def make_adapter(base: Path, out: Path, seed: int = 1, scale: float = 0.05, **lora) -> Path:
+    """A plain-peft LoRA adapter with random non-zero A and B (a fresh LoRA is zero and merges to the base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **lora}
+    peft_model = get_peft_model(model, LoraConfig(**kw))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def peft_logits(base: Path, adapter: Path | None, ids=PROMPT):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor(ids)).logits[0]
+
+
+def hf_logits(folder: Path, ids=PROMPT):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor(ids)).logits[0]
+
+
+def call(main, argv) -> None:
+    """Run a stage's main() as its command line binds it, letting SuiteError through (run() would exit)."""
+    from utils.cli import bind_args
+
+    main(**bind_args(main, list(argv)))
+
+
+_BASE_LOGITS: dict = {}
+
+
+def base_logits(folder: Path):
+    if folder not in _BASE_LOGITS:
+        _BASE_LOGITS[folder] = hf_logits(folder)
+    return _BASE_LOGITS[folder]
+
+
+def export(*argv: str) -> None:
+    import export_hf
+
+    call(export_hf.main, argv)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, bpe_tokenizer_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {"llama": build_model("llama", root / "llama", STORIES, tie_word_embeddings=False),
+            "qwen2": build_model("qwen2", root / "qwen2", bpe_tokenizer_dir),
+            "gpt2": build_model("gpt2", root / "gpt2", bpe_tokenizer_dir)}
+
+
+CASES = [
+    ("llama", {}), ("llama", {"use_dora": True}), ("llama", {"use_rslora": True, "r": 8}),
+    ("llama", {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}),
+    ("llama", {"target_modules": ["q_proj", "down_proj"], "rank_pattern": {"down_proj": 2},
+               "alpha_pattern": {"down_proj": 32}, "modules_to_save": ["lm_head"]}),
+    ("qwen2", {"use_dora": True}), ("qwen2", {"bias": "all"}),
+    ("gpt2", {}), ("gpt2", {"use_dora": True}),
+]
+
+
+@pytest.mark.parametrize("kind,lora", CASES, ids=[f"{k}-{'-'.join(v) or 'lora'}" for k, v in CASES])
+def test_merge_matches_peft_base_plus_adapter(tmp_path, models, kind, lora):
+    import torch
+
+    base = models[kind]
+    adapter = make_adapter(base, tmp_path / "adapter", **lora)
+    out = tmp_path / "merged"
+    export("--base_model", str(base), "--lora_weights", str(adapter), "--output_dir", str(out), "--max_shard_size", "40KB")
+    ref, merged, plain = peft_logits(base, adapter), hf_logits(out), base_logits(base)
+    scale = float(ref.abs().max())
+    assert float((merged - ref).abs().max()) <= 1e-5 * max(scale, 1.0)
+    assert float((plain - ref).abs().max()) > 1e-3  # the adapter matters, so the check above means something
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors.index.json" in names and len(list(out.glob("model-*.safetensors"))) > 1
+    assert {"config.json", "pipeline.json"} <= names and (names & {"tokenizer.json", "vocab.json"})
+    meta = json.loads((out / "pipeline.json").read_text())
+    assert meta["stage"] == "export_hf" and meta["complete"] and meta["kind"] == "merged"
+    v = meta["verification"]
+    assert v["method"] == "layer-by-layer from disk" and v["rel_diff"] <= 1e-5 and v["merged_tensors"] > 0
+    assert meta["lora_weights"]["use_dora"] == bool(lora.get("use_dora"))
+    assert not list(out.glob("*.bin")) and not list(tmp_path.glob(".merged*"))
+
+
+def test_layerwise_forward_equals_transformers(models):
+    """The bounded verification's forward pass is the models' own forward (llama GQA, qwen2, gpt2, stories260K)."""
+    from utils import forward
+    from utils.convert import read_config
+    from utils.shards import ModelWeights
+
+    for folder in [*models.values(), STORIES]:
+        config = read_config(folder, "x")
+        got = forward.logits(config, forward.Source(ModelWeights(folder)), PROMPT[0])
+        ref = base_logits(folder)
+        assert float((got - ref).abs().max()) <= 1e-4 * max(float(ref.abs().max()), 1.0), folder
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory) -> Path:
+    """A real finetune.py LoRA run on stories260K (DoRA, all linear layers, a few steps)."""
+    import finetune as ft
+
+    root = tmp_path_factory.mktemp("tuned")
+    data = prepare_gsm8k(root, gsm8k_rows(24), "--cutoff_len", "256", "--val_set_size", "0")
+    out = root / "lora"
+    run(ft.main, ["--base_model", str(STORIES), "--data_path", str(data), "--output_dir", str(out), "--max_steps", "2",
+                  "--batch_size", "8", "--micro_batch_size", "8", "--learning_rate", "1e-2", "--use_dora",
+                  "--logging_steps", "0", "--notensorboard"])
+    return out
+
+
+def test_finetune_output_exports_with_base_from_metadata(tmp_path, tuned, capsys):
+    """Base read from pipeline.json; bf16; tokenizer and the training template carried (as chat template too)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.templates import Message, load_template
+
+    out = tmp_path / "merged"
+    export("--lora_weights", str(tuned), "--output_dir", str(out), "--dtype", "bf16")
+    assert capsys.readouterr().out.strip() == str(out.absolute())
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    assert model.dtype == torch.bfloat16
+    ref = peft_logits(STORIES, tuned)
+    got = hf_logits(out)
+    assert float((got - ref).abs().max()) <= 5e-2 * float(ref.abs().max())
+    meta = json.loads((out / "pipeline.json").read_text())
+    assert meta["base_model"]["path"] == str(STORIES) and meta["dtype"] == "bf16"
+    assert meta["source_finetune"]["path"] == str(tuned.absolute()) and meta["template"]["chat_template"]
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    template = load_template("alpaca")
+    assert json.loads((out / "template.json").read_text())["name"] == "alpaca"
+    messages = [{"role": "user", "content": "How many legs has a cat?"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        template.render([Message("user", "How many legs has a cat?")], add_generation_prompt=True).text
+    # Same inputs again: a no-op that leaves the folder untouched.
+    stamp = (out / "pipeline.json").stat().st_mtime_ns
+    export("--lora_weights", str(tuned), "--output_dir", str(out), "--dtype", "bf16")
+    assert "nothing to do" in capsys.readouterr().err and (out / "pipeline.json").stat().st_mtime_ns == stamp
+    # Different flags: needs --overwrite.
+    with pytest.raises(SuiteError, match="--overwrite"):
+        export("--lora_weights", str(tuned), "--output_dir", str(out), "--dtype", "fp32")
+    export("--lora_weights", str(tuned), "--output_dir", str(out), "--dtype", "fp32", "--overwrite")
+    assert json.loads((out / "pipeline.json").read_text())["dtype"] == "fp32"
+
+
+def test_wrong_base_for_a_finetune_is_refused(tmp_path, tuned, models):
+    with pytest.raises(SuiteError, match="not the model"):
+        export("--lora_weights", str(tuned), "--base_model", str(models["llama"]), "--output_dir", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_full_model_is_resharded_and_retyped(tmp_path, models):
+    import torch
+
+    out = tmp_path / "bf16"
+    export("--base_model", str(models["qwen2"]), "--output_dir", str(out), "--dtype", "bf16", "--max_shard_size", "30KB")
+    from utils.shards import ModelWeights
+
+    src, dst = ModelWeights(models["qwen2"]), ModelWeights(out)
+    assert set(src.entries) == set(dst.entries) and len(dst.files) > 1
+    for f in dst.files:  # each shard within the limit, unless it holds one larger tensor
+        held = [e for e in dst.entries.values() if e.path == f]
+        assert sum(e.nbytes for e in held) <= 30_000 or len(held) == 1
+    for name in src.entries:
+        assert torch.equal(dst.get(name), src.get(name).to(torch.bfloat16)), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    back = tmp_path / "fp32"
+    export("--base_model", str(models["qwen2"]), "--output_dir", str(back), "--dtype", "fp32", "--max_shard_size", "1GB")
+    assert [p.name for p in back.glob("*.safetensors")] == ["model.safetensors"]
+    assert torch.equal(hf_logits(back), hf_logits(models["qwen2"]))
+
+
+def test_unmergeable_and_empty_adapters_are_refused(tmp_path, models):
+    import torch
+    from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = models["llama"]
+    prefix = tmp_path / "prefix"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                           PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    model.save_pretrained(str(prefix))
+    with pytest.raises(SuiteError, match="cannot be merged.*--adapter_only"):
+        export("--base_model", str(base), "--lora_weights", str(prefix), "--output_dir", str(tmp_path / "o"))
+    export("--base_model", str(base), "--lora_weights", str(prefix), "--output_dir", str(tmp_path / "a"), "--adapter_only")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and (tmp_path / "a" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "a" / "pipeline.json").read_text())["kind"] == "adapter"
+
+    fresh = tmp_path / "fresh"  # lora_B starts at zero: merging changes nothing
+    get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), LoraConfig(r=4, target_modules=["q_proj"])) \
+        .save_pretrained(str(fresh))
+    with pytest.raises(SuiteError, match="changes nothing"):
+        export("--base_model", str(base), "--lora_weights", str(fresh), "--output_dir", str(tmp_path / "o"))
+
+    empty = tmp_path / "empty"  # alpaca-lora's 443-byte adapter_model.bin: a pickled empty dict
+    empty.mkdir()
+    (empty / "adapter_config.json").write_text((fresh / "adapter_config.json").read_text())
+    torch.save({}, empty / "adapter_model.bin")
+    with pytest.raises(SuiteError, match="--allow_pickle_weights"):
+        export("--base_model", str(base), "--lora_weights", str(empty), "--output_dir", str(tmp_path / "o"))
+    with pytest.raises(SuiteError, match="no tensors at all"):
+        export("--base_model", str(base), "--lora_weights", str(empty), "--output_dir", str(tmp_path / "o"),
+               "--allow_pickle_weights")
+    assert not (tmp_path / "o").exists()
+
+
+def test_destination_rules(tmp_path, models, capsys):
+    base = models["llama"]
+    adapter = make_adapter(base, tmp_path / "ad")
+    for dest in (base, adapter, base.parent):
+        with pytest.raises(SuiteError, match="choose another destination"):
+            export("--base_model", str(base), "--lora_weights", str(adapter), "--output_dir", str(dest))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SuiteError, match="not written by this suite"):
+        export("--base_model", str(base), "--lora_weights", str(adapter), "--output_dir", str(other))
+    with pytest.raises(SuiteError, match="did you mean --lora_weights"):
+        export("--base_model", str(base), "--lora_weight", str(adapter), "--output_dir", str(tmp_path / "x"))
+
+
+def test_kill_during_export_leaves_no_destination(tmp_path, models):
+    base = models["llama"]
+    adapter = make_adapter(base, tmp_path / "ad")
+    out = tmp_path / "merged"
+    cmd = [sys.executable, str(REPO / "export_hf.py"), "--base_model", str(base), "--lora_weights", str(adapter),
+           "--output_dir", str(out), "--max_shard_size", "40KB"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "SUITE_TEST_WRITE_DELAY": "0.5"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".merged.tmp-*/model-*.safetensors")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".merged.tmp-*/model-*.safetensors")), "the export never started writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "pipeline.json").is_file() and not list(tmp_path.glob(".merged.tmp-*"))  # stale staging swept
+
+
+def test_pickle_base_needs_opt_in(tmp_path, models):
+    import shutil
+
+    import torch
+
+    from utils.shards import ModelWeights
+
+    base = tmp_path / "pickled"
+    base.mkdir()
+    src = ModelWeights(models["llama"])
+    torch.save({n: src.get(n) for n in src.names()}, base / "pytorch_model.bin")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(models["llama"] / name, base / name)
+    with pytest.raises(SuiteError, match="--allow_pickle_weights"):
+        export("--base_model", str(base), "--output_dir", str(tmp_path / "o"))
+    export("--base_model", str(base), "--output_dir", str(tmp_path / "o"), "--allow_pickle_weights")
+    assert torch.equal(hf_logits(tmp_path / "o"), hf_logits(models["llama"]))
+
+
+def test_shard_writer_and_reader_agree_with_safetensors(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from utils.shards import ModelWeights, ShardWriter, read_header
+
+    tensors = {"a": torch.randn(5, 3), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).to(torch.bfloat16),
+               "d": torch.zeros(0, 3), "e": torch.tensor(2.5)}
+    w = ShardWriter(tmp_path, [(n, {torch.float32: "F32", torch.int64: "I64", torch.bfloat16: "BF16"}[t.dtype], t.shape)
+                               for n, t in tensors.items()], max_shard_size=40)
+    w.write("a", tensors["a"][:2])
+    w.write("a", tensors["a"][2:])
+    for n in "bcde":
+        w.write(n, tensors[n])
+    hashes = w.close()
+    assert len(hashes) > 2  # several shards + the index
+    loaded = {}
+    for f in sorted(tmp_path.glob("model-*.safetensors")):
+        loaded.update(load_file(str(f)))
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], tensors[n]) for n in tensors)
+    save_file(tensors, str(tmp_path / "lib.safetensors"))
+    entries, _ = read_header(tmp_path / "lib.safetensors")
+    from utils.shards import read_entry
+
+    assert all(torch.equal(read_entry(entries[n]), tensors[n]) for n in tensors)
+    # Damaged files give a clear error, never a crash.
+    raw = (tmp_path / "lib.safetensors").read_bytes()
+    for bad in (raw[:5], raw[:-3], b"\xff" * 8 + raw[8:], raw[:8] + b"[" + raw[9:]):
+        (tmp_path / "bad.safetensors").write_bytes(bad)
+        with pytest.raises(SuiteError, match="not a valid safetensors file"):
+            read_header(tmp_path / "bad.safetensors")
+    assert ModelWeights(tmp_path).total_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_every_builtin_template_becomes_an_equivalent_chat_template():
+    from utils.chat_template import check, to_jinja
+    from utils.templates import available_templates, load_template
+
+    for name in available_templates():
+        if name == "tokenizer":
+            continue
+        template = load_template(name)
+        assert check(template, to_jinja(template)) is None, name

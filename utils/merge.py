@@ -1,0 +1,215 @@
+"""LoRA merge math for every variant the suite trains (and plain peft adapters): LoRA, rsLoRA, DoRA,
+rank / alpha patterns, LoRA on embeddings, GPT-2's Conv1D (fan_in_fan_out), trained biases and
+``modules_to_save``, applied one base tensor at a time.
+
+In peft's terms, for a target module with base weight W (as [out, in]), A [r, in], B [out, r]:
+
+    delta  = s * B @ A,   s = alpha / r   (rsLoRA: alpha / sqrt(r))
+    LoRA:    W' = W + delta
+    DoRA:    W' = (m / ||W + delta||_row) * (W + delta)     (m: the trained magnitude, one per output row)
+
+GPT-2's Conv1D stores W as [in, out] and an embedding as [vocab, dim] (in = vocab, out = dim), so both
+are transposed around the formula. Prefix, p-tuning and prompt-tuning adapters add virtual tokens,
+not weights: there is nothing to merge and ``load_adapter`` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.cli import SuiteError
+
+PREFIX = "base_model.model."
+MERGEABLE = ("LORA",)
+VIRTUAL_TOKEN_TYPES = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
+_PARTS = {
+    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "B_bias", ".lora_magnitude_vector": "m",
+    ".lora_embedding_A": "EA", ".lora_embedding_B": "EB",
+}
+
+
+@dataclass
+class Target:
+    """One adapted module: its LoRA tensors and scaling."""
+
+    module: str
+    parts: dict = field(default_factory=dict)
+    scaling: float = 1.0
+
+    @property
+    def embedding(self) -> bool:
+        return "EA" in self.parts
+
+    @property
+    def rank(self) -> int:
+        return self.parts["EA" if self.embedding else "A"].shape[0]
+
+
+@dataclass
+class Adapter:
+    folder: Path
+    config: dict
+    targets: dict[str, Target]  # base weight name -> target
+    replacements: dict  # base tensor name -> tensor (modules_to_save, trained biases, saved base layers)
+    fan_in_fan_out: bool
+    use_dora: bool
+    weights_file: Path
+
+    @property
+    def peft_type(self) -> str:
+        return self.config.get("peft_type", "")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    # peft matches a pattern key against the end of the module name (regex).
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter_config(folder: Path, flag: str = "--lora_weights") -> dict:
+    path = Path(folder) / "adapter_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SuiteError(f"{flag} {folder}: no adapter_config.json (not a PEFT adapter folder)") from None
+    except ValueError as exc:
+        raise SuiteError(f"{flag} {path}: not valid JSON ({exc})") from None
+
+
+def adapter_weights_file(folder: Path, allow_pickle: bool, flag: str = "--lora_weights") -> Path:
+    safe, pickled = Path(folder) / "adapter_model.safetensors", Path(folder) / "adapter_model.bin"
+    if safe.is_file():
+        return safe
+    if pickled.is_file():
+        if not allow_pickle:
+            raise SuiteError(f"{flag} {folder}: only adapter_model.bin (pickle); pass --allow_pickle_weights to read "
+                             "it with torch.load(weights_only=True)")
+        return pickled
+    raise SuiteError(f"{flag} {folder}: no adapter_model.safetensors")
+
+
+def load_state(path: Path, flag: str = "--lora_weights") -> dict:
+    import torch
+
+    if path.suffix == ".safetensors":
+        from utils.shards import read_entry, read_header
+
+        entries, _ = read_header(path)
+        return {k: read_entry(e) for k, e in entries.items()}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SuiteError(f"{flag} {path}: refused by torch.load(weights_only=True): {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SuiteError(f"{flag} {path}: not a dict of tensors")
+    return state
+
+
+def load_adapter(folder: str | Path, allow_pickle: bool = False, flag: str = "--lora_weights") -> Adapter:
+    """Read and check an adapter; refuses what cannot be merged, and empty or all-zero adapters."""
+    folder = Path(folder)
+    config = read_adapter_config(folder, flag)
+    kind = str(config.get("peft_type", "")).upper()
+    if kind in VIRTUAL_TOKEN_TYPES:
+        raise SuiteError(
+            f"{flag} {folder} is a {kind.lower()} adapter: it adds virtual tokens to every input rather than "
+            "changing weights, so it cannot be merged into the base model. Export the adapter itself instead "
+            "(export_hf.py --adapter_only: PEFT format with its tokenizer and template), and load it with the base")
+    if kind not in MERGEABLE:
+        raise SuiteError(f"{flag} {folder}: peft_type {kind or '?'} is not supported for merging (LoRA, rsLoRA, DoRA)")
+    weights_file = adapter_weights_file(folder, allow_pickle, flag)
+    state = load_state(weights_file, flag)
+    if not state:
+        raise SuiteError(f"{flag} {weights_file} holds no tensors at all (an empty adapter, like alpaca-lora's "
+                         "443-byte adapter_model.bin); refusing to export the unchanged base model")
+    targets: dict[str, Target] = {}
+    replacements = {}
+    for key, tensor in state.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        part = next((p for suffix, p in _PARTS.items() if name.endswith(suffix)), None)
+        if part is not None:
+            module = name[: -len(next(s for s, p in _PARTS.items() if p == part))]
+            targets.setdefault(module, Target(module)).parts[part] = tensor.float()
+        elif ".lora_" in name or "modules_to_save" in name:
+            raise SuiteError(f"{flag} {weights_file}: unsupported adapter tensor {key!r}")
+        else:
+            # modules_to_save, trained biases, saved embedding layers: replace the base tensor
+            replacements[name.replace(".base_layer.", ".")] = tensor
+    fifo = bool(config.get("fan_in_fan_out", False))
+    dora = bool(config.get("use_dora", False))
+    by_weight: dict[str, Target] = {}
+    for module, t in targets.items():
+        need = {"EA", "EB"} if t.embedding else {"A", "B"}
+        if not need <= set(t.parts) or (dora and "m" not in t.parts):
+            raise SuiteError(f"{flag} {weights_file}: module {module} lacks some of its LoRA tensors "
+                             f"(has {sorted(t.parts)})")
+        r = t.rank
+        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+        t.scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        by_weight[module + ".weight"] = t
+    if not by_weight and not replacements:
+        raise SuiteError(f"{flag} {weights_file}: no LoRA weights in the adapter")
+    zero = [m for m, t in by_weight.items() if float(t.parts["EB" if t.embedding else "B"].abs().max()) == 0
+            and "m" not in t.parts]
+    if by_weight and len(zero) == len(by_weight) and not replacements:
+        raise SuiteError(f"{flag} {weights_file}: every lora_B is zero, so the adapter changes nothing (untrained?); "
+                         "refusing to export the unchanged base model")
+    return Adapter(folder, config, by_weight, replacements, fifo, dora, weights_file)
+
+
+def delta_out_in(t: Target):
+    """s * B @ A as [out, in] (fp32)."""
+    if t.embedding:
+        return (t.parts["EB"] @ t.parts["EA"]) * t.scaling
+    return (t.parts["B"] @ t.parts["A"]) * t.scaling
+
+
+def stored_is_transposed(t: Target, fan_in_fan_out: bool) -> bool:
+    return t.embedding or fan_in_fan_out
+
+
+def merge_weight(t: Target, weight, fan_in_fan_out: bool):
+    """The merged weight (fp32) in the base tensor's own layout. Works in place on ``weight`` when it is
+    already fp32 (no temporary the size of the weight: ``addmm_``)."""
+    w = weight.float()
+    transposed = stored_is_transposed(t, fan_in_fan_out)
+    w_oi = w.T if transposed else w
+    a, b = (t.parts["EA"], t.parts["EB"]) if t.embedding else (t.parts["A"], t.parts["B"])
+    if (b.shape[0], a.shape[1]) != tuple(w_oi.shape):
+        raise SuiteError(f"adapter module {t.module}: LoRA shape {(b.shape[0], a.shape[1])} does not fit the base "
+                         f"weight {tuple(weight.shape)} (adapter made for another model?)")
+    w_oi.addmm_(b, a, alpha=t.scaling)
+    if "m" in t.parts:
+        w_oi.mul_((t.parts["m"].reshape(-1) / torch_norm_rows(w_oi)).reshape(-1, 1))
+    return w.contiguous()
+
+
+def torch_norm_rows(x):
+    import torch
+
+    return torch.linalg.norm(x, dim=1)
+
+
+def merge_bias(t: Target, bias):
+    if "B_bias" not in t.parts:
+        return None
+    return bias.float() + t.parts["B_bias"] * t.scaling
+
+
+def lora_forward_extra(t: Target, x, weight_oi, base_out):
+    """Unmerged forward of an adapted linear: what the adapter adds to ``base_out`` (= x @ W.T + b), computed
+    the way peft runs it (side branch, then DoRA's rescaling), for the verification."""
+    lora = (x @ t.parts["A"].T) @ t.parts["B"].T * t.scaling
+    if "B_bias" in t.parts:
+        lora = lora + t.parts["B_bias"] * t.scaling
+    if "m" not in t.parts:
+        return base_out + lora
+    norm = torch_norm_rows(weight_oi + delta_out_in(t))
+    scale = t.parts["m"].reshape(-1) / norm
+    return base_out + (scale - 1) * (x @ weight_oi.T) + scale * lora
