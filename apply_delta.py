@@ -1,0 +1,329 @@
+"""Delta weights: ``make`` (target - base -> delta) and ``apply`` (base + delta -> target), shard by shard.
+
+FastChat's and LLMZoo's flag names (``--base_model_path --target_model_path --delta_path``, also written
+``--base-model-path`` ...). Unlike their scripts, which load two whole models, every tensor is processed in
+row chunks read straight from the safetensors shards and streamed into the output shards, so memory stays
+at a few chunks whatever the model size.
+
+A delta folder is a Hugging Face model folder (the target's config and tokenizer, safetensors shards of
+target - base in fp32) with a pipeline.json recording the sha256 of every base and target tensor, so
+``apply`` checks it was given the right base before writing and that what it rebuilt is the target, bit
+for bit. Vocabulary growth (a target with added tokens such as ``<pad>``): rows of an embedding or
+output head beyond the base's vocabulary hold the target's own values (as FastChat and LLMZoo do: their
+base rows are zero-extended). Where fp32 cannot hold target - base exactly enough for base + delta to
+give the target back (rare: very different magnitudes), that tensor's delta is stored in fp64, so
+``apply(make(base, target))`` is always the target exactly.
+
+Examples:
+    python apply_delta.py make --base_model_path llama-7b --target_model_path vicuna-7b --delta_path vicuna-delta
+    python apply_delta.py apply --base_model_path llama-7b --delta_path vicuna-delta --target_model_path vicuna-7b
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from utils.cli import SuiteError, UsageError, run
+
+STAGES = {"make": "make_delta", "apply": "apply_delta"}
+
+
+def main(
+    command: Literal["apply", "make"],
+    *,
+    base_model_path: str,
+    target_model_path: str,
+    delta_path: str,
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    max_shard_size: str = "2GB",
+    allow_pickle_weights: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Make or apply delta weights, tensor by tensor in bounded memory.
+
+    Args:
+        command: ``make`` writes delta_path from base and target; ``apply`` writes target_model_path from base and delta.
+        base_model_path: The base model folder (e.g. the original LLaMA in Hugging Face format).
+        target_model_path: make: the fine-tuned model to publish as a delta. apply: where to write the rebuilt model.
+        delta_path: make: where to write the delta. apply: the delta folder (ours, or FastChat's / LLMZoo's).
+        dtype: apply: precision of the rebuilt model (auto: the target's, as recorded in the delta's config).
+            make: ignored (deltas are fp32, for exactness).
+        max_shard_size: Largest safetensors shard written (e.g. 200MB, 2GB).
+        allow_pickle_weights: Accept pytorch_model.bin inputs (read with torch.load(weights_only=True)).
+        overwrite: Replace an output folder that holds a different result.
+    """
+    args = dict(locals())
+    from utils.convert import check_destination, log, sweep_stale
+    from utils.model import check_model_dir
+    from utils.shards import parse_size
+
+    stage = STAGES[command]
+    inputs = {"--base_model_path": base_model_path}
+    inputs["--target_model_path" if command == "make" else "--delta_path"] = \
+        target_model_path if command == "make" else delta_path
+    output = delta_path if command == "make" else target_model_path
+    out_flag = "--delta_path" if command == "make" else "--target_model_path"
+    problems = []
+    for flag, path in inputs.items():
+        problems += check_model_dir(path, allow_pickle_weights, flag)
+    try:
+        parse_size(max_shard_size)
+    except SuiteError as exc:
+        problems.append(str(exc))
+    problems += [p.replace("--output_dir", out_flag) for p in check_destination(output, inputs)]
+    if problems:
+        raise UsageError("\n".join(problems))
+
+    from utils.artifacts import check_output_dir, sha256_json
+    from utils.convert import weight_hashes
+
+    hashes = {flag: weight_hashes(path) for flag, path in inputs.items()}
+    fingerprint = sha256_json({"stage": stage, "inputs": hashes,
+                               "args": {"dtype": dtype if command == "apply" else None, "max_shard_size": max_shard_size}})
+    sweep_stale(output)
+    try:
+        done = check_output_dir(output, stage, fingerprint, overwrite)
+    except SuiteError as exc:
+        raise SuiteError(str(exc).replace("--output_dir", out_flag)) from None
+    if done:
+        log(stage, f"{output} already holds this result (fingerprint {fingerprint[:12]}); nothing to do")
+        print(os.path.abspath(output))
+        return
+    from utils.shards import return_freed_memory
+
+    return_freed_memory()
+    started = time.time()
+    if command == "make":
+        make(args, hashes, fingerprint)
+    else:
+        apply(args, hashes, fingerprint)
+    log(stage, f"wrote {output} in {time.time() - started:.1f}s")
+    print(os.path.abspath(output))
+
+
+def _plan_pairs(base, other, other_flag: str) -> dict[str, str]:
+    """name -> relation ("same" shape, "grown": more rows than the base, "new": not in the base)."""
+    kinds = {}
+    missing = [n for n in base.entries if n not in other.entries]
+    if missing:
+        raise SuiteError(f"{other_flag}: lacks base tensors {missing[:3]} (a different architecture, or tied weights "
+                         "stored differently?)")
+    for name, e in other.entries.items():
+        if name not in base.entries:
+            kinds[name] = "new"
+            continue
+        b = base.entries[name]
+        if b.shape == e.shape:
+            kinds[name] = "same"
+        elif len(b.shape) == len(e.shape) and b.shape[1:] == e.shape[1:] and e.shape[0] > b.shape[0]:
+            kinds[name] = "grown"
+        else:
+            raise SuiteError(f"{other_flag}: tensor {name} has shape {e.shape}, the base {b.shape}; only added rows "
+                             "(a grown vocabulary) can be expressed as a delta")
+    return kinds
+
+
+def _tensor_hash(h, t) -> None:
+    import torch
+
+    h.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def make(a: dict, hashes: dict, fingerprint: str) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from utils.artifacts import finish_meta, library_versions, staged_dir, write_json
+    from utils.convert import config_dtype, copy_tokenizer, floating, log, read_config
+    from utils.shards import ModelWeights, ShardWriter, parse_size, row_chunks
+
+    base = ModelWeights(a["base_model_path"], a["allow_pickle_weights"], "--base_model_path")
+    target = ModelWeights(a["target_model_path"], a["allow_pickle_weights"], "--target_model_path")
+    kinds = _plan_pairs(base, target, "--target_model_path")
+    names = target.names()
+    config = read_config(a["target_model_path"], "--target_model_path")
+    nonfloat = [n for n in names if not floating(target.entries[n].dtype)]
+    if nonfloat:
+        raise SuiteError(f"--target_model_path: non-floating tensors {nonfloat[:3]} cannot be stored as a delta")
+
+    def exact_delta(b, t):
+        """fp32 delta d with fl(b + d) == t (in the target's dtype), else an fp64 one."""
+        d = t.float() - b.float()
+        for _ in range(3):
+            wrong = (b.float() + d).to(t.dtype) != t
+            if not wrong.any():
+                return d
+            d = torch.where(wrong, d + (t.float() - (b.float() + d)), d)
+        d64 = t.double() - b.double()
+        if not torch.equal((b.double() + d64).to(t.dtype), t):
+            raise SuiteError("a tensor's target - base cannot be represented exactly even in fp64")
+        return d64
+
+    # First pass, a chunk at a time: which tensors need an fp64 delta (the plan needs every dtype up front).
+    wide = set()
+    for name in tqdm(names, desc="check", unit="tensor", file=sys.stderr, disable=None):
+        if kinds[name] == "new":
+            continue
+        be = base.entries[name]
+        for r0, r1 in row_chunks(be):
+            rows = (r0, r1) if be.shape else None
+            if exact_delta(base.get(name, rows), target.get(name, rows)).dtype == torch.float64:
+                wide.add(name)
+                break
+    if wide:
+        log("make_delta", f"{len(wide)} tensors need an fp64 delta to stay exact (e.g. {sorted(wide)[0]})")
+    plan = [(n, "F64" if n in wide else "F32", target.entries[n].shape) for n in names]
+    base_hashes, target_hashes = {}, {}
+    with staged_dir(a["delta_path"]) as tmp:
+        writer = ShardWriter(tmp, plan, parse_size(a["max_shard_size"]))
+        try:
+            for name in tqdm(names, desc="make", unit="tensor", file=sys.stderr, disable=None):
+                te, kind = target.entries[name], kinds[name]
+                ht = hashlib.sha256()
+                hb = hashlib.sha256() if kind != "new" else None
+                n_base = base.entries[name].shape[0] if kind == "grown" else None
+                for r0, r1 in row_chunks(te):
+                    rows = (r0, r1) if te.shape else None
+                    t = target.get(name, rows)
+                    _tensor_hash(ht, t)
+                    out_dtype = torch.float64 if name in wide else torch.float32
+                    if kind == "new":
+                        writer.write(name, t.to(out_dtype))
+                        continue
+                    d = t.to(out_dtype)  # rows beyond the base's: the target's own values
+                    lo, hi = (r0, min(r1, n_base)) if kind == "grown" else (r0, r1)
+                    if hi > lo or rows is None:
+                        b = base.get(name, (lo, hi) if rows is not None else None)
+                        hb.update(memoryview(b.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                        part = exact_delta(b, t[: hi - lo] if rows is not None else t).to(out_dtype)
+                        if rows is None:
+                            d = part
+                        else:
+                            d[: hi - lo] = part
+                    writer.write(name, d)
+                target_hashes[name] = ht.hexdigest()
+                if hb is not None:
+                    base_hashes[name] = hb.hexdigest()
+            files = writer.close()
+        finally:
+            writer.abort()
+        write_json(tmp / "config.json", config)
+        for name in ("generation_config.json",):
+            if (Path(a["target_model_path"]) / name).is_file():
+                shutil.copyfile(Path(a["target_model_path"]) / name, tmp / name)
+        tokenizer = copy_tokenizer(Path(a["target_model_path"]), tmp)
+        grown = {n: [base.entries[n].shape[0], target.entries[n].shape[0]] for n, k in kinds.items() if k == "grown"}
+        finish_meta(tmp, {
+            "stage": "make_delta", "fingerprint": fingerprint, "args": a,
+            "base_model": {"path": os.path.abspath(a["base_model_path"]), "files": hashes["--base_model_path"],
+                           "tensors": base_hashes},
+            "target_model": {"path": os.path.abspath(a["target_model_path"]), "files": hashes["--target_model_path"],
+                             "tensors": target_hashes, "dtypes": {n: target.entries[n].dtype for n in names},
+                             "dtype": config_dtype(config)},
+            "grown_rows": grown, "new_tensors": [n for n, k in kinds.items() if k == "new"],
+            "fp64_tensors": sorted(wide), "tokenizer": tokenizer,
+            "versions": library_versions("torch", "safetensors"),
+        }, known_hashes=files)
+
+
+def apply(a: dict, hashes: dict, fingerprint: str) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from utils.artifacts import finish_meta, library_versions, read_meta, staged_dir, write_json
+    from utils.convert import DTYPES, config_dtype, copy_tokenizer, floating, log, read_config, set_config_dtype
+    from utils.shards import ModelWeights, ShardWriter, dtype_code, parse_size, row_chunks
+
+    base = ModelWeights(a["base_model_path"], a["allow_pickle_weights"], "--base_model_path")
+    delta = ModelWeights(a["delta_path"], a["allow_pickle_weights"], "--delta_path")
+    kinds = _plan_pairs(base, delta, "--delta_path")
+    meta = read_meta(a["delta_path"]) or {}
+    ours = meta.get("stage") == "make_delta" and meta.get("complete")
+    if not ours:
+        log("apply_delta", f"note: {a['delta_path']} was not made by this suite: no recorded hashes, so the base and the "
+                           "result cannot be checked tensor by tensor")
+    config = read_config(a["delta_path"], "--delta_path")
+    recorded = meta.get("target_model", {}) if ours else {}
+    if a["dtype"] != "auto":
+        out_dtypes = {n: DTYPES[a["dtype"]] for n in delta.entries}
+    elif recorded.get("dtypes"):
+        from utils.shards import torch_dtype
+
+        out_dtypes = {n: str(torch_dtype(c)).replace("torch.", "") for n, c in recorded["dtypes"].items()}
+    else:
+        out_dtypes = {n: DTYPES[config_dtype(config)] for n in delta.entries}
+    names = delta.names()
+    nonfloat = [n for n in names if not floating(delta.entries[n].dtype)]
+    if nonfloat:
+        raise SuiteError(f"--delta_path: non-floating tensors {nonfloat[:3]} are not a delta")
+    plan = [(n, dtype_code(getattr(torch, out_dtypes[n])), delta.entries[n].shape) for n in names]
+    base_tensors, target_tensors = meta.get("base_model", {}).get("tensors", {}), recorded.get("tensors", {})
+    out_hashes, mismatched = {}, []
+    with staged_dir(a["target_model_path"]) as tmp:
+        writer = ShardWriter(tmp, plan, parse_size(a["max_shard_size"]))
+        try:
+            for name in tqdm(names, desc="apply", unit="tensor", file=sys.stderr, disable=None):
+                de, kind = delta.entries[name], kinds[name]
+                want = getattr(torch, out_dtypes[name])
+                ho, hb = hashlib.sha256(), hashlib.sha256()
+                n_base = base.entries[name].shape[0] if kind == "grown" else None
+                for r0, r1 in row_chunks(de):
+                    rows = (r0, r1) if de.shape else None
+                    d = delta.get(name, rows)
+                    work = torch.float64 if d.dtype == torch.float64 else torch.float32
+                    out = d.to(work)
+                    if kind != "new":
+                        lo, hi = (r0, min(r1, n_base)) if kind == "grown" else (r0, r1)
+                        if hi > lo or rows is None:
+                            b = base.get(name, (lo, hi) if rows is not None else None)
+                            _tensor_hash(hb, b)
+                            if rows is None:
+                                out = b.to(work) + out
+                            else:
+                                out[: hi - lo] += b.to(work)
+                    out = out.to(want)
+                    _tensor_hash(ho, out)
+                    writer.write(name, out)
+                if ours and name in base_tensors and hb.hexdigest() != base_tensors[name]:
+                    raise SuiteError(f"--base_model_path {a['base_model_path']}: tensor {name} differs from the base the "
+                                     f"delta was made from ({meta['base_model'].get('path')}); nothing written")
+                out_hashes[name] = ho.hexdigest()
+                if ours and name in target_tensors and out_hashes[name] != target_tensors[name]:
+                    mismatched.append(name)
+            files = writer.close()
+        finally:
+            writer.abort()
+        if mismatched:
+            raise SuiteError(f"the rebuilt model differs from the recorded target in {len(mismatched)} tensors "
+                             f"(e.g. {mismatched[0]}){' (--dtype differs from the target)' if a['dtype'] != 'auto' else ''}; "
+                             "nothing written")
+        out_config = config if a["dtype"] == "auto" else set_config_dtype(config, a["dtype"])
+        write_json(tmp / "config.json", out_config)
+        if (Path(a["delta_path"]) / "generation_config.json").is_file():
+            shutil.copyfile(Path(a["delta_path"]) / "generation_config.json", tmp / "generation_config.json")
+        tokenizer = copy_tokenizer(Path(a["delta_path"]), tmp)
+        if not tokenizer:
+            log("apply_delta", "warning: the delta has no tokenizer files; the output has none")
+        verified = bool(ours and target_tensors and a["dtype"] == "auto")
+        if verified:
+            log("apply_delta", f"verified: all {len(names)} tensors equal the recorded target's, bit for bit")
+        finish_meta(tmp, {
+            "stage": "apply_delta", "fingerprint": fingerprint, "args": a,
+            "base_model": {"path": os.path.abspath(a["base_model_path"]), "files": hashes["--base_model_path"]},
+            "delta": {"path": os.path.abspath(a["delta_path"]), "files": hashes["--delta_path"],
+                      "made_by_suite": bool(ours)},
+            "tensors": out_hashes, "verified_against_target": verified, "tokenizer": tokenizer,
+            "grown_rows": {n: [base.entries[n].shape[0], delta.entries[n].shape[0]] for n, k in kinds.items()
+                           if k == "grown"},
+            "versions": library_versions("torch", "safetensors"),
+        }, known_hashes=files)
+
+
+if __name__ == "__main__":
+    run(main)
