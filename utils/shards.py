@@ -220,6 +220,14 @@ class ModelWeights:
             for f in files:
                 self._add_pickle(self.folder / f, flag)
 
+    @classmethod
+    def from_entries(cls, folder: str | Path, entries: dict[str, Entry]) -> "ModelWeights":
+        """A view of tensors produced on demand (``Entry.pickled`` loaders), e.g. a converted checkpoint."""
+        self = cls.__new__(cls)
+        self.folder, self.entries = Path(folder), dict(entries)
+        self.files = sorted({e.path for e in entries.values()})
+        return self
+
     def _weight_map(self, index: Path, flag: str) -> dict[str, str]:
         try:
             wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
