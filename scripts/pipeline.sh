@@ -29,17 +29,8 @@ echo "== 3. fine-tune the small model with LoRA on the prepared data" >&2
 "$PY" finetune.py --base_model "$RUN_DIR/base" --data_path "$RUN_DIR/data" --output_dir "$RUN_DIR/lora" \
     --method lora --max_steps 30 --batch_size 16 --micro_batch_size 8 --learning_rate 3e-3 --logging_steps 10
 
-echo "== 4. a greedy generation with the tuned adapter (generate.py is not there yet: plain peft)" >&2
-"$PY" - "$RUN_DIR/base" "$RUN_DIR/lora" <<'PY'
-import json, sys
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-base, lora = sys.argv[1], sys.argv[2]
-tok = AutoTokenizer.from_pretrained(lora)
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora).eval()
-tpl = json.load(open(f"{lora}/template.json"))
-prompt = tpl["prompt_no_input"].format(instruction="Tom has 3 apples and buys 2 more. How many apples does he have?")
-ids = tok(prompt, return_tensors="pt").input_ids
-out = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False)
-print("generation:", repr(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
-PY
+echo "== 4. generate with the tuned adapter: one answer, then the 80 Vicuna questions as a batch" >&2
+echo "generation: $("$PY" generate.py --lora_weights "$RUN_DIR/lora" --max_new_tokens 40 \
+    --instruction "Tom has 3 apples and buys 2 more. How many apples does he have?")"
+"$PY" generate.py --lora_weights "$RUN_DIR/lora" --input_file "$SHARED/data/vicuna_question_80.jsonl" \
+    --output_file "$RUN_DIR/answers.jsonl" --max_new_tokens 64 --batch_size 16

@@ -62,6 +62,29 @@ def test_greedy_matches_hf_generate_at_batch_1_and_in_mixed_batches(stories, ref
     assert hf_greedy(model, ids[1], 48) == ref[1]
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama-untied-bias"])
+def test_fast_path_matches_hf_on_other_llama_shapes(stories, kind):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    _, tok = stories
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, eos_token_id=2, bos_token_id=1, max_position_embeddings=256)
+    torch.manual_seed(0)
+    if kind == "qwen2":  # q/k/v biases
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, attention_bias=True, mlp_bias=True,
+                                             tie_word_embeddings=False)).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)  # non-zero, so that a dropped bias would show
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    ref = [hf_greedy(model, r, 24) for r in ids]
+    engine = Engine(model, tok, fast=True)
+    assert [c.token_ids for c in engine.generate(ids, Settings(max_new_tokens=24), batch_size=4)] == ref
+
+
 def test_streaming_yields_the_same_text_token_by_token(stories, reference):
     model, tok = stories
     ids, ref = reference

@@ -1,0 +1,524 @@
+"""One entry point to load anything the suite writes, for generation, serving, evaluation and quantization.
+
+``load(base_model, lora_weights, ...)`` accepts:
+
+* a base model folder (Hugging Face layout, safetensors);
+* a ``finetune.py`` output folder, given as either argument: its ``pipeline.json`` names the base
+  model, the adapter is the folder itself, the template is its ``template.json``; a full fine-tune
+  is a model folder of its own;
+* a base model plus any PEFT adapter folder: LoRA (kept unmerged), prefix / P-tuning v2, p-tuning or
+  prompt tuning;
+* a merged or exported model folder (any folder with config.json and weights);
+* bitsandbytes 8-bit or 4-bit loading of the base.
+
+Before any weight is read, the adapter is checked against the base: against the base fingerprint
+``finetune.py`` recorded (config and weight hashes), and against the shapes in the adapter's and the
+base's safetensors headers, so a wrong base fails with a message instead of a shape error deep in
+peft (or, worse, a silently wrong model). Safe by default: safetensors only, no remote code, unless
+the caller opts in.
+
+Devices: ``device`` cpu, cuda, cuda:N, mps or auto; ``dtype`` fp32, bf16, fp16 (refused on CPU, where
+it has no fast kernels) or auto; ``device_map`` auto | balanced | sequential (with ``max_memory``)
+spreads decoder layers over the GPUs by their size (``plan_device_map``, ChatGLM's
+``auto_configure_device_map`` generalised to any architecture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from utils.cli import SuiteError
+from utils.model import check_model_dir, needs_remote_code
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    template: Any  # utils.templates.Template, or None when neither the artifact nor the caller names one
+    info: dict = field(default_factory=dict)  # what was loaded, for records (paths, method, dtype, device)
+
+
+@dataclass
+class Source:
+    """What the arguments point at, resolved from folders and metadata (no weights read)."""
+
+    base: str
+    adapter: str | None = None
+    method: str | None = None  # lora, prefix, prompt, ptuning, ... (peft_type lower-cased) or None
+    template_file: str | None = None
+    tokenizer_dir: str = ""
+    meta: dict | None = None  # the finetune pipeline.json of the adapter (or full model)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        return value if isinstance(value, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"))
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def resolve(base_model: str | None, lora_weights: str | None) -> Source:
+    """Work out base, adapter, template and tokenizer from the two path arguments.
+
+    Raises:
+        SuiteError: naming the flag whose folder is unusable.
+    """
+    base_model = base_model or None
+    lora_weights = lora_weights or None
+    if base_model and lora_weights is None and is_adapter_dir(base_model):
+        base_model, lora_weights = None, base_model  # a finetune (adapter) folder given as the model
+    meta = None
+    adapter = None
+    method = None
+    if lora_weights:
+        folder = Path(lora_weights)
+        if not folder.is_dir():
+            raise SuiteError(f"--lora_weights {lora_weights}: no such folder (adapters are never downloaded)")
+        if not is_adapter_dir(folder):
+            raise SuiteError(f"--lora_weights {lora_weights}: no {ADAPTER_CONFIG} (not a PEFT adapter or finetune "
+                             "output folder)")
+        cfg = _read_json(folder / ADAPTER_CONFIG)
+        if cfg is None:
+            raise SuiteError(f"--lora_weights {lora_weights}: {ADAPTER_CONFIG} is not valid JSON")
+        adapter = str(folder)
+        method = str(cfg.get("peft_type", "?")).lower()
+        meta = _finetune_meta(folder)
+        if base_model is None:
+            recorded = (meta or {}).get("base_model", {}).get("path") or cfg.get("base_model_name_or_path")
+            if not recorded:
+                raise SuiteError(f"--lora_weights {lora_weights} does not record its base model; pass --base_model")
+            if not Path(recorded).is_dir():
+                raise SuiteError(f"--lora_weights {lora_weights} was trained on {recorded}, which is not a local "
+                                 "folder here; pass --base_model")
+            base_model = recorded
+    if base_model is None:
+        raise SuiteError("--base_model is required (a model folder, or a finetune output folder)")
+    base_meta = _finetune_meta(Path(base_model))
+    if meta is None and base_meta is not None:
+        meta = base_meta  # a full fine-tune: the model folder is the finetune output
+    template_file = None
+    for folder in ([Path(adapter)] if adapter else []) + [Path(base_model)]:
+        if (folder / "template.json").is_file():
+            template_file = str(folder / "template.json")
+            break
+    tokenizer_dir = adapter if adapter and _has_tokenizer(Path(adapter)) else base_model
+    return Source(base=str(base_model), adapter=adapter, method=method, template_file=template_file,
+                  tokenizer_dir=str(tokenizer_dir), meta=meta)
+
+
+def _finetune_meta(folder: Path) -> dict | None:
+    from utils.artifacts import read_meta
+
+    meta = read_meta(folder)
+    if meta and meta.get("stage") == "finetune":
+        if not meta.get("complete"):
+            raise SuiteError(f"{folder}: an unfinished finetune run (pipeline.json not complete)")
+        return meta
+    return None
+
+
+# -- checks before loading ------------------------------------------------------------------------
+
+
+def safetensors_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors headers of a model folder (no tensor data read)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = _read_json(folder / "model.safetensors.index.json")
+    files = sorted(set(index["weight_map"].values())) if index and "weight_map" in index else \
+        [p.name for p in sorted(folder.glob("*.safetensors"))]
+    shapes = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def check_adapter(source: Source, allow_pickle_weights: bool = False, allow_base_mismatch: bool = False) -> list[str]:
+    """Problems with loading ``source.adapter`` onto ``source.base`` (empty when it fits)."""
+    if not source.adapter:
+        return []
+    folder = Path(source.adapter)
+    problems = []
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (folder / ADAPTER_PICKLE).is_file():
+            if not allow_pickle_weights:
+                return [f"--lora_weights {folder}: only pickle weights ({ADAPTER_PICKLE}); pass --allow_pickle_weights "
+                        "to load them with torch.load(weights_only=True), or convert to safetensors"]
+            return []
+        return [f"--lora_weights {folder}: no {ADAPTER_WEIGHTS}"]
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        adapter_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if not adapter_shapes:
+        return [f"--lora_weights {folder}: {ADAPTER_WEIGHTS} holds no tensors (an empty adapter, e.g. one saved "
+                "through a broken state_dict override); re-export it"]
+    recorded = (source.meta or {}).get("base_model", {}).get("fingerprint")
+    if recorded and source.meta.get("method") != "full":
+        from finetune import base_fingerprint  # the same fingerprint finetune.py records
+
+        try:
+            actual = base_fingerprint(source.base)
+        except OSError as exc:
+            actual = {"error": str(exc)}
+        if actual != recorded and not allow_base_mismatch:
+            problems.append(
+                f"--lora_weights {folder} was trained on {source.meta['base_model'].get('path')}, and --base_model "
+                f"{source.base} is a different model (its config or weights differ from the recorded fingerprint); "
+                "pass the base it was trained on, or --allow_base_mismatch if you know they are equivalent")
+    cfg = _read_json(folder / ADAPTER_CONFIG) or {}
+    base_cfg = _read_json(Path(source.base) / "config.json") or {}
+    if source.method == "lora":
+        base_shapes = safetensors_shapes(source.base)
+        bad = []
+        for key, shape in adapter_shapes.items():
+            m = re.match(r"(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+            if not m or len(shape) != 2:
+                continue
+            target = base_shapes.get(m.group(1) + ".weight")
+            if target is None:
+                bad.append(f"{m.group(1)} (not in the base model)")
+            elif len(target) == 2:
+                want_in, want_out = target[1], target[0]
+                got = shape[1] if m.group(2) == "A" else shape[0]
+                if got != (want_in if m.group(2) == "A" else want_out):
+                    bad.append(f"{m.group(1)}: adapter {'input' if m.group(2) == 'A' else 'output'} size {got}, "
+                               f"base layer {tuple(target)}")
+        if bad:
+            problems.append(f"--lora_weights {folder} does not fit --base_model {source.base}: "
+                            + "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""))
+    elif source.method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
+        layers, hidden = base_cfg.get("num_hidden_layers"), base_cfg.get("hidden_size")
+        if cfg.get("num_layers") not in (None, layers):
+            problems.append(f"--lora_weights {folder} was made for {cfg.get('num_layers')} layers; --base_model "
+                            f"{source.base} has {layers}")
+        if source.method != "prefix_tuning" and cfg.get("token_dim") not in (None, hidden):
+            problems.append(f"--lora_weights {folder} was made for hidden size {cfg.get('token_dim')}; --base_model "
+                            f"{source.base} has {hidden}")
+    return problems
+
+
+# -- devices and dtypes ---------------------------------------------------------------------------
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def device_problems(device: str, dtype: str) -> list[str]:
+    import torch
+
+    problems = []
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        problems.append(f"--device {device}: expected cpu, cuda, cuda:N, mps or auto")
+    elif kind == "cuda" and not torch.cuda.is_available():
+        problems.append(f"--device {device}: no CUDA device here")
+    elif kind == "cuda" and ":" in device and int(device.split(":")[1] or 0) >= torch.cuda.device_count():
+        problems.append(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        problems.append(f"--device {device}: MPS is not available here")
+    if dtype not in DTYPES:
+        problems.append(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    elif dtype == "fp16" and kind == "cpu":
+        problems.append("--dtype fp16 on CPU has no fast kernels (about 150x slower than bf16); use bf16 or fp32")
+    elif dtype == "bf16" and kind == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        problems.append("--dtype bf16: this GPU does not support bf16; use fp16")
+    return problems
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        kind = device.split(":")[0]
+        if kind == "cuda":
+            dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif kind == "mps":
+            dtype = "fp16"
+        else:
+            dtype = "fp32"
+    return dtype, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size (e.g. 20GiB, 500MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """``0=20GiB,1=20GiB,cpu=64GiB`` -> {0: bytes, 1: bytes, "cpu": bytes}."""
+    if not text:
+        return None
+    out: dict = {}
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        key, sep, size = part.partition("=")
+        if not sep:
+            raise ValueError(f"--max_memory: {part!r} is not DEVICE=SIZE (e.g. 0=20GiB,1=20GiB,cpu=64GiB)")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = parse_size(size)
+    return out
+
+
+def model_units(model) -> tuple[list[tuple[str, int]], list[str]]:
+    """Placement units of a (meta-device) model in forward order: the decoder layers one by one, every other
+    top-level part whole. Returns ([(module name, bytes)], names of the decoder layers)."""
+    import torch
+
+    def size(module) -> int:
+        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        return [(name, size(m)) for name, m in model.named_children()], []
+    list_name, layers = max(lists, key=lambda item: size(item[1]))
+    units: list[tuple[str, int]] = []
+    before, after = [], []
+    # Siblings of every module on the path to the layer list are units of their own.
+    path = list_name.split(".")
+    for depth in range(len(path)):
+        parent_name = ".".join(path[:depth])
+        parent = model.get_submodule(parent_name) if parent_name else model
+        seen_path = False
+        for child_name, child in parent.named_children():
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if child_name == path[depth]:
+                seen_path = True
+                continue
+            (after if seen_path else before).append((full, size(child)))
+    layer_names = [f"{list_name}.{i}" for i in range(len(layers))]
+    units = before + [(n, size(layers[i])) for i, n in enumerate(layer_names)] + after
+    return units, layer_names
+
+
+def plan_device_map(units: list[tuple[str, int]], layer_names: list[str], devices: list,
+                    max_memory: dict | None = None, strategy: str = "balanced") -> dict[str, Any]:
+    """Place ``units`` on ``devices``: the parts that are not decoder layers (embeddings, final norm, output
+    head) on the first device, as ChatGLM does (inputs and logits live there), and the decoder layers in order.
+
+    ``balanced`` (and ``auto``) gives each device about the same number of bytes; ``sequential`` fills each
+    device up to its ``max_memory`` before using the next. A ``cpu`` entry in ``max_memory`` takes what the
+    devices cannot hold (offload). Pure function of the sizes, so it is tested without GPUs.
+
+    Raises:
+        ValueError: when the model does not fit in ``max_memory``.
+    """
+    if not devices:
+        raise ValueError("no devices to place the model on")
+    if strategy not in DEVICE_MAPS:
+        raise ValueError(f"--device_map {strategy}: expected one of {', '.join(DEVICE_MAPS)}")
+    layer_set = set(layer_names)
+    fixed = [(n, s) for n, s in units if n not in layer_set]
+    layers = [(n, s) for n, s in units if n in layer_set]
+    caps = {d: (max_memory or {}).get(d, float("inf")) for d in devices}
+    used = {d: 0 for d in devices}
+    plan: dict[str, Any] = {}
+    first = devices[0]
+    for name, s in fixed:
+        plan[name] = first
+        used[first] += s
+    total = sum(s for _, s in units)
+    if strategy in ("balanced", "auto"):
+        target = total / len(devices)
+        cum = used[first]
+        for name, s in layers:
+            d = devices[min(len(devices) - 1, int((cum + s / 2) // target))]
+            plan[name], used[d], cum = d, used[d] + s, cum + s
+        if all(used[d] <= caps[d] for d in devices):
+            return plan
+        for name, _ in layers:  # does not fit balanced: fall back to filling devices in order
+            plan.pop(name)
+        used = {d: 0 for d in devices}
+        used[first] = sum(s for _, s in fixed)
+    i = 0
+    offload = (max_memory or {}).get("cpu")
+    for name, s in layers:
+        while i < len(devices) and used[devices[i]] + s > caps[devices[i]]:
+            i += 1
+        if i < len(devices):
+            plan[name] = devices[i]
+            used[devices[i]] += s
+        elif offload is not None:
+            plan[name] = "cpu"
+            offload -= s
+            if offload < 0:
+                raise ValueError("the model does not fit in --max_memory, CPU offload included")
+        else:
+            raise ValueError(f"the model ({total / 2**30:.2f} GiB) does not fit in --max_memory "
+                             f"({', '.join(f'{d}={c / 2**30:.2f}GiB' for d, c in caps.items())}); add devices, "
+                             "raise the limits, or add cpu=SIZE to offload")
+    if used[first] > caps[first]:
+        raise ValueError(f"the embeddings and output head alone ({used[first] / 2**30:.2f} GiB) exceed --max_memory "
+                         f"of device {first}")
+    return plan
+
+
+def _device_map_for(base: str, strategy: str, max_memory: dict | None, dtype, trust_remote_code: bool) -> dict:
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, local_files_only=True)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    units, layer_names = model_units(skeleton)
+    devices = [i for i in range(torch.cuda.device_count())] or ["cpu"]
+    if max_memory:
+        devices = [d for d in devices if d in max_memory] or devices
+    plan = plan_device_map(units, layer_names, devices, max_memory, strategy)
+    if getattr(skeleton, "_tied_weights_keys", None) and getattr(config, "tie_word_embeddings", False):
+        head = next((n for n, _ in units if "lm_head" in n), None)
+        emb = next((n for n, _ in units if "embed" in n), None)
+        if head and emb:
+            plan[head] = plan[emb]  # tied weights must live together
+    return plan
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load(base_model: str | None = None, lora_weights: str | None = None, *, prompt_template: str | None = None,
+         dtype: str = "auto", device: str = "auto", load_8bit: bool = False, load_4bit: bool = False,
+         device_map: str | None = None, max_memory: str | dict | None = None, trust_remote_code: bool = False,
+         allow_pickle_weights: bool = False, allow_base_mismatch: bool = False, log=None) -> Loaded:
+    """Load model, tokenizer and template from the suite's artifacts (see module docstring).
+
+    Raises:
+        SuiteError: every problem found before loading, at once.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    source = resolve(base_model, lora_weights)
+    device = pick_device(device)
+    problems = check_model_dir(source.base, allow_pickle_weights,
+                               flag="--base_model" if base_model else "base model")
+    problems += device_problems(device, dtype)
+    if load_8bit and load_4bit:
+        problems.append("--load_8bit and --load_4bit exclude each other")
+    if load_8bit or load_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as exc:  # a broken install raises more than ImportError
+            problems.append(f"--load_{'8' if load_8bit else '4'}bit needs bitsandbytes ({type(exc).__name__}: {exc})")
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        problems.append(f"--device_map {device_map}: expected one of {', '.join(DEVICE_MAPS)}")
+    try:
+        memory = parse_max_memory(max_memory) if isinstance(max_memory, (str, type(None))) else dict(max_memory)
+    except ValueError as exc:
+        problems.append(str(exc))
+        memory = None
+    if memory and device_map is None:
+        problems.append("--max_memory needs --device_map auto|balanced|sequential")
+    if needs_remote_code(source.base) and not trust_remote_code:
+        problems.append(f"base model {source.base} needs custom code (auto_map in config.json); pass "
+                        "--trust_remote_code if you trust it")
+    if not problems:
+        problems += check_adapter(source, allow_pickle_weights, allow_base_mismatch)
+    if problems:
+        raise SuiteError("\n".join(problems))
+
+    dtype_name, torch_dtype = pick_dtype(dtype, device)
+    kwargs: dict = {}
+    if load_8bit or load_4bit:
+        from utils.model import bnb_config
+
+        kwargs["quantization_config"] = bnb_config({"bits": 8 if load_8bit else 4, "quant_type": "nf4",
+                                                    "double_quant": True}, torch_dtype)
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    if device_map is not None:
+        try:
+            kwargs["device_map"] = _device_map_for(source.base, device_map, memory, torch_dtype, trust_remote_code)
+        except ValueError as exc:
+            raise SuiteError(f"--device_map {device_map}: {exc}") from None
+        if memory:
+            kwargs["max_memory"] = memory
+    log(f"loading {source.base}" + (f" + {source.method} adapter {source.adapter}" if source.adapter else "")
+        + f" ({dtype_name}, {'device map' if device_map else device}"
+        + (", 8-bit" if load_8bit else ", 4-bit" if load_4bit else "") + ")")
+    model = AutoModelForCausalLM.from_pretrained(
+        source.base, dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True,
+        use_safetensors=not allow_pickle_weights, **kwargs)
+    if "device_map" not in kwargs and device != "cpu":
+        model.to(device)
+    if source.adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, source.adapter, is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise SuiteError(f"--lora_weights {source.adapter}: cannot be applied to {source.base}: "
+                             f"{str(exc).splitlines()[0][:400]}") from None
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, local_files_only=True,
+                                              trust_remote_code=trust_remote_code)
+    template = load_template_for(source, prompt_template, tokenizer)
+    info = {
+        "base_model": os.path.abspath(source.base),
+        "adapter": os.path.abspath(source.adapter) if source.adapter else None,
+        "method": source.method or ((source.meta or {}).get("method")),
+        "template": getattr(template, "name", None),
+        "dtype": dtype_name,
+        "device": device if device_map is None else f"device_map={device_map}",
+        "quantization": "8bit" if load_8bit else "4bit" if load_4bit else None,
+        "model_id": Path(source.adapter or source.base).resolve().name,
+    }
+    return Loaded(model, tokenizer, template, info)
+
+
+def load_template_for(source: Source, prompt_template: str | None, tokenizer) -> Any:
+    """The caller's template, else the one the artifact carries, else None."""
+    from utils.templates import load_template, template_from_dict
+
+    if prompt_template:
+        return load_template(prompt_template, tokenizer=tokenizer)
+    if source.template_file:
+        data = _read_json(Path(source.template_file))
+        if data is None:
+            raise SuiteError(f"{source.template_file}: not a readable template")
+        return template_from_dict({k: v for k, v in data.items() if k != "name"}, name=data.get("name", "artifact"),
+                                  source=source.template_file, tokenizer=tokenizer)
+    return None
