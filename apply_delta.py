@@ -81,28 +81,49 @@ def main(
         raise UsageError("\n".join(problems))
 
     from utils.artifacts import check_output_dir, sha256_json
-    from utils.convert import weight_hashes
+    from utils.convert import Deferred, quick_hashes, weight_hashes
 
-    hashes = {flag: weight_hashes(path) for flag, path in inputs.items()}
-    fingerprint = sha256_json({"stage": stage, "inputs": hashes,
-                               "args": {"dtype": dtype if command == "apply" else None, "max_shard_size": max_shard_size}})
+    def fingerprint_of(hashes: dict) -> str:
+        return sha256_json({"stage": stage, "inputs": hashes, "args": {
+            "dtype": dtype if command == "apply" else None, "max_shard_size": max_shard_size}})
+
     sweep_stale(output)
-    try:
-        done = check_output_dir(output, stage, fingerprint, overwrite)
-    except SuiteError as exc:
-        raise SuiteError(str(exc).replace("--output_dir", out_flag)) from None
-    if done:
-        log(stage, f"{output} already holds this result (fingerprint {fingerprint[:12]}); nothing to do")
-        print(os.path.abspath(output))
-        return
-    from utils.shards import return_freed_memory
+    # Without a destination there is nothing to compare with: the inputs are hashed on a background thread
+    # during the work (hashlib releases the GIL) and recorded at the end.
+    exists = Path(output).exists()
+    from utils.artifacts import read_meta
 
-    return_freed_memory()
-    started = time.time()
-    if command == "make":
-        make(args, hashes, fingerprint)
+    delta_meta = read_meta(delta_path) if command == "apply" else None
+    if delta_meta and delta_meta.get("stage") == "make_delta" and delta_meta.get("complete"):
+        # A delta made here: every rebuilt tensor is checked against the target's recorded hashes (and the
+        # base on its first tensor), which proves more about the inputs than hashing their files would. So the
+        # inputs are identified by their files' sizes, times and headers, plus the delta's own fingerprint.
+        def identify():
+            return {"--base_model_path": quick_hashes(base_model_path),
+                    "--delta_path": {"fingerprint": delta_meta["fingerprint"], "files": quick_hashes(delta_path)}}
     else:
-        apply(args, hashes, fingerprint)
+        def identify():
+            return {flag: weight_hashes(path) for flag, path in inputs.items()}
+    hashes = Deferred(identify, now=exists)
+    if exists:
+        try:
+            done = check_output_dir(output, stage, fingerprint_of(hashes.result()), overwrite)
+        except SuiteError as exc:
+            raise SuiteError(str(exc).replace("--output_dir", out_flag)) from None
+        if done:
+            log(stage, f"{output} already holds this result (fingerprint {fingerprint_of(hashes.result())[:12]}); "
+                       "nothing to do")
+            print(os.path.abspath(output))
+            return
+    args["fingerprint_of"] = fingerprint_of
+    from utils.shards import conversion_setup
+
+    started = time.time()
+    with conversion_setup():
+        if command == "make":
+            make(args, hashes)
+        else:
+            apply(args, hashes)
     log(stage, f"wrote {output} in {time.time() - started:.1f}s")
     print(os.path.abspath(output))
 
@@ -129,13 +150,21 @@ def _plan_pairs(base, other, other_flag: str) -> dict[str, str]:
     return kinds
 
 
-def _tensor_hash(h, t) -> None:
+def _bytes(t):
     import torch
 
-    h.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def make(a: dict, hashes: dict, fingerprint: str) -> None:
+def _tensor_hash(h, t) -> None:
+    h.update(memoryview(_bytes(t)))
+
+
+def _plain(a: dict) -> dict:
+    return {k: v for k, v in a.items() if k != "fingerprint_of"}
+
+
+def make(a: dict, deferred) -> None:
     import torch
     from tqdm import tqdm
 
@@ -219,8 +248,9 @@ def make(a: dict, hashes: dict, fingerprint: str) -> None:
                 shutil.copyfile(Path(a["target_model_path"]) / name, tmp / name)
         tokenizer = copy_tokenizer(Path(a["target_model_path"]), tmp)
         grown = {n: [base.entries[n].shape[0], target.entries[n].shape[0]] for n, k in kinds.items() if k == "grown"}
+        hashes = deferred.result()
         finish_meta(tmp, {
-            "stage": "make_delta", "fingerprint": fingerprint, "args": a,
+            "stage": "make_delta", "fingerprint": a["fingerprint_of"](hashes), "args": _plain(a),
             "base_model": {"path": os.path.abspath(a["base_model_path"]), "files": hashes["--base_model_path"],
                            "tensors": base_hashes},
             "target_model": {"path": os.path.abspath(a["target_model_path"]), "files": hashes["--target_model_path"],
@@ -232,13 +262,13 @@ def make(a: dict, hashes: dict, fingerprint: str) -> None:
         }, known_hashes=files)
 
 
-def apply(a: dict, hashes: dict, fingerprint: str) -> None:
+def apply(a: dict, deferred) -> None:
     import torch
     from tqdm import tqdm
 
     from utils.artifacts import finish_meta, library_versions, read_meta, staged_dir, write_json
     from utils.convert import DTYPES, config_dtype, copy_tokenizer, floating, log, read_config, set_config_dtype
-    from utils.shards import ModelWeights, ShardWriter, dtype_code, parse_size, row_chunks
+    from utils.shards import HASHES, ModelWeights, Scratch, ShardWriter, dtype_code, parse_size, row_chunks
 
     base = ModelWeights(a["base_model_path"], a["allow_pickle_weights"], "--base_model_path")
     delta = ModelWeights(a["delta_path"], a["allow_pickle_weights"], "--delta_path")
@@ -264,7 +294,21 @@ def apply(a: dict, hashes: dict, fingerprint: str) -> None:
         raise SuiteError(f"--delta_path: non-floating tensors {nonfloat[:3]} are not a delta")
     plan = [(n, dtype_code(getattr(torch, out_dtypes[n])), delta.entries[n].shape) for n in names]
     base_tensors, target_tensors = meta.get("base_model", {}).get("tensors", {}), recorded.get("tensors", {})
-    out_hashes, mismatched = {}, []
+    out_hashes, mismatched, pending = {}, [], []
+    delta_scratch, base_scratch = Scratch(), Scratch()
+    pending_base_checked = False
+
+    def check_hashes() -> None:
+        HASHES.drain()
+        for name, hb, ho in pending:
+            if ours and hb is not None and name in base_tensors and hb.hexdigest() != base_tensors[name]:
+                raise SuiteError(f"--base_model_path {a['base_model_path']}: tensor {name} differs from the base the "
+                                 f"delta was made from ({meta['base_model'].get('path')}); nothing written")
+            out_hashes[name] = ho.hexdigest()
+            if ours and name in target_tensors and out_hashes[name] != target_tensors[name]:
+                mismatched.append(name)
+        pending.clear()
+
     with staged_dir(a["target_model_path"]) as tmp:
         writer = ShardWriter(tmp, plan, parse_size(a["max_shard_size"]))
         try:
@@ -275,34 +319,39 @@ def apply(a: dict, hashes: dict, fingerprint: str) -> None:
                 n_base = base.entries[name].shape[0] if kind == "grown" else None
                 for r0, r1 in row_chunks(de):
                     rows = (r0, r1) if de.shape else None
-                    d = delta.get(name, rows)
+                    d = delta.get(name, rows, scratch=delta_scratch)
                     work = torch.float64 if d.dtype == torch.float64 else torch.float32
                     out = d.to(work)
                     if kind != "new":
                         lo, hi = (r0, min(r1, n_base)) if kind == "grown" else (r0, r1)
                         if hi > lo or rows is None:
-                            b = base.get(name, (lo, hi) if rows is not None else None)
-                            _tensor_hash(hb, b)
+                            b = base.get(name, (lo, hi) if rows is not None else None, scratch=base_scratch)
+                            if not pending_base_checked:
+                                HASHES.update(hb, _bytes(b))
                             if rows is None:
                                 out = b.to(work) + out
                             else:
                                 out[: hi - lo] += b.to(work)
                     out = out.to(want)
-                    _tensor_hash(ho, out)
+                    HASHES.update(ho, _bytes(out))
                     writer.write(name, out)
-                if ours and name in base_tensors and hb.hexdigest() != base_tensors[name]:
-                    raise SuiteError(f"--base_model_path {a['base_model_path']}: tensor {name} differs from the base the "
-                                     f"delta was made from ({meta['base_model'].get('path')}); nothing written")
-                out_hashes[name] = ho.hexdigest()
-                if ours and name in target_tensors and out_hashes[name] != target_tensors[name]:
-                    mismatched.append(name)
+                    delta_scratch.release()
+                    base_scratch.release()
+                pending.append((name, hb if not pending_base_checked else None, ho))
+                if not pending_base_checked and kind != "new":
+                    # The base is checked on the first tensor, so a wrong one shows at once; after that the check
+                    # of every rebuilt tensor against the recorded target catches any other difference.
+                    check_hashes()
+                    pending_base_checked = True
             files = writer.close()
+            check_hashes()
         finally:
             writer.abort()
         if mismatched:
+            why = (" (--dtype differs from the target's)" if a["dtype"] != "auto" else
+                   f"; is --base_model_path the base the delta was made from ({meta['base_model'].get('path')})?")
             raise SuiteError(f"the rebuilt model differs from the recorded target in {len(mismatched)} tensors "
-                             f"(e.g. {mismatched[0]}){' (--dtype differs from the target)' if a['dtype'] != 'auto' else ''}; "
-                             "nothing written")
+                             f"(e.g. {mismatched[0]}){why}; nothing written")
         out_config = config if a["dtype"] == "auto" else set_config_dtype(config, a["dtype"])
         write_json(tmp / "config.json", out_config)
         if (Path(a["delta_path"]) / "generation_config.json").is_file():
@@ -313,8 +362,9 @@ def apply(a: dict, hashes: dict, fingerprint: str) -> None:
         verified = bool(ours and target_tensors and a["dtype"] == "auto")
         if verified:
             log("apply_delta", f"verified: all {len(names)} tensors equal the recorded target's, bit for bit")
+        hashes = deferred.result()
         finish_meta(tmp, {
-            "stage": "apply_delta", "fingerprint": fingerprint, "args": a,
+            "stage": "apply_delta", "fingerprint": a["fingerprint_of"](hashes), "args": _plain(a),
             "base_model": {"path": os.path.abspath(a["base_model_path"]), "files": hashes["--base_model_path"]},
             "delta": {"path": os.path.abspath(a["delta_path"]), "files": hashes["--delta_path"],
                       "made_by_suite": bool(ours)},

@@ -67,24 +67,28 @@ def main(
     """
     args = dict(locals())
     plan = resolve(args)
-    from utils.artifacts import check_output_dir, sha256_json
-    from utils.convert import log, sweep_stale
+    from utils.artifacts import check_output_dir
+    from utils.convert import Deferred, log, sweep_stale
 
-    fingerprint = sha256_json({"stage": STAGE, "inputs": plan["fingerprints"],
-                               "args": {k: args[k] for k in ("dtype", "max_shard_size", "adapter_only")}})
     sweep_stale(output_dir)
-    if check_output_dir(output_dir, STAGE, fingerprint, overwrite):
-        log(STAGE, f"{output_dir} already holds this export (fingerprint {fingerprint[:12]}); nothing to do")
-        print(os.path.abspath(output_dir))
-        return
+    # With no destination yet there is nothing to compare the fingerprint with before the work: the inputs
+    # are hashed on a background thread while the merge runs, and checked before the output is put in place.
+    exists = Path(output_dir).exists()
+    plan["deferred"] = Deferred(plan["fingerprints_fn"], now=exists)
+    if exists:
+        fingerprint = settle(args, plan)
+        if check_output_dir(output_dir, STAGE, fingerprint, overwrite):
+            log(STAGE, f"{output_dir} already holds this export (fingerprint {fingerprint[:12]}); nothing to do")
+            print(os.path.abspath(output_dir))
+            return
     started = time.time()
-    from utils.shards import return_freed_memory
+    from utils.shards import conversion_setup
 
-    return_freed_memory()
-    if adapter_only:
-        export_adapter(args, plan, fingerprint)
-    else:
-        export_merged(args, plan, fingerprint)
+    with conversion_setup():
+        if adapter_only:
+            export_adapter(args, plan)
+        else:
+            export_merged(args, plan)
     log(STAGE, f"wrote {output_dir} in {time.time() - started:.1f}s")
     print(os.path.abspath(output_dir))
 
@@ -139,26 +143,51 @@ def resolve(a: dict) -> dict:
                                "--base_model" if source != lora else "--lora_weights")
     if problems:
         raise SuiteError("\n".join(problems))
-    from finetune import base_fingerprint
-    from utils.artifacts import sha256_file, tokenizer_fingerprint
+    recorded_fp = recorded.get("fingerprint") if is_adapter and not a["adapter_only"] else None
+    if recorded_fp and recorded_fp.get("config"):  # cheap part now (config hash); weights once hashed
+        from utils.artifacts import sha256_file
 
-    base_fp = base_fingerprint(str(source))
-    if not base_fp["weights"]:  # pickle weights (opt-in): hash those instead
-        base_fp["weights"] = {p.name: [p.stat().st_size, sha256_file(p)] for p in sorted(source.glob("pytorch_model*"))}
-    if is_adapter and recorded.get("fingerprint") and not a["adapter_only"] and recorded["fingerprint"] != base_fp:
-        raise SuiteError(f"--base_model {base} is not the model {lora} was trained on (recorded: {recorded.get('path')}; "
-                         "its config or weights differ); merging into another base gives a wrong model")
-    fingerprints = {"base": base_fp}
-    if lora is not None:
-        fingerprints["lora_weights"] = {p.name: sha256_file(p) for p in sorted(lora.iterdir())
-                                        if p.is_file() and (p.name.startswith(("adapter_", "model")) or p.suffix == ".json")
-                                        and p.name != "pipeline.json"}
-        fingerprints["tokenizer"] = tokenizer_fingerprint(lora)
+        if sha256_file(source / "config.json") != recorded_fp["config"]:
+            raise SuiteError(wrong_base(base, lora, recorded))
+
+    def fingerprints() -> dict:
+        from finetune import base_fingerprint
+        from utils.artifacts import sha256_file, tokenizer_fingerprint
+
+        base_fp = base_fingerprint(str(source))
+        if not base_fp["weights"]:  # pickle weights (opt-in): hash those instead
+            base_fp["weights"] = {p.name: [p.stat().st_size, sha256_file(p)] for p in sorted(source.glob("pytorch_model*"))}
+        out = {"base": base_fp}
+        if lora is not None:
+            out["lora_weights"] = {p.name: sha256_file(p) for p in sorted(lora.iterdir())
+                                   if p.is_file() and (p.name.startswith(("adapter_", "model")) or p.suffix == ".json")
+                                   and p.name != "pipeline.json"}
+            out["tokenizer"] = tokenizer_fingerprint(lora)
+        return out
+
     return {"mode": mode, "base": Path(base) if base else None, "adapter": lora if is_adapter else None,
-            "source": source, "meta": meta, "fingerprints": fingerprints}
+            "source": source, "meta": meta, "fingerprints_fn": fingerprints, "recorded_base": recorded_fp,
+            "recorded": recorded, "lora": lora}
 
 
-def export_merged(a: dict, plan: dict, fingerprint: str) -> None:
+def wrong_base(base, lora, recorded) -> str:
+    return (f"--base_model {base} is not the model {lora} was trained on (recorded: {recorded.get('path')}; "
+            "its config or weights differ); merging into another base gives a wrong model")
+
+
+def settle(a: dict, plan: dict) -> str:
+    """The input fingerprints (waiting for them if they were hashed in the background) and the stage fingerprint;
+    refuses a base that is not the one the fine-tune recorded."""
+    from utils.artifacts import sha256_json
+
+    fps = plan["fingerprints"] = plan["deferred"].result()
+    if plan["recorded_base"] and plan["recorded_base"] != fps["base"]:
+        raise SuiteError(wrong_base(plan["base"], plan["lora"], plan["recorded"]))
+    return sha256_json({"stage": STAGE, "inputs": fps,
+                        "args": {k: a[k] for k in ("dtype", "max_shard_size", "adapter_only")}})
+
+
+def export_merged(a: dict, plan: dict) -> None:
     import torch
 
     from utils import forward
@@ -166,7 +195,7 @@ def export_merged(a: dict, plan: dict, fingerprint: str) -> None:
     from utils.convert import (DTYPES, config_dtype, copy_tokenizer, floating, log, read_config, set_config_dtype,
                                tokenizer_source, carry_template, eos_token)
     from utils.merge import load_adapter, merge_bias, merge_weight
-    from utils.shards import ModelWeights, ShardWriter, copy_tensor, parse_size, torch_dtype
+    from utils.shards import ModelWeights, Scratch, ShardWriter, copy_tensor, parse_size, torch_dtype
 
     source, adapter_dir = plan["source"], plan["adapter"]
     config = read_config(source, "--base_model")
@@ -208,19 +237,25 @@ def export_merged(a: dict, plan: dict, fingerprint: str) -> None:
     from tqdm import tqdm
 
     changed, unchanged_targets = 0, []
+    scratch = Scratch()
     with staged_dir(a["output_dir"]) as tmp:
         writer = ShardWriter(tmp, [(n, out_code[n], shape[n]) for n in names], limit)
         try:
             for name in tqdm(names, desc="export", unit="tensor", file=sys.stderr, disable=None):
                 want = torch_dtype(out_code[name])
                 if name in targets:
-                    base_w = weights.get(name)
-                    merged = merge_weight(targets[name], base_w.clone(), adapter.fan_in_fan_out).to(want)
-                    if torch.equal(merged, base_w.to(want)):
+                    base_w = weights.get(name, scratch=scratch)
+                    # Whether the merge changed the weight, from a strided sample (a full copy would double
+                    # the memory traffic; the logit check below is the real test).
+                    step = max(1, base_w.numel() // 4096)
+                    sample = base_w.reshape(-1)[::step].to(want, copy=True)
+                    merged = merge_weight(targets[name], base_w, adapter.fan_in_fan_out).to(want)
+                    if torch.equal(merged.reshape(-1)[::step], sample):
                         unchanged_targets.append(name)
                     else:
                         changed += 1
                     writer.write(name, merged)
+                    scratch.release()
                     del base_w, merged
                 elif name.endswith(".bias") and name[: -len("bias")] + "weight" in targets \
                         and "B_bias" in targets[name[: -len("bias")] + "weight"].parts:
@@ -240,7 +275,7 @@ def export_merged(a: dict, plan: dict, fingerprint: str) -> None:
                              "for this precision, or zero); nothing written")
         if unchanged_targets:
             log(STAGE, f"warning: {len(unchanged_targets)} adapted weights are unchanged after rounding to {dtype} "
-                       f"(e.g. {unchanged_targets[0]})")
+                       f"(sampled; e.g. {unchanged_targets[0]})")
         out_config = set_config_dtype(config, dtype)
         if untie:
             out_config["tie_word_embeddings"] = False
@@ -264,6 +299,7 @@ def export_merged(a: dict, plan: dict, fingerprint: str) -> None:
                    f"{'base + adapter' if adapter else 'the source'} within {verification['rel_diff']:.2g} of their "
                    f"scale (tolerance {verification['tolerance']}, {verification['method']})")
         meta = plan["meta"] or {}
+        fingerprint = settle(a, plan)
         finish_meta(tmp, {
             "stage": STAGE,
             "fingerprint": fingerprint,
@@ -338,7 +374,7 @@ def verify_with_transformers(source: Path, adapter_dir: Path | None, out_dir: Pa
     return ref, got
 
 
-def export_adapter(a: dict, plan: dict, fingerprint: str) -> None:
+def export_adapter(a: dict, plan: dict) -> None:
     """Copy the adapter (PEFT format, safetensors) with its tokenizer, template and chat template."""
     import torch
 
@@ -354,6 +390,7 @@ def export_adapter(a: dict, plan: dict, fingerprint: str) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise SuiteError(f"--lora_weights {src}: non-finite values in {bad[:3]}")
+    fingerprint = settle(a, plan)
     with staged_dir(a["output_dir"]) as tmp:
         from safetensors.torch import save_file
 

@@ -108,15 +108,15 @@ def main(
         log(STAGE, f"{output_dir} already holds this conversion (fingerprint {fingerprint[:12]}); nothing to do")
         print(os.path.abspath(output_dir))
         return
-    from utils.shards import return_freed_memory
+    from utils.shards import conversion_setup
 
-    return_freed_memory()
     started = time.time()
     meta = {"stage": STAGE, "fingerprint": fingerprint, "args": args, "inputs": inputs}
-    if kind == "hf":
-        export(args, meta)
-    else:
-        import_to_hf(args, kind, meta)
+    with conversion_setup():
+        if kind == "hf":
+            export(args, meta)
+        else:
+            import_to_hf(args, kind, meta)
     log(STAGE, f"wrote {output_dir} in {time.time() - started:.1f}s")
     print(os.path.abspath(output_dir))
 
@@ -137,11 +137,16 @@ class MergedSource:
         self.weights = ModelWeights(base, allow_pickle)
         self.adapter = None
         if lora:
-            from export_hf import resolve
+            from export_hf import resolve, settle
 
-            plan = resolve({"lora_weights": lora, "base_model": base, "output_dir": "/nonexistent-check-only",
-                            "max_shard_size": "2GB", "adapter_only": False, "allow_pickle_weights": allow_pickle,
-                            "overwrite": False, "dtype": "auto"})
+            check = {"lora_weights": lora, "base_model": base, "output_dir": "/nonexistent-check-only",
+                     "max_shard_size": "2GB", "adapter_only": False, "allow_pickle_weights": allow_pickle,
+                     "overwrite": False, "dtype": "auto"}
+            plan = resolve(check)  # the same checks as export_hf: adapter kind, and the base it was trained on
+            from utils.convert import Deferred
+
+            plan["deferred"] = Deferred(plan["fingerprints_fn"], now=True)
+            settle(check, plan)
             self.adapter = load_adapter(plan["adapter"], allow_pickle)
             unknown = [n for n in list(self.adapter.targets) + list(self.adapter.replacements) if n not in self.weights]
             if unknown:

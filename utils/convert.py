@@ -57,6 +57,26 @@ def sweep_stale(output_dir: str | Path) -> None:
             continue
 
 
+class Deferred:
+    """A value computed now, or on a background thread while the conversion runs (input hashing: hashlib
+    releases the GIL, so it overlaps the work on another core). ``result()`` waits for it."""
+
+    def __init__(self, fn, now: bool):
+        if now:
+            self._value, self._future = fn(), None
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
+            self._future = self._pool.submit(fn)
+
+    def result(self):
+        if self._future is not None:
+            self._value, self._future = self._future.result(), None
+            self._pool.shutdown()
+        return self._value
+
+
 def read_config(folder: str | Path, flag: str) -> dict:
     path = Path(folder) / "config.json"
     try:
@@ -88,6 +108,34 @@ def weight_hashes(folder: str | Path) -> dict[str, str]:
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and (
         p.suffix in (".safetensors", ".bin", ".pth") or p.name.endswith(".index.json") or p.name == "config.json"))
     return {n: sha256_file(folder / n) for n in names}
+
+
+def quick_hashes(folder: str | Path) -> dict:
+    """Identity of a model folder's files without reading their data: size, modification time and the sha256
+    of the safetensors header (every tensor's name, dtype, shape and offsets) for weight files; the sha256 of
+    small files. For inputs whose content is verified otherwise (a delta's recorded tensor hashes)."""
+    import struct
+
+    from utils.artifacts import sha256_file
+
+    folder = Path(folder)
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        st = p.stat()
+        if p.suffix == ".safetensors":
+            with open(p, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = f.read(min(n, 100 << 20))
+            import hashlib
+
+            out[p.name] = [st.st_size, st.st_mtime_ns, hashlib.sha256(header).hexdigest()]
+        elif st.st_size < 1 << 24:
+            out[p.name] = sha256_file(p)
+        else:
+            out[p.name] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def tokenizer_source(*folders: str | Path | None) -> Path | None:

@@ -40,26 +40,29 @@ class Source:
     """Weights by name from a ``ModelWeights``, with an optional adapter applied unmerged."""
 
     def __init__(self, weights, adapter=None, tied: bool = False):
+        from utils.shards import Scratch
+
         self.w, self.adapter, self.tied = weights, adapter, tied
         self.replace = adapter.replacements if adapter else {}
+        self.scratch = Scratch(1)  # weight matrices are used once, right after they are read
 
     def has(self, name: str) -> bool:
         return name in self.replace or name in self.w
 
-    def get(self, name: str, rows=None):
+    def get(self, name: str, rows=None, transient: bool = False):
         if name in self.replace:
             t = self.replace[name]
             return (t if rows is None else t[rows[0]:rows[1]]).float()
         if name not in self.w:
             raise SuiteError(f"{self.w.folder}: weight {name} is missing")
-        return self.w.get(name, rows).float()
+        return self.w.get(name, rows, scratch=self.scratch if transient else None).float()
 
     def target(self, weight_name: str):
         return self.adapter.targets.get(weight_name) if self.adapter else None
 
     def linear(self, module: str, x, conv1d: bool = False):
         """x @ W.T + b for ``module`` (Conv1D stores W as [in, out]); the adapter's branch added if adapted."""
-        w = self.get(module + ".weight")
+        w = self.get(module + ".weight", transient=True)
         w_oi = w.T if conv1d else w
         out = x @ w_oi.T
         if self.has(module + ".bias"):
@@ -94,7 +97,8 @@ class Source:
         if self.target(name) is not None or name in self.replace:
             return self.linear(name[: -len(".weight")], h)
         entry = self.w.entries[name]
-        return torch.cat([h @ self.get(name, rows).T for rows in row_chunks(entry, limit=16 << 20)], dim=-1)
+        return torch.cat([h @ self.get(name, rows, transient=True).T for rows in row_chunks(entry, limit=16 << 20)],
+                         dim=-1)
 
 
 def _rms(x, w, eps):

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -39,7 +40,7 @@ _DTYPES = {
 
 
 def return_freed_memory() -> None:
-    """Make freed tensor buffers of 1 MB and more go back to the OS at once (glibc only).
+    """Make freed tensor buffers of 4 MB and more go back to the OS at once (glibc only).
 
     glibc raises its mmap threshold each time a large block is freed, after which blocks of that size
     come from the heap and stay in the process when freed: a conversion that reads thousands of
@@ -50,10 +51,85 @@ def return_freed_memory() -> None:
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+class HashQueue:
+    """sha256 updates run on a background thread, in order, overlapping reading and writing (hashlib releases
+    the GIL on large buffers). At most ``limit`` bytes wait; ``drain()`` before reading a digest."""
+
+    def __init__(self, limit: int = 64 << 20):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self.pending: list = []
+        self.limit = limit
+
+    def update(self, h, data) -> None:
+        self.pending.append((self.pool.submit(h.update, data), data.nbytes if hasattr(data, "nbytes") else len(data)))
+        while sum(n for _, n in self.pending) > self.limit:
+            self.pending.pop(0)[0].result()
+
+    def drain(self) -> None:
+        for fut, _ in self.pending:
+            fut.result()
+        self.pending.clear()
+
+
+HASHES = HashQueue()
+
+
+class Scratch:
+    """A ring of reusable read buffers: reading thousands of tensors into fresh allocations costs a page fault
+    per 4 KB each time (the freed memory goes back to the OS, see ``return_freed_memory``). A slot is reused
+    only once the background hashing of what was last written from it has finished (``release``)."""
+
+    def __init__(self, slots: int = 2):
+        self.bufs: list = [None] * slots
+        self.fences: list = [None] * slots
+        self.next = 0
+        self.last = None
+
+    def take(self, nbytes: int):
+        import torch
+
+        i = self.next
+        self.next = (i + 1) % len(self.bufs)
+        if self.fences[i] is not None:
+            self.fences[i].result()
+            self.fences[i] = None
+        if self.bufs[i] is None or self.bufs[i].numel() < nbytes:
+            self.bufs[i] = None
+            self.bufs[i] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        self.last = i
+        return self.bufs[i][:nbytes]
+
+    def release(self) -> None:
+        """The buffer last taken has been handed to the writer: fence it behind the hashing queued so far."""
+        if self.last is not None and HASHES.pending:
+            self.fences[self.last] = HASHES.pending[-1][0]
+
+
+@contextmanager
+def conversion_setup():
+    """Process settings while a conversion runs: freed buffers go back to the OS, and torch computes on one
+    thread. The work is reading, adding and writing memory with a few small matrix products; more intra-op
+    threads only spin-wait (doubling CPU time, much worse on a busy machine) and compete with the background
+    hashing thread. An explicit OMP_NUM_THREADS is respected; the thread count is restored afterwards (the
+    stages also run in-process, e.g. from tests)."""
+    import torch
+
+    return_freed_memory()
+    before = torch.get_num_threads()
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def torch_dtype(code: str):
@@ -153,8 +229,8 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict]:
     return entries, meta
 
 
-def read_entry(entry: Entry, rows: tuple[int, int] | None = None):
-    """The tensor (or rows ``[r0, r1)`` of its first dimension), freshly allocated."""
+def read_entry(entry: Entry, rows: tuple[int, int] | None = None, scratch: Scratch | None = None):
+    """The tensor (or rows ``[r0, r1)`` of its first dimension), freshly allocated or in a ``scratch`` slot."""
     import torch
 
     if entry.pickled is not None:
@@ -167,7 +243,10 @@ def read_entry(entry: Entry, rows: tuple[int, int] | None = None):
         start += r0 * entry.row_bytes
         nbytes = (r1 - r0) * entry.row_bytes
         shape[0] = r1 - r0
-    out = torch.empty(shape, dtype=torch_dtype(entry.dtype))
+    if scratch is not None:
+        out = scratch.take(nbytes).view(torch_dtype(entry.dtype)).view(shape)
+    else:
+        out = torch.empty(shape, dtype=torch_dtype(entry.dtype))
     if nbytes:
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         with open(entry.path, "rb", buffering=0) as f:
@@ -270,8 +349,8 @@ class ModelWeights:
         order = {p: i for i, p in enumerate(self.files)}
         return sorted(self.entries, key=lambda n: (order[self.entries[n].path], self.entries[n].start, n))
 
-    def get(self, name: str, rows: tuple[int, int] | None = None):
-        return read_entry(self.entries[name], rows)
+    def get(self, name: str, rows: tuple[int, int] | None = None, scratch: Scratch | None = None):
+        return read_entry(self.entries[name], rows, scratch)
 
     @property
     def total_bytes(self) -> int:
@@ -309,6 +388,7 @@ class ShardWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self.weight_map = {n: fname for fname, g in zip(self.names, groups) for n, _, _ in g}
         self.hashes: dict[str, str] = {}
+        self._closed: list = []
         self._queue: Iterator = iter(self.plan)
         self._shard = -1
         self._file = None
@@ -339,12 +419,12 @@ class ShardWriter:
 
     def _emit(self, data) -> None:
         self._file.write(data)
-        self._hash.update(data)
+        HASHES.update(self._hash, data)  # the buffer is not modified after write(): hashed in the background
 
     def _close_file(self) -> None:
         if self._file is not None:
             self._file.close()
-            self.hashes[self.names[self._shard]] = self._hash.hexdigest()
+            self._closed.append((self.names[self._shard], self._hash))
             self._file = None
 
     def write(self, name: str, tensor) -> None:
@@ -383,6 +463,8 @@ class ShardWriter:
         while self._shard + 1 < len(self.groups):
             self._open_next()
         self._close_file()
+        HASHES.drain()
+        self.hashes.update({name: h.hexdigest() for name, h in self._closed})
         if len(self.names) > 1:
             from utils.artifacts import sha256_file, write_json
 
@@ -393,6 +475,7 @@ class ShardWriter:
         return dict(self.hashes)
 
     def abort(self) -> None:
+        HASHES.drain()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -403,8 +486,12 @@ def copy_tensor(src: ModelWeights, name: str, writer: ShardWriter, out_name: str
     """Stream one tensor from ``src`` into ``writer`` in row chunks, cast to ``dtype`` if given."""
     entry = src.entries[name]
     for r0, r1 in row_chunks(entry, limit=limit):
-        t = src.get(name, (r0, r1) if entry.shape else None)
+        t = src.get(name, (r0, r1) if entry.shape else None, scratch=COPY_SCRATCH)
         writer.write(out_name or name, t if dtype is None else t.to(dtype))
+        COPY_SCRATCH.release()
+
+
+COPY_SCRATCH = Scratch()
 
 
 def file_sizes(paths: Iterable[Path]) -> int:
