@@ -34,3 +34,8 @@ echo "generation: $("$PY" generate.py --lora_weights "$RUN_DIR/lora" --max_new_t
     --instruction "Tom has 3 apples and buys 2 more. How many apples does he have?")"
 "$PY" generate.py --lora_weights "$RUN_DIR/lora" --input_file "$SHARED/data/vicuna_question_80.jsonl" \
     --output_file "$RUN_DIR/answers.jsonl" --max_new_tokens 64 --batch_size 16
+
+echo "== 5. export: merge the tuned adapter into the base (verified against base + adapter), generate from the merged model" >&2
+"$PY" export_hf.py --lora_weights "$RUN_DIR/lora" --output_dir "$RUN_DIR/merged" --max_shard_size 200MB
+echo "merged generation: $("$PY" generate.py --base_model "$RUN_DIR/merged" --max_new_tokens 40 \
+    --instruction "Tom has 3 apples and buys 2 more. How many apples does he have?")"

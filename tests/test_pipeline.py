@@ -40,6 +40,9 @@ def test_readme_pipeline_command_runs_end_to_end(tmp_path):
     lora = tmp_path / "demo" / "lora"
     assert json.loads((lora / "pipeline.json").read_text())["stage"] == "finetune"
     assert (lora / "adapter_model.safetensors").is_file() and "generation: " in proc.stdout
+    merged = tmp_path / "demo" / "merged"
+    assert json.loads((merged / "pipeline.json").read_text())["stage"] == "export_hf"
+    assert "merged generation: " in proc.stdout
     # A second run is a no-op for every stage.
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stderr.count("nothing to do") == 3
+    assert again.returncode == 0 and again.stderr.count("nothing to do") == 4
