@@ -195,7 +195,7 @@ def export_merged(a: dict, plan: dict) -> None:
     from utils.convert import (DTYPES, config_dtype, copy_tokenizer, floating, log, read_config, set_config_dtype,
                                tokenizer_source, carry_template, eos_token)
     from utils.merge import load_adapter, merge_bias, merge_weight
-    from utils.shards import ModelWeights, Scratch, ShardWriter, copy_tensor, parse_size, torch_dtype
+    from utils.shards import COPY_SCRATCH, ModelWeights, Scratch, ShardWriter, copy_tensor, parse_size, torch_dtype
 
     source, adapter_dir = plan["source"], plan["adapter"]
     config = read_config(source, "--base_model")
@@ -270,6 +270,8 @@ def export_merged(a: dict, plan: dict) -> None:
             hashes = writer.close()
         finally:
             writer.abort()
+        scratch.clear()
+        COPY_SCRATCH.clear()
         if adapter and changed == 0:
             raise SuiteError(f"--lora_weights {adapter_dir}: the merge changed no weight in {dtype} (adapter too small "
                              "for this precision, or zero); nothing written")

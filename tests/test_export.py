@@ -211,6 +211,41 @@ def test_finetune_output_exports_with_base_from_metadata(tmp_path, tuned, capsys
     assert json.loads((out / "pipeline.json").read_text())["dtype"] == "fp32"
 
 
+def test_full_finetune_folder_is_resharded_with_its_template(tmp_path, tuned):
+    import finetune as ft
+
+    full = tmp_path / "full"
+    run(ft.main, ["--base_model", str(STORIES), "--data_path", str(tuned.parent / "prepared"), "--output_dir", str(full),
+                  "--method", "full", "--max_steps", "1", "--batch_size", "8", "--micro_batch_size", "8",
+                  "--logging_steps", "0", "--notensorboard"])
+    out = tmp_path / "bf16"
+    export("--lora_weights", str(full), "--output_dir", str(out), "--dtype", "bf16")
+    meta = json.loads((out / "pipeline.json").read_text())
+    assert meta["kind"] == "resharded" and meta["template"]["chat_template"] and (out / "chat_template.jinja").is_file()
+    ref = hf_logits(full)
+    assert float((hf_logits(out) - ref).abs().max()) <= 5e-2 * float(ref.abs().max())
+    assert float((ref - base_logits(STORIES)).abs().max()) > 1e-4  # the run changed the model
+
+
+def test_other_architectures_are_verified_through_transformers(tmp_path, bpe_tokenizer_dir):
+    import torch
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir))
+    base = tmp_path / "opt"
+    OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                             vocab_size=len(tok), word_embed_proj_dim=32, max_position_embeddings=64)) \
+        .save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    adapter = make_adapter(base, tmp_path / "ad", target_modules=["q_proj", "v_proj", "fc1"])
+    out = tmp_path / "merged"
+    export("--base_model", str(base), "--lora_weights", str(adapter), "--output_dir", str(out))
+    assert json.loads((out / "pipeline.json").read_text())["verification"]["method"] == "transformers (whole models)"
+    ref = peft_logits(base, adapter)
+    assert float((hf_logits(out) - ref).abs().max()) <= 1e-5 * max(float(ref.abs().max()), 1.0)
+
+
 def test_wrong_base_for_a_finetune_is_refused(tmp_path, tuned, models):
     with pytest.raises(SuiteError, match="not the model"):
         export("--lora_weights", str(tuned), "--base_model", str(models["llama"]), "--output_dir", str(tmp_path / "o"))

@@ -64,6 +64,9 @@ def test_consolidated_round_trip_is_exact(tmp_path, shards):
     with pytest.raises(SuiteError, match="--allow_pickle_weights"):
         sd("--base_model", str(out), "--output_dir", str(back))
     sd("--base_model", str(out), "--output_dir", str(back), "--allow_pickle_weights")
+    stamp = (back / "pipeline.json").stat().st_mtime_ns
+    sd("--base_model", str(out), "--output_dir", str(back), "--allow_pickle_weights")  # same inputs: a no-op
+    assert (back / "pipeline.json").stat().st_mtime_ns == stamp
     a, b = tensors(STORIES), tensors(back)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((back / "config.json").read_text()) == json.loads((STORIES / "config.json").read_text())

@@ -97,7 +97,7 @@ class Source:
         if self.target(name) is not None or name in self.replace:
             return self.linear(name[: -len(".weight")], h)
         entry = self.w.entries[name]
-        return torch.cat([h @ self.get(name, rows, transient=True).T for rows in row_chunks(entry, limit=16 << 20)],
+        return torch.cat([h @ self.get(name, rows, transient=True).T for rows in row_chunks(entry, limit=4 << 20)],
                          dim=-1)
 
 

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 from utils.cli import SuiteError
 
 MAX_HEADER = 100 << 20  # the safetensors library's own limit
-CHUNK_BYTES = 8 << 20  # row chunk for tensors processed piecewise
+CHUNK_BYTES = 4 << 20  # row chunk for tensors processed piecewise
 
 _DTYPES = {
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
@@ -106,6 +106,15 @@ class Scratch:
             self.bufs[i] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         self.last = i
         return self.bufs[i][:nbytes]
+
+    def clear(self) -> None:
+        """Give the buffers back (waiting for any hashing that still reads them)."""
+        for fence in self.fences:
+            if fence is not None:
+                fence.result()
+        self.bufs = [None] * len(self.bufs)
+        self.fences = [None] * len(self.fences)
+        self.last = None
 
     def release(self) -> None:
         """The buffer last taken has been handed to the writer: fence it behind the hashing queued so far."""
