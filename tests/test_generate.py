@@ -272,7 +272,7 @@ def test_batch_resumes_after_a_crash_and_refuses_other_settings(runs, tmp_path, 
                       max_new_tokens=8)
 
 
-def test_batch_bad_input_files(runs, tmp_path):
+def test_batch_bad_input_files(tmp_path):
     import generate
 
     empty = tmp_path / "empty.jsonl"
@@ -283,6 +283,16 @@ def test_batch_bad_input_files(runs, tmp_path):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(SuiteError, match="cannot read it"):
         generate.main(base_model=str(STORIES), input_file=str(binary), output_file=str(tmp_path / "o.jsonl"))
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"text": "Tell me a story. " * 200}) + "\n" + json.dumps({"text": "Hi?"}) + "\n")
+    import generate as g
+
+    g.main(base_model=str(STORIES), input_file=str(long), output_file=str(tmp_path / "long_out.jsonl"),
+           max_new_tokens=8, prompt_template="alpaca")
+    assert [r["id"] for r in read_jsonl(tmp_path / "long_out.jsonl")] == [2]
+    with pytest.raises(SuiteError, match=r"long.jsonl:1: prompt of \d+ tokens.*--truncate_prompt"):
+        g.main(base_model=str(STORIES), input_file=str(long), output_file=str(tmp_path / "long2.jsonl"),
+               max_new_tokens=8, strict=True)
     useless = tmp_path / "useless.jsonl"
     useless.write_text('{"question": "?"}\n')
     with pytest.raises(SuiteError, match="no usable row"):
@@ -354,13 +364,21 @@ def test_unsafe_or_empty_adapters_and_remote_code_are_refused(runs, tmp_path):
         load(str(STORIES), dtype="fp16", device="cpu", log=lambda m: None)
 
 
-def test_bf16_and_8bit_loading_generate(capsys):
+def test_bf16_8bit_and_4bit_loading_generate(capsys, tmp_path):
     _gen("--base_model", str(STORIES), "--prompt", "Once upon a time", "--max_new_tokens", "8", "--dtype", "bf16")
     assert capsys.readouterr().out.strip()
     pytest.importorskip("bitsandbytes")
     _gen("--base_model", str(STORIES), "--prompt", "Once upon a time", "--max_new_tokens", "8", "--load_8bit")
     captured = capsys.readouterr()
     assert captured.out.strip() and "decoding with the hf path" in captured.err
+    from utils.generation import Engine, Settings
+    from utils.loading import load
+
+    # 4-bit on CPU needs layer sizes that are multiples of 64 (toolchain.md).
+    loaded = load(str(_tiny_llama(tmp_path / "tiny64", hidden=64)), load_4bit=True, log=lambda m: None)
+    assert type(loaded.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    c = Engine(loaded.model, loaded.tokenizer).generate([[1, 50, 60]], Settings(max_new_tokens=6))[0]
+    assert len(c.token_ids) == 6
 
 
 def test_device_map_planning_balances_layers_by_size():

@@ -197,6 +197,13 @@ def test_eos_min_new_tokens_and_length_regulation(stories):
     assert c.finish_reason == "eos" and len(c.token_ids) == 5
 
 
+def test_max_time_ends_an_answer(stories):
+    model, tok = stories
+    engine = scripted_engine(model, tok, [[10] * 50])
+    c = engine.generate([[1, 5]], Settings(max_new_tokens=50, max_time=1e-9))[0]
+    assert c.finish_reason == "time" and c.token_ids == [10]
+
+
 def test_finished_rows_leave_the_batch(stories):
     model, tok = stories
     engine = scripted_engine(model, tok, [[10, 11], [12] * 9, [13, 14, 15]])

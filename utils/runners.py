@@ -195,7 +195,9 @@ class LlamaRunner:
 
     @staticmethod
     def _mm(x, w, b):
-        return x @ w if b is None else torch.addmm(b, x.view(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
+        flat = x.reshape(-1, x.shape[-1])  # one 2-D GEMM (a 3-D matmul may take a batched path)
+        out = flat @ w if b is None else torch.addmm(b, flat, w)
+        return out.view(*x.shape[:-1], w.shape[1])
 
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, T, H] at cache columns start..start+T-1; mask: bool [B, 1, T, start+T] or None (attend to all)."""
