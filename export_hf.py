@@ -26,7 +26,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -190,7 +189,6 @@ def settle(a: dict, plan: dict) -> str:
 def export_merged(a: dict, plan: dict) -> None:
     import torch
 
-    from utils import forward
     from utils.artifacts import finish_meta, library_versions, staged_dir, write_json
     from utils.convert import (DTYPES, config_dtype, copy_tokenizer, floating, log, read_config, set_config_dtype,
                                tokenizer_source, carry_template, eos_token)

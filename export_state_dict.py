@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -47,6 +46,7 @@ def main(
     format: Literal["meta", "llama2c"] = "meta",
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     tokenizer: str | None = None,
+    max_shard_size: str = "2GB",
     allow_pickle_weights: bool = False,
     overwrite: bool = False,
 ) -> None:
@@ -62,6 +62,7 @@ def main(
         format: Export format: meta (consolidated.NN.pth + params.json) or llama2c (one fp32 model.bin).
         dtype: Weight precision written: fp32, bf16, fp16 or auto (the source's; llama2.c is always fp32).
         tokenizer: Import: a folder whose tokenizer files are copied into the output (default: those beside the input).
+        max_shard_size: Import: largest safetensors shard written (e.g. 200MB, 2GB).
         allow_pickle_weights: Read consolidated .pth files (torch.load(weights_only=True)); they are not safetensors.
         overwrite: Replace an output_dir that holds a different result.
     """
@@ -86,6 +87,12 @@ def main(
     if kind == "meta" and not allow_pickle_weights:
         problems.append(f"--base_model {base_model}: consolidated .pth files are not safetensors; pass "
                         "--allow_pickle_weights to read them with torch.load(weights_only=True)")
+    try:
+        from utils.shards import parse_size
+
+        parse_size(max_shard_size)
+    except SuiteError as exc:
+        problems.append(str(exc))
     if tokenizer and not Path(tokenizer).is_dir():
         problems.append(f"--tokenizer {tokenizer}: no such folder")
     if lora_weights and not Path(lora_weights).is_dir():
@@ -102,7 +109,7 @@ def main(
 
         inputs["tokenizer"] = tokenizer_fingerprint(tokenizer)
     fingerprint = sha256_json({"stage": STAGE, "inputs": inputs, "kind": kind,
-                               "args": {k: args[k] for k in ("num_shards", "format", "dtype")}})
+                               "args": {k: args[k] for k in ("num_shards", "format", "dtype", "max_shard_size")}})
     sweep_stale(output_dir)
     if check_output_dir(output_dir, STAGE, fingerprint, overwrite):
         log(STAGE, f"{output_dir} already holds this conversion (fingerprint {fingerprint[:12]}); nothing to do")
@@ -462,7 +469,7 @@ def import_to_hf(a: dict, kind: str, meta: dict) -> None:
     plan = [(h, dtype_code(want), view.entries[h].shape) for h, _ in items]
     log(STAGE, f"importing {kind} checkpoint {src} ({len(items)} tensors) -> Hugging Face Llama ({dtype})")
     with staged_dir(a["output_dir"]) as tmp:
-        writer = ShardWriter(tmp, plan, parse_size("2GB"))
+        writer = ShardWriter(tmp, plan, parse_size(a["max_shard_size"]))
         try:
             for hf, m in items:
                 writer.write(hf, reader.tensor(m).to(want).contiguous())

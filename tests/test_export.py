@@ -128,8 +128,6 @@ CASES = [
 
 @pytest.mark.parametrize("kind,lora", CASES, ids=[f"{k}-{'-'.join(v) or 'lora'}" for k, v in CASES])
 def test_merge_matches_peft_base_plus_adapter(tmp_path, models, kind, lora):
-    import torch
-
     base = models[kind]
     adapter = make_adapter(base, tmp_path / "adapter", **lora)
     out = tmp_path / "merged"

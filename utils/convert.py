@@ -1,7 +1,7 @@
 """What the conversion stages (export_hf.py, export_state_dict.py, apply_delta.py) share: destination
-rules, input fingerprints, carrying config / tokenizer / template along, streaming a model's tensors
-into shards, and the Meta "consolidated" and llama2.c formats (key maps, RoPE row permutation,
-model-parallel splits).
+rules, input fingerprints, carrying config / tokenizer / template along, and the Meta "consolidated"
+and llama2.c formats (key maps, RoPE row permutation, model-parallel splits, params.json). Reading and
+writing shards is utils/shards.py, the merge math utils/merge.py, the verification forward utils/forward.py.
 
 Destination rules, for every stage: output goes to a hidden sibling folder renamed into place when
 complete (utils.artifacts.staged_dir); an existing destination needs --overwrite, and one that holds

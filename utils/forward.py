@@ -39,10 +39,10 @@ def rope_params(config: dict) -> dict:
 class Source:
     """Weights by name from a ``ModelWeights``, with an optional adapter applied unmerged."""
 
-    def __init__(self, weights, adapter=None, tied: bool = False):
+    def __init__(self, weights, adapter=None):
         from utils.shards import Scratch
 
-        self.w, self.adapter, self.tied = weights, adapter, tied
+        self.w, self.adapter = weights, adapter
         self.replace = adapter.replacements if adapter else {}
         self.scratch = Scratch(1)  # weight matrices are used once, right after they are read
 
@@ -162,7 +162,6 @@ def llama_logits(config: dict, src: Source, ids: list[int]):
 
 
 def gpt2_logits(config: dict, src: Source, ids: list[int]):
-    import torch
     import torch.nn.functional as F
 
     n_heads, hidden = config["n_head"], config["n_embd"]

@@ -502,6 +502,3 @@ def copy_tensor(src: ModelWeights, name: str, writer: ShardWriter, out_name: str
 
 COPY_SCRATCH = Scratch()
 
-
-def file_sizes(paths: Iterable[Path]) -> int:
-    return sum(os.path.getsize(p) for p in paths)
