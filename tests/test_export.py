@@ -147,13 +147,16 @@ def test_merge_matches_peft_base_plus_adapter(tmp_path, models, kind, lora):
     assert not list(out.glob("*.bin")) and not list(tmp_path.glob(".merged*"))
 
 
-def test_layerwise_forward_equals_transformers(models):
+def test_layerwise_forward_equals_transformers(tmp_path, models):
     """The bounded verification's forward pass is the models' own forward (llama GQA, qwen2, gpt2, stories260K)."""
     from utils import forward
     from utils.convert import read_config
     from utils.shards import ModelWeights
 
-    for folder in [*models.values(), STORIES]:
+    llama31 = build_model("llama", tmp_path / "llama31", STORIES, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})
+    for folder in [*models.values(), STORIES, llama31]:
         config = read_config(folder, "x")
         got = forward.logits(config, forward.Source(ModelWeights(folder)), PROMPT[0])
         ref = base_logits(folder)

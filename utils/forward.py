@@ -4,7 +4,7 @@ folder (or of base + adapter, the adapter applied unmerged, as peft runs it) in 
 This is how conversions verify their output without holding a model: the peak is one weight matrix
 plus a short prompt's activations, instead of a whole model (and importing transformers' model code
 alone costs more memory than converting). It covers the Llama family (llama, mistral, qwen2, qwen3:
-RMSNorm, rotary positions, grouped-query attention, SwiGLU) and GPT-2; the tests check it against
+RMSNorm, rotary positions incl. linear and Llama-3.1 scaling, grouped-query attention, SwiGLU) and GPT-2; the tests check it against
 transformers' own forward for each. Other architectures are verified through transformers instead
 (``SUPPORTED`` says which use this path).
 """
@@ -24,7 +24,8 @@ def supported(config: dict) -> bool:
         return False
     if config.get("model_type") in LLAMA_LIKE:
         rope = rope_params(config)
-        return rope.get("rope_type", "default") in ("default", "linear") and not config.get("partial_rotary_factor")
+        return (rope.get("rope_type", "default") in ("default", "linear", "llama3")
+                and not config.get("partial_rotary_factor") and not rope.get("partial_rotary_factor"))
     return True
 
 
@@ -136,6 +137,14 @@ def llama_logits(config: dict, src: Source, ids: list[int]):
     pos = torch.arange(len(ids)).float()
     if rope.get("rope_type") == "linear":
         pos = pos / rope["factor"]
+    elif rope.get("rope_type") == "llama3":  # Llama 3.1: long wavelengths scaled, a smooth band in between
+        factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+        inv = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
     freqs = torch.outer(pos, inv)
     emb = torch.cat([freqs, freqs], dim=-1)
     cos, sin = emb.cos(), emb.sin()
