@@ -100,3 +100,22 @@ def test_qlora_on_real_stories260k_runs(tmp_path, data):
     """stories260K's MLP is 172 wide (not a multiple of 64); training through the 4-bit base still works."""
     meta = _train(STORIES, data, tmp_path / "s", steps=2)
     assert meta["complete"] and meta["trainable_parameters"] > 0
+
+
+def test_4bit_layers_of_odd_widths_stay_off_the_packed_cpu_kernel():
+    """bitsandbytes' packed CPU inference kernel (AVX512-BF16 machines) asserts on widths that are not
+    multiples of its blocks; those layers are kept on the generic path, the others keep the fast one, and an
+    eval-mode forward without gradients (what evaluation and generation run) works on stories260K."""
+    import torch
+
+    from utils.model import BNB_CPU_BLOCK_N, load_base_model
+
+    model = load_base_model(str(STORIES), quantization={"bits": 4, "quant_type": "nf4", "double_quant": True,
+                                                        "compute_dtype": "fp32"}).eval()
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    off = [m for m in layers if m.support_avx512bf16_for_cpu is False]
+    odd = [m for m in layers if m.out_features % BNB_CPU_BLOCK_N or m.in_features % 64]
+    assert odd and set(map(id, off)) == set(map(id, odd))  # the 172-wide MLP layers, and only those
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 403, 407, 261]])).logits
+    assert torch.isfinite(logits).all()

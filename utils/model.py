@@ -57,7 +57,32 @@ def load_base_model(path: str, *, dtype: str = "fp32", trust_remote_code: bool =
     )
     if quantization is None and device != "cpu":
         model.to(device)
+    if quantization is not None:
+        keep_bnb_cpu_layout(model)
     return model
+
+
+# bitsandbytes' CPU kernel for 4-bit inference (used when the CPU has AVX512-BF16, in eval mode without
+# gradients) repacks weights in blocks of this many output rows and whole quantization blocks per input row,
+# and asserts on any other shape.
+BNB_CPU_BLOCK_N = 32
+
+
+def keep_bnb_cpu_layout(model) -> int:
+    """Keep 4-bit layers whose shape bitsandbytes' packed CPU inference path cannot take (output width not a
+    multiple of ``BNB_CPU_BLOCK_N``, or input width not a multiple of the quantization block) off it: it would
+    fail on the first evaluation ("N must be divisible by block_n", e.g. stories260K's 172-wide MLP). They
+    compute through the generic 4-bit path instead. Returns how many layers that is."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in ("Linear4bit", "LinearFP4", "LinearNF4"):
+            continue
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", None) or \
+            getattr(module.weight, "blocksize", 64)
+        if module.out_features % BNB_CPU_BLOCK_N or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def bnb_config(q: dict, compute_dtype):
