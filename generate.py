@@ -478,6 +478,9 @@ def batch(a: dict, settings) -> None:
     rows, bad = read_rows(a["input_file"], a)
     previous = [p for p in [out] + sorted(out.parent.glob(out.name + ".partial*")) if p.is_file()]
     done = _read_done(previous)
+    if out.is_file() and out.stat().st_size and not _read_done([out]) and not a["overwrite"]:
+        raise SuiteError(f"--output_file {out} exists and holds no answers of this stage; choose another file or "
+                         "pass --overwrite to replace it")
     stale = [r for r in done.values() if r.get("generation") != key]
     if stale and not a["overwrite"]:
         raise SuiteError(f"--output_file {out} holds answers made with other settings or another model; pass "

@@ -293,6 +293,11 @@ def test_batch_bad_input_files(tmp_path):
     with pytest.raises(SuiteError, match=r"long.jsonl:1: prompt of \d+ tokens.*--truncate_prompt"):
         g.main(base_model=str(STORIES), input_file=str(long), output_file=str(tmp_path / "long2.jsonl"),
                max_new_tokens=8, strict=True)
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my notes\n")
+    with pytest.raises(SuiteError, match="holds no answers of this stage"):
+        g.main(base_model=str(STORIES), input_file=str(long), output_file=str(foreign), max_new_tokens=8)
+    assert foreign.read_text() == "my notes\n"
     useless = tmp_path / "useless.jsonl"
     useless.write_text('{"question": "?"}\n')
     with pytest.raises(SuiteError, match="no usable row"):
@@ -422,15 +427,28 @@ def test_device_map_planning_balances_layers_by_size():
     assert sum(s for _, s in units) == sum(t.numel() * 4 for t in [*skeleton.parameters(), *skeleton.buffers()])
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
+def test_device_map_loading_runs_where_there_is_only_a_cpu():
+    from utils.generation import Engine, Settings
+    from utils.loading import load
+
+    plain = load(str(STORIES), log=lambda m: None)
+    mapped = load(str(STORIES), device_map="sequential", max_memory="cpu=1GiB", log=lambda m: None)
+    prompt = plain.tokenizer("Once upon a time")["input_ids"]
+    a, b = (Engine(x.model, x.tokenizer).generate([prompt], Settings(max_new_tokens=16))[0] for x in (plain, mapped))
+    assert a.token_ids == b.token_ids
+    with pytest.raises(SuiteError, match="does not fit"):
+        load(str(STORIES), device_map="balanced", max_memory="cpu=1KB", log=lambda m: None)
+    with pytest.raises(SuiteError, match="--max_memory needs --device_map"):
+        load(str(STORIES), max_memory="cpu=1GiB", log=lambda m: None)
+
+
 def test_data_parallel_batch_under_torchrun_matches_one_process(runs, tmp_path):
     write_questions(tmp_path / "q.jsonl")
     common = ["--lora_weights", str(runs["lora"]), "--input_file", str(tmp_path / "q.jsonl"), "--max_new_tokens", "16",
               "--batch_size", "2"]
-    torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "generate.py", *common, "--output_file",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "generate.py", *common, "--output_file",
                            str(tmp_path / "dp.jsonl")], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _gen(*common, "--output_file", str(tmp_path / "one.jsonl"))
