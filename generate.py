@@ -451,22 +451,44 @@ def _cut_torn_tail(path: Path) -> None:
 
 
 def _dist():
-    """(rank, world, local_rank) under torchrun, with a gloo/nccl group for the final barrier."""
+    """(rank, world, local_rank, run token) under torchrun. The token (rank 0's, broadcast once, before any library
+    code can issue collectives of its own) marks this run's completion files; ranks report completion through
+    files rather than barriers, which model loading may pair with its own."""
+    import uuid
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    token = uuid.uuid4().hex
     if world > 1:
         import torch
         import torch.distributed as td
 
         if not td.is_initialized():
             td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world, local
+        box = [token]
+        td.broadcast_object_list(box, src=0)
+        token = box[0]
+    return rank, world, local, token
+
+
+def _wait_for_ranks(out: Path, world: int, token: str) -> None:
+    """Rank 0 waits until every other rank has written its completion file for this run."""
+    pending = set(range(1, world))
+    while pending:
+        for r in list(pending):
+            try:
+                if (out.with_name(f"{out.name}.partial.rank{r}.done")).read_text() == token:
+                    pending.discard(r)
+            except OSError:
+                pass
+        if pending:
+            time.sleep(0.2)
 
 
 def batch(a: dict, settings) -> None:
     import torch
 
-    rank, world, local = _dist()
+    rank, world, local, token = _dist()
     if world > 1 and a["device"] == "auto" and torch.cuda.is_available():
         a = {**a, "device": f"cuda:{local}"}
     out = Path(a["output_file"])
@@ -485,15 +507,13 @@ def batch(a: dict, settings) -> None:
     if stale and not a["overwrite"]:
         raise SuiteError(f"--output_file {out} holds answers made with other settings or another model; pass "
                          "--overwrite to replace them (or choose another file)")
-    if stale:
+    part = work if world == 1 else work.with_name(f"{work.name}.rank{rank}")
+    if stale:  # --overwrite: each rank starts its own file afresh; rank 0 removes the rest
         done = {}
-        if rank == 0:
-            for p in previous:
-                p.unlink()
-        if world > 1:
-            import torch.distributed as td
-
-            td.barrier()
+        mine_files = {work.with_name(f"{work.name}.rank{r}") for r in range(world)} if world > 1 else {work}
+        for p in previous:
+            if p == part or (rank == 0 and p not in mine_files):
+                p.unlink(missing_ok=True)
     todo = [r for r in rows if json.dumps(r["id"]) not in done]
     mine = todo[rank::world]
     if rank == 0:
@@ -532,7 +552,6 @@ def batch(a: dict, settings) -> None:
         print(f"generate: skipped {len(too_long)} row(s) whose prompt does not fit the context with "
               f"--max_new_tokens {settings.max_new_tokens} (lines {', '.join(map(str, too_long[:10]))}"
               f"{', ...' if len(too_long) > 10 else ''}); pass --truncate_prompt to cut them", file=sys.stderr)
-    part = work if world == 1 else work.with_name(f"{work.name}.rank{rank}")
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -557,10 +576,11 @@ def batch(a: dict, settings) -> None:
         _append(f, pending)
     bar.close()
     took = time.perf_counter() - started
-    if world > 1:
-        import torch.distributed as td
-
-        td.barrier()
+    if world > 1 and rank != 0:
+        marker = out.with_name(f"{out.name}.partial.rank{rank}.done")
+        marker.write_text(token)
+    if world > 1 and rank == 0:
+        _wait_for_ranks(out, world, token)
     if rank == 0:
         merged = _read_done([p for p in [out] + sorted(out.parent.glob(out.name + ".partial*")) if p.is_file()])
         ordered = [merged[json.dumps(r["id"])] for r in rows if json.dumps(r["id"]) in merged]
@@ -581,7 +601,6 @@ def batch(a: dict, settings) -> None:
     if world > 1:
         import torch.distributed as td
 
-        td.barrier()
         td.destroy_process_group()
 
 

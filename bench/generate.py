@@ -17,7 +17,7 @@ The baselines run on the model as transformers loads it, our engine on a copy (i
 place). The methods alternate (two rounds), so that other load on the machine hits them alike; batched figures
 are the faster of their two runs. Outputs are compared token for token (``tokens_equal``).
 
-Run: .venv/bin/python bench/generate.py            (about 5 minutes on 2 cores)
+Run: .venv/bin/python bench/generate.py [--threads 1]     (about 10 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -189,9 +189,22 @@ def bench_model(name: str, model, tok, prompts: list[str], new: int, batch_size:
     }
 
 
-def main(prompts: int = 64, new_tokens: int = 128, batch_size: int = 16, per_prompt: int = 64) -> None:
+def main(prompts: int = 64, new_tokens: int = 128, batch_size: int = 16, per_prompt: int = 64, threads: int = 0) -> None:
+    """Run the benchmark.
+
+    Args:
+        prompts: Vicuna questions to answer.
+        new_tokens: Tokens generated per answer (exactly: EOS is suppressed).
+        batch_size: Rows per batch, ours and HF's.
+        per_prompt: Prompts answered by the per-prompt baseline (its tokens/s does not depend on the count).
+        threads: torch threads for every method (0: torch's default). On a shared machine, 1 keeps other load from
+            stalling OpenMP's per-operation barriers, which hurts whichever method runs more small operations.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     from utils.templates import load_template
 
