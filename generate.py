@@ -515,7 +515,9 @@ def batch(a: dict, settings) -> None:
             if p == part or (rank == 0 and p not in mine_files):
                 p.unlink(missing_ok=True)
     todo = [r for r in rows if json.dumps(r["id"]) not in done]
-    mine = todo[rank::world]
+    # Dealt by position in the input, not in the to-do list: another rank may already have answered (and so
+    # removed from its to-do list) rows by the time this one looks.
+    mine = [r for i, r in enumerate(rows) if i % world == rank and json.dumps(r["id"]) not in done]
     if rank == 0:
         skipped = sum(len(v) for v in bad.values())
         if bad:
