@@ -484,6 +484,10 @@ def load(base_model: str | None = None, lora_weights: str | None = None, *, prom
         use_safetensors=not allow_pickle_weights, **kwargs)
     if "device_map" not in kwargs and device != "cpu":
         model.to(device)
+    if load_4bit:
+        from utils.model import keep_bnb_cpu_layout
+
+        keep_bnb_cpu_layout(model)  # odd widths (stories260K's 172-wide MLP) would fail in the packed CPU kernel
     if source.adapter:
         from peft import PeftModel
 
