@@ -294,6 +294,17 @@ def verify_export(folder: Path, fmt: str, src: MergedSource, d: dict) -> dict:
 # Meta / llama2.c -> Hugging Face
 
 
+def meta_to_rotate_half(meta_name: str, t, dims: dict):
+    """A Meta-layout tensor with its q/k rows put back in Hugging Face's rotate-half order."""
+    from utils.convert import to_rotate_half
+
+    if meta_name.endswith("attention.wq.weight"):
+        return to_rotate_half(t, dims["n_heads"])
+    if meta_name.endswith("attention.wk.weight"):
+        return to_rotate_half(t, dims["n_kv_heads"])
+    return t
+
+
 class MetaReader:
     """A consolidated folder as Hugging Face tensors: shards joined along Meta's split, q/k back to rotate-half."""
 
@@ -332,18 +343,14 @@ class MetaReader:
     def tensor(self, meta_name: str):
         import torch
 
-        from utils.convert import meta_split_dim, to_rotate_half
+        from utils.convert import meta_split_dim
 
         parts = [s[meta_name] for s in self.shards]
         dim = meta_split_dim(meta_name)
         if meta_name == "tok_embeddings.weight":
             dim = self.embed_dim
         t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
-        if meta_name.endswith("attention.wq.weight"):
-            t = to_rotate_half(t, self.dims["n_heads"])
-        elif meta_name.endswith("attention.wk.weight"):
-            t = to_rotate_half(t, self.dims["n_kv_heads"])
-        return t
+        return meta_to_rotate_half(meta_name, t, self.dims)
 
     def hf_items(self) -> list[tuple[str, str]]:
         from utils.convert import meta_to_hf_name
@@ -389,21 +396,9 @@ class Llama2cReader:
             offset += 4 * n
 
     def tensor(self, meta_name: str):
-        from utils.convert import to_rotate_half
-        from utils.shards import Entry, read_entry
-
         if meta_name == "output.weight" and self.dims["tied"]:
             meta_name = "tok_embeddings.weight"
-        start, shape = self.offsets[meta_name]
-        n = 1
-        for s in shape:
-            n *= s
-        t = read_entry(Entry(meta_name, "F32", shape, self.path, start, start + 4 * n))
-        if meta_name.endswith("attention.wq.weight"):
-            t = to_rotate_half(t, self.dims["n_heads"])
-        elif meta_name.endswith("attention.wk.weight"):
-            t = to_rotate_half(t, self.dims["n_kv_heads"])
-        return t
+        return meta_to_rotate_half(meta_name, self.tensor_raw(meta_name), self.dims)
 
     def hf_items(self) -> list[tuple[str, str]]:
         from utils.convert import meta_to_hf_name

@@ -77,14 +77,19 @@ class Deferred:
         return self._value
 
 
-def read_config(folder: str | Path, flag: str) -> dict:
-    path = Path(folder) / "config.json"
+def read_folder_json(folder: str | Path, name: str, flag: str, missing: str = "") -> dict:
+    """``folder/name`` parsed, or a SuiteError naming the flag (``missing`` says what its absence means)."""
+    path = Path(folder) / name
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SuiteError(f"{flag} {folder}: no config.json") from None
+        raise SuiteError(f"{flag} {folder}: no {name}{missing}") from None
     except ValueError as exc:
         raise SuiteError(f"{flag} {path}: not valid JSON ({exc})") from None
+
+
+def read_config(folder: str | Path, flag: str) -> dict:
+    return read_folder_json(folder, "config.json", flag)
 
 
 def config_dtype(config: dict) -> str:

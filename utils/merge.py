@@ -15,7 +15,6 @@ not weights: there is nothing to merge and ``load_adapter`` says so.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -73,13 +72,9 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def read_adapter_config(folder: Path, flag: str = "--lora_weights") -> dict:
-    path = Path(folder) / "adapter_config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SuiteError(f"{flag} {folder}: no adapter_config.json (not a PEFT adapter folder)") from None
-    except ValueError as exc:
-        raise SuiteError(f"{flag} {path}: not valid JSON ({exc})") from None
+    from utils.convert import read_folder_json
+
+    return read_folder_json(folder, "adapter_config.json", flag, " (not a PEFT adapter folder)")
 
 
 def adapter_weights_file(folder: Path, allow_pickle: bool, flag: str = "--lora_weights") -> Path:
