@@ -1,16 +1,27 @@
-# Two entry points (see README): `make pipeline` runs the pipeline end to end on a small locally built
-# model; `make test` runs the test suite. Both create .venv from requirements.txt on first use (and
-# again whenever requirements.txt changes).
+# Two entry points (see README): `make pipeline` runs the pipeline end to end (scripts/pipeline.sh:
+# fine-tunes the pretrained stories260K from ../shared and prints what it learned); `make test` runs
+# the test suite. Both create .venv from requirements.txt on first use (and again whenever
+# requirements.txt changes).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+# pip prints one line per package it collects, downloads and installs (and a progress bar on a
+# terminal), so the first set-up shows where its minutes go.
+PIP := $(VENV)/bin/pip install --disable-pip-version-check
 
 .PHONY: pipeline test
 
 $(VENV)/.installed: requirements.txt
+	@echo "== set-up 1/3: creating the virtual environment $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	@echo "== set-up 2/3: installing torch, pinned in requirements.txt (the largest package, hundreds of MB:"
+	@echo "   most of the first set-up's minutes are spent here)"
+	$(PIP) -c requirements.txt torch
+	@echo "== set-up 3/3: installing the other pinned packages of requirements.txt (transformers, peft,"
+	@echo "   datasets, bitsandbytes, ...: a few minutes more)"
+	$(PIP) -r requirements.txt
 	touch $@
+	@echo "== set-up done: $(VENV) is ready (rebuilt only when requirements.txt changes)"
 
 pipeline: $(VENV)/.installed
 	PY=$(PY) bash scripts/pipeline.sh

@@ -69,9 +69,12 @@ def main(
         target_model_path if command == "make" else delta_path
     output = delta_path if command == "make" else target_model_path
     out_flag = "--delta_path" if command == "make" else "--target_model_path"
-    problems = []
+    from utils.model import missing_folder
+
+    problems, bad_inputs = [], []  # a path that is not there is a bad argument (2); an incomplete folder bad input (1)
     for flag, path in inputs.items():
-        problems += check_model_dir(path, allow_pickle_weights, flag)
+        if not Path(path).is_dir():
+            problems.append(missing_folder(path, flag))
     try:
         parse_size(max_shard_size)
     except SuiteError as exc:
@@ -79,6 +82,18 @@ def main(
     problems += [p.replace("--output_dir", out_flag) for p in check_destination(output, inputs)]
     if problems:
         raise UsageError("\n".join(problems))
+    for flag, path in inputs.items():
+        bad_inputs += check_model_dir(path, allow_pickle_weights, flag)
+    if bad_inputs:
+        raise SuiteError("\n".join(bad_inputs))
+    from utils.convert import check_config, read_config
+
+    # The config written with the output is the target's (make) or the delta's (apply); the base's is not read.
+    config_flag = "--target_model_path" if command == "make" else "--delta_path"
+    check_config(read_config(inputs[config_flag], config_flag), inputs[config_flag], config_flag)
+    from utils.artifacts import claim_output_dir
+
+    claim_output_dir(output, stage, overwrite, flag=out_flag)  # before any work (hashing the inputs included)
 
     from utils.artifacts import check_output_dir, sha256_json
     from utils.convert import Deferred, quick_hashes, weight_hashes
@@ -106,10 +121,7 @@ def main(
             return {flag: weight_hashes(path) for flag, path in inputs.items()}
     hashes = Deferred(identify, now=exists)
     if exists:
-        try:
-            done = check_output_dir(output, stage, fingerprint_of(hashes.result()), overwrite)
-        except SuiteError as exc:
-            raise SuiteError(str(exc).replace("--output_dir", out_flag)) from None
+        done = check_output_dir(output, stage, fingerprint_of(hashes.result()), overwrite, flag=out_flag)
         if done:
             log(stage, f"{output} already holds this result (fingerprint {fingerprint_of(hashes.result())[:12]}); "
                        "nothing to do")
@@ -169,7 +181,7 @@ def make(a: dict, deferred) -> None:
     from tqdm import tqdm
 
     from utils.artifacts import finish_meta, library_versions, staged_dir, write_json
-    from utils.convert import config_dtype, copy_tokenizer, floating, log, read_config
+    from utils.convert import config_dtype, copy_tokenizer, floating, log, no_tokenizer_warning, read_config
     from utils.shards import ModelWeights, ShardWriter, parse_size, row_chunks
 
     base = ModelWeights(a["base_model_path"], a["allow_pickle_weights"], "--base_model_path")
@@ -247,6 +259,8 @@ def make(a: dict, deferred) -> None:
             if (Path(a["target_model_path"]) / name).is_file():
                 shutil.copyfile(Path(a["target_model_path"]) / name, tmp / name)
         tokenizer = copy_tokenizer(Path(a["target_model_path"]), tmp)
+        if not tokenizer:
+            no_tokenizer_warning("make_delta", {"--target_model_path": a["target_model_path"]})
         grown = {n: [base.entries[n].shape[0], target.entries[n].shape[0]] for n, k in kinds.items() if k == "grown"}
         hashes = deferred.result()
         finish_meta(tmp, {
@@ -267,7 +281,8 @@ def apply(a: dict, deferred) -> None:
     from tqdm import tqdm
 
     from utils.artifacts import finish_meta, library_versions, read_meta, staged_dir, write_json
-    from utils.convert import DTYPES, config_dtype, copy_tokenizer, floating, log, read_config, set_config_dtype
+    from utils.convert import (DTYPES, config_dtype, copy_tokenizer, floating, log, no_tokenizer_warning, read_config,
+                               set_config_dtype)
     from utils.shards import HASHES, ModelWeights, Scratch, ShardWriter, dtype_code, parse_size, row_chunks
 
     base = ModelWeights(a["base_model_path"], a["allow_pickle_weights"], "--base_model_path")
@@ -358,7 +373,7 @@ def apply(a: dict, deferred) -> None:
             shutil.copyfile(Path(a["delta_path"]) / "generation_config.json", tmp / "generation_config.json")
         tokenizer = copy_tokenizer(Path(a["delta_path"]), tmp)
         if not tokenizer:
-            log("apply_delta", "warning: the delta has no tokenizer files; the output has none")
+            no_tokenizer_warning("apply_delta", {"--delta_path": a["delta_path"]})
         verified = bool(ours and target_tensors and a["dtype"] == "auto")
         if verified:
             log("apply_delta", f"verified: all {len(names)} tensors equal the recorded target's, bit for bit")

@@ -66,7 +66,10 @@ def main(
     """
     args = dict(locals())
     plan = resolve(args)
-    from utils.artifacts import check_output_dir
+    from utils.artifacts import check_output_dir, claim_output_dir
+
+    claim_output_dir(output_dir, STAGE, overwrite)  # before any work (hashing the inputs included)
+    check_base(plan)  # a wrong base is refused before the merge, not after it
     from utils.convert import Deferred, log, sweep_stale
 
     sweep_stale(output_dir)
@@ -107,9 +110,11 @@ def resolve(a: dict) -> dict:
         parse_size(a["max_shard_size"])
     except SuiteError as exc:
         problems.append(str(exc))
+    from utils.model import missing_folder
+
     for flag in ("lora_weights", "base_model"):
         if a[flag] and not Path(a[flag]).is_dir():
-            problems.append(f"--{flag} {a[flag]}: no such folder")
+            problems.append(missing_folder(a[flag], f"--{flag}"))
     if problems:
         raise UsageError("\n".join(problems))
     lora = Path(a["lora_weights"]) if a["lora_weights"] else None
@@ -120,6 +125,10 @@ def resolve(a: dict) -> dict:
     if lora is not None and not is_adapter and not (lora / "config.json").is_file():
         raise SuiteError(f"--lora_weights {lora}: neither a PEFT adapter (adapter_config.json) nor a model (config.json)")
     mode = "merge" if is_adapter else "reshard"
+    if is_adapter:
+        from utils.merge import check_adapter_dir
+
+        check_adapter_dir(lora, a["allow_pickle_weights"])
     if a["adapter_only"] and not is_adapter:
         raise UsageError(f"--adapter_only: --lora_weights {lora} is not an adapter folder")
     base = a["base_model"]
@@ -136,27 +145,40 @@ def resolve(a: dict) -> dict:
     problems = check_destination(a["output_dir"], {"--lora_weights": a["lora_weights"], "--base_model": str(source)})
     if problems:
         raise UsageError("\n".join(problems))
+    from utils.convert import check_config, read_config
     from utils.model import check_model_dir
 
-    problems = check_model_dir(str(source), a["allow_pickle_weights"],
-                               "--base_model" if source != lora else "--lora_weights")
+    flag = "--base_model" if source != lora else "--lora_weights"
+    problems = check_model_dir(str(source), a["allow_pickle_weights"], flag)
     if problems:
         raise SuiteError("\n".join(problems))
+    check_config(read_config(source, flag), source, flag)
     recorded_fp = recorded.get("fingerprint") if is_adapter and not a["adapter_only"] else None
-    if recorded_fp and recorded_fp.get("config"):  # cheap part now (config hash); weights once hashed
+    if recorded_fp:  # the cheap part now (config hash, weight file names and sizes); the weights' hashes in check_base
         from utils.artifacts import sha256_file
 
-        if sha256_file(source / "config.json") != recorded_fp["config"]:
+        sizes = {name: entry[0] for name, entry in (recorded_fp.get("weights") or {}).items()}
+        if (recorded_fp.get("config") and sha256_file(source / "config.json") != recorded_fp["config"]) or \
+                (sizes and sizes != {p.name: p.stat().st_size for p in sorted(source.glob("*.safetensors"))}):
             raise SuiteError(wrong_base(base, lora, recorded))
+    known: dict = {}  # the base's fingerprint once check_base has computed it
+
+    def base_fingerprint_now() -> dict:
+        from finetune import base_fingerprint
+        from utils.artifacts import sha256_file
+
+        if "base" not in known:
+            base_fp = base_fingerprint(str(source))
+            if not base_fp["weights"]:  # pickle weights (opt-in): hash those instead
+                base_fp["weights"] = {p.name: [p.stat().st_size, sha256_file(p)]
+                                      for p in sorted(source.glob("pytorch_model*"))}
+            known["base"] = base_fp
+        return known["base"]
 
     def fingerprints() -> dict:
-        from finetune import base_fingerprint
         from utils.artifacts import sha256_file, tokenizer_fingerprint
 
-        base_fp = base_fingerprint(str(source))
-        if not base_fp["weights"]:  # pickle weights (opt-in): hash those instead
-            base_fp["weights"] = {p.name: [p.stat().st_size, sha256_file(p)] for p in sorted(source.glob("pytorch_model*"))}
-        out = {"base": base_fp}
+        out = {"base": base_fingerprint_now()}
         if lora is not None:
             out["lora_weights"] = {p.name: sha256_file(p) for p in sorted(lora.iterdir())
                                    if p.is_file() and (p.name.startswith(("adapter_", "model")) or p.suffix == ".json")
@@ -166,7 +188,15 @@ def resolve(a: dict) -> dict:
 
     return {"mode": mode, "base": Path(base) if base else None, "adapter": lora if is_adapter else None,
             "source": source, "meta": meta, "fingerprints_fn": fingerprints, "recorded_base": recorded_fp,
-            "recorded": recorded, "lora": lora}
+            "recorded": recorded, "lora": lora, "base_fingerprint_fn": base_fingerprint_now}
+
+
+def check_base(plan: dict) -> None:
+    """Refuse a base that is not the one the fine-tune recorded, before any merge work: its weight files are
+    hashed now (not in the background during the merge), since only their content tells two models with the same
+    config apart. The result is reused for the stage's fingerprint."""
+    if plan["recorded_base"] and plan["recorded_base"] != plan["base_fingerprint_fn"]():
+        raise SuiteError(wrong_base(plan["base"], plan["lora"], plan["recorded"]))
 
 
 def wrong_base(base, lora, recorded) -> str:
@@ -189,9 +219,10 @@ def settle(a: dict, plan: dict) -> str:
 def export_merged(a: dict, plan: dict) -> None:
     import torch
 
+    from utils import forward
     from utils.artifacts import finish_meta, library_versions, staged_dir, write_json
     from utils.convert import (DTYPES, config_dtype, copy_tokenizer, floating, log, read_config, set_config_dtype,
-                               tokenizer_source, carry_template, eos_token)
+                               tokenizer_source, carry_template, eos_token, no_tokenizer_warning)
     from utils.merge import load_adapter, merge_bias, merge_weight
     from utils.shards import COPY_SCRATCH, ModelWeights, Scratch, ShardWriter, copy_tensor, parse_size, torch_dtype
 
@@ -289,15 +320,16 @@ def export_merged(a: dict, plan: dict) -> None:
         tok = tokenizer_source(extra, source)
         tokenizer_files = copy_tokenizer(tok, tmp)
         if not tokenizer_files:
-            log(STAGE, "warning: no tokenizer files in the inputs; the output has none")
+            no_tokenizer_warning(STAGE, {"--lora_weights": plan["lora"], "--base_model": source}
+                                 if plan["lora"] != source else {"--lora_weights": source})
         template = carry_template((extra / "template.json"), tmp, eos_token(tok), STAGE)
 
         verification = verify(out_config, source, weights, adapter, tmp, dtype, a["allow_pickle_weights"])
         verification.update({"merged_tensors": changed, "lora_modules": n_lora,
                              "unchanged_after_rounding": len(unchanged_targets)})
         log(STAGE, f"verified: logits of the {'merged model' if adapter else 'output'} match "
-                   f"{'base + adapter' if adapter else 'the source'} within {verification['rel_diff']:.2g} of their "
-                   f"scale (tolerance {verification['tolerance']}, {verification['method']})")
+                   f"{'base + adapter' if adapter else 'the source'} "
+                   f"{forward.agreement(verification, verification['method'])}")
         meta = plan["meta"] or {}
         fingerprint = settle(a, plan)
         finish_meta(tmp, {
@@ -362,15 +394,22 @@ def verify_with_transformers(source: Path, adapter_dir: Path | None, out_dir: Pa
 
     x = torch.tensor([ids])
     kw = {"local_files_only": True, "dtype": torch.float32}
-    with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(str(source), use_safetensors=not allow_pickle, **kw).eval()
-        if adapter_dir is not None:
-            from peft import PeftModel
+    step = f"loading {source} in transformers"
+    try:  # a config transformers cannot build (damaged, or an architecture it lacks) is the input's problem
+        with torch.no_grad():
+            base = AutoModelForCausalLM.from_pretrained(str(source), use_safetensors=not allow_pickle, **kw).eval()
+            if adapter_dir is not None:
+                from peft import PeftModel
 
-            base = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-        ref = base(input_ids=x).logits[0].float()
-        del base
-        got = AutoModelForCausalLM.from_pretrained(str(out_dir), **kw).eval()(input_ids=x).logits[0].float()
+                step = f"applying {adapter_dir} with peft"
+                base = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+            ref = base(input_ids=x).logits[0].float()
+            del base
+            step = "loading the output in transformers"
+            got = AutoModelForCausalLM.from_pretrained(str(out_dir), **kw).eval()(input_ids=x).logits[0].float()
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError) as exc:
+        raise SuiteError(f"verification failed while {step} ({type(exc).__name__}: {exc}); nothing was written") \
+            from None
     return ref, got
 
 

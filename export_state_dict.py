@@ -4,7 +4,9 @@ Export (``--base_model`` is a Hugging Face Llama folder; ``--lora_weights`` merg
 
     --format meta      OUTPUT_DIR/consolidated.NN.pth (one per --num_shards, Meta's model-parallel split),
                        params.json (dim, n_layers, n_heads, n_kv_heads, vocab_size, multiple_of /
-                       ffn_dim_multiplier reproducing the FFN size, norm_eps, rope_theta), tokenizer files
+                       ffn_dim_multiplier reproducing the FFN size, norm_eps; rope_theta only where it is not
+                       10000, which Llama 2's loader refuses), tokenizer.model (SentencePiece, where the
+                       inputs have one) and the Hugging Face tokenizer files
     --format llama2c   OUTPUT_DIR/model.bin: llama2.c's checkpoint (version 0, fp32, what run.c reads)
 
 Keys are renamed to Meta's (``layers.N.attention.wq.weight`` ...) and the q/k rows permuted back from
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -69,17 +72,18 @@ def main(
     args = dict(locals())
     from utils.artifacts import check_output_dir, sha256_file, sha256_json
     from utils.convert import check_destination, log, sweep_stale, weight_hashes
+    from utils.model import looks_like_hub_id, missing_folder
 
     src = Path(base_model)
     kind = ("llama2c" if src.is_file() else "meta" if (src / "params.json").is_file() else
             "hf" if (src / "config.json").is_file() else None)
     problems = []
-    if kind is None:
-        problems.append(f"--base_model {base_model}: not a Hugging Face model folder (config.json), a consolidated "
-                        "folder (params.json) or a llama2.c checkpoint file")
+    if not src.exists():
+        problems.append(missing_folder(base_model, "--base_model") if looks_like_hub_id(base_model) else
+                        f"--base_model {base_model}: no such file or folder")
     if num_shards < 1:
         problems.append(f"--num_shards must be >= 1, got {num_shards}")
-    if kind != "hf" and (lora_weights or num_shards != 1 or format != "meta"):
+    if kind not in ("hf", None) and (lora_weights or num_shards != 1 or format != "meta"):
         problems.append("--lora_weights, --num_shards and --format apply to an export from a Hugging Face model; "
                         f"--base_model {base_model} is imported to Hugging Face")
     if format == "llama2c" and (num_shards != 1 or dtype not in ("auto", "fp32")):
@@ -94,12 +98,16 @@ def main(
     except SuiteError as exc:
         problems.append(str(exc))
     if tokenizer and not Path(tokenizer).is_dir():
-        problems.append(f"--tokenizer {tokenizer}: no such folder")
+        problems.append(missing_folder(tokenizer, "--tokenizer"))
     if lora_weights and not Path(lora_weights).is_dir():
-        problems.append(f"--lora_weights {lora_weights}: no such folder")
+        problems.append(missing_folder(lora_weights, "--lora_weights"))
     problems += check_destination(output_dir, {"--base_model": base_model, "--lora_weights": lora_weights})
     if problems:
         raise UsageError("\n".join(problems))
+    check_inputs(src, kind, lora_weights, allow_pickle_weights)
+    from utils.artifacts import claim_output_dir
+
+    claim_output_dir(output_dir, STAGE, overwrite)  # before any work (hashing the inputs included)
 
     inputs = {"base": {src.name: sha256_file(src)} if kind == "llama2c" else weight_hashes(src)}
     if lora_weights:
@@ -126,6 +134,28 @@ def main(
             import_to_hf(args, kind, meta)
     log(STAGE, f"wrote {output_dir} in {time.time() - started:.1f}s")
     print(os.path.abspath(output_dir))
+
+
+def check_inputs(src: Path, kind: str | None, lora_weights: str | None, allow_pickle: bool) -> None:
+    """Refuse incomplete inputs before any work (exit 1, naming the folder and what is missing)."""
+    from utils.model import check_model_dir
+
+    if kind is None:
+        raise SuiteError(f"--base_model {src}: neither a Hugging Face model folder (no config.json) nor a consolidated "
+                         "folder (no params.json); nothing to convert")
+    if kind == "meta" and not list(src.glob("consolidated.*.pth")):
+        raise SuiteError(f"--base_model {src}: params.json but no consolidated.NN.pth files")
+    if kind == "hf":
+        problems = check_model_dir(str(src), allow_pickle, "--base_model")
+        if problems:
+            raise SuiteError("\n".join(problems))
+        from utils.convert import check_config, read_config
+
+        check_config(read_config(src, "--base_model"), src, "--base_model")
+    if lora_weights:
+        from utils.merge import check_adapter_dir
+
+        check_adapter_dir(lora_weights, allow_pickle)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,12 +226,13 @@ def meta_names(d: dict) -> list[str]:
 def export(a: dict, meta: dict) -> None:
     import torch
 
+    from utils import forward
     from utils.artifacts import finish_meta, library_versions, staged_dir, write_json
     from utils.convert import (DTYPES, config_dtype, copy_tokenizer, hf_to_meta_name, llama_dims, log, meta_params,
-                               meta_split_dim, tokenizer_source)
+                               meta_split_dim, no_tokenizer_warning, sentencepiece_source, tokenizer_source)
 
     src = MergedSource(a["base_model"], a["lora_weights"], a["allow_pickle_weights"])
-    d = llama_dims(src.config)
+    d = llama_dims(src.config, f"--base_model {a['base_model']}")
     extra = [n for n in src.weights.entries if n != "lm_head.weight" and not _is_known(n, hf_to_meta_name)]
     if extra:
         raise SuiteError(f"--base_model {a['base_model']}: tensors with no place in Meta's format: {extra[:3]}")
@@ -212,8 +243,9 @@ def export(a: dict, meta: dict) -> None:
         bad = [k for k in ("n_heads", "n_kv_heads", "hidden", "vocab_size", "dim") if d[k] % n]
         if bad:
             raise UsageError(f"--num_shards {n} must divide {', '.join(f'{k} ({d[k]})' for k in bad)}")
+    what = f"{n} shard{'s' * (n > 1)}, {dtype}" if a["format"] == "meta" else "one fp32 model.bin"
     log(STAGE, f"exporting {a['base_model']}{' + ' + a['lora_weights'] if a['lora_weights'] else ''} to "
-               f"{a['format']} ({n} shard{'s' * (n > 1)}, {dtype})")
+               f"{a['format']} ({what})")
     with staged_dir(a["output_dir"]) as tmp:
         if a["format"] == "meta":
             files = []
@@ -237,9 +269,23 @@ def export(a: dict, meta: dict) -> None:
             files = ["model.bin"]
         tok = tokenizer_source(a["lora_weights"], a["base_model"])
         tok_files = copy_tokenizer(tok, tmp)
+        if not tok_files:
+            no_tokenizer_warning(STAGE, {"--lora_weights": a["lora_weights"], "--base_model": a["base_model"]})
+        if a["format"] == "meta":
+            # Meta's folders hold the SentencePiece model beside the shards (its code reads nothing else). A
+            # fine-tune's folder often carries only the fast tokenizer, so the base's is looked for too.
+            spm = sentencepiece_source(a["lora_weights"], a["base_model"])
+            if spm is not None and "tokenizer.model" not in tok_files:
+                shutil.copyfile(spm, tmp / "tokenizer.model")
+                tok_files.append("tokenizer.model")
+            elif spm is None and tok_files:
+                log(STAGE, f"note: no tokenizer.model (SentencePiece) in {a['base_model']}"
+                           f"{' or ' + a['lora_weights'] if a['lora_weights'] else ''}, which Meta's own code reads "
+                           f"from beside the shards; the Hugging Face tokenizer files are copied ({', '.join(tok_files)})")
         verification = verify_export(tmp, a["format"], src, d)
-        log(STAGE, f"verified: logits read back from the {a['format']} files match the source's "
-                   f"{'merged with the adapter ' if src.adapter else ''}within {verification['rel_diff']:.2g} of their scale")
+        log(STAGE, f"verified: logits read back from the {a['format']} {'files' if a['format'] == 'meta' else 'file'} "
+                   f"match the source's {'merged with the adapter ' if src.adapter else ''}"
+                   f"{forward.agreement(verification)}")
         finish_meta(tmp, {**meta, "direction": "export", "format": a["format"], "dtype": dtype, "files_written": files,
                           "params": meta_params(d), "hf_config": src.config, "tokenizer": tok_files,
                           "verification": verification, "versions": library_versions("torch")})
@@ -311,7 +357,7 @@ class MetaReader:
     def __init__(self, folder: Path):
         import torch
 
-        from utils.convert import meta_hidden_dim
+        from utils.convert import META_ROPE_THETA, meta_hidden_dim
 
         self.folder = Path(folder)
         paths = sorted(self.folder.glob("consolidated.*.pth"))
@@ -325,6 +371,11 @@ class MetaReader:
         first = self.shards[0]
         if not isinstance(first, dict) or "tok_embeddings.weight" not in first:
             raise SuiteError(f"--base_model {folder}: {paths[0].name} is not a Meta Llama checkpoint")
+        lacking = [k for k in ("dim", "n_layers", "n_heads") if not isinstance(params.get(k), int)]
+        if lacking:
+            raise SuiteError(f"--base_model {folder}: params.json lacks {', '.join(lacking)}")
+        if "layers.0.feed_forward.w1.weight" not in first:
+            raise SuiteError(f"--base_model {folder}: {paths[0].name} has no layers.0 weights (not a Llama checkpoint)")
         n = len(paths)
         dim = params["dim"]
         w1 = sum(s["layers.0.feed_forward.w1.weight"].shape[0] for s in self.shards)
@@ -336,7 +387,8 @@ class MetaReader:
         heads = params["n_heads"]
         self.dims = {"dim": dim, "n_layers": params["n_layers"], "n_heads": heads,
                      "n_kv_heads": params.get("n_kv_heads") or heads, "vocab_size": vocab, "hidden": w1,
-                     "norm_eps": params.get("norm_eps", 1e-5), "rope_theta": float(params.get("rope_theta", 10000.0)),
+                     "norm_eps": params.get("norm_eps", 1e-5),
+                     "rope_theta": float(params.get("rope_theta", META_ROPE_THETA)),  # absent in Llama 1/2 folders
                      "max_seq_len": params.get("max_seq_len", 2048), "tied": False}
         self.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[emb.dtype]
 
@@ -439,7 +491,7 @@ def import_to_hf(a: dict, kind: str, meta: dict) -> None:
     import torch
 
     from utils.artifacts import finish_meta, library_versions, read_meta, staged_dir, write_json
-    from utils.convert import DTYPES, copy_tokenizer, hf_llama_config, log, tokenizer_source
+    from utils.convert import DTYPES, copy_tokenizer, hf_llama_config, log, no_tokenizer_warning, tokenizer_source
     from utils.shards import ShardWriter, dtype_code, parse_size
 
     src = Path(a["base_model"])
@@ -475,7 +527,8 @@ def import_to_hf(a: dict, kind: str, meta: dict) -> None:
         tok = Path(a["tokenizer"]) if a["tokenizer"] else tokenizer_source(folder)
         tok_files = copy_tokenizer(tok, tmp)
         if not tok_files:
-            log(STAGE, "warning: no tokenizer found (give --tokenizer DIR); the output has none")
+            no_tokenizer_warning(STAGE, {"--tokenizer": a["tokenizer"]} if a["tokenizer"] else {"--base_model": folder},
+                                 " (give --tokenizer DIR: a folder with the model's tokenizer files)")
         from utils import forward
         from utils.shards import ModelWeights
 

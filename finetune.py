@@ -5,7 +5,7 @@ prepare_data.py output folder, trains with a plain PyTorch loop (token-exact los
 accumulation, length-grouped batches), and writes a folder every later stage reads by path:
 
     OUTPUT_DIR/adapter_config.json + adapter_model.safetensors   (PEFT format; full SFT: the model)
-    OUTPUT_DIR/tokenizer files, template.json, data_report.json, metrics.jsonl
+    OUTPUT_DIR/tokenizer files, template.json, data_report.json, metrics.jsonl, loss.png (train / eval loss)
     OUTPUT_DIR/checkpoint-N/        resumable checkpoints, each written atomically with a manifest
     OUTPUT_DIR/pipeline.json        resolved arguments, base model fingerprint, data, file hashes (last)
 
@@ -145,7 +145,8 @@ def main(
         save_steps: Write a resumable checkpoint every N steps (0: only at the end / on interrupt).
         save_total_limit: Keep at most this many checkpoints.
         max_shard_size: full: largest safetensors shard of the saved model (e.g. 500MB, 2GB).
-        logging_steps: Print the loss every N steps.
+        logging_steps: Without a terminal (CI logs, cron), print the loss every N steps (0: never); on a
+            terminal a progress bar shows it.
         tensorboard: Also write the metrics as TensorBoard events in OUTPUT_DIR/tensorboard.
         wandb_project: Log to this Weights & Biases project (needs the wandb package).
         wandb_run_name: Weights & Biases run name.
@@ -157,25 +158,24 @@ def main(
         seed: Seed for data order, initialisation and dropout.
         trust_remote_code: Allow custom model code from base_model to run.
         allow_pickle_weights: Accept pytorch_model.bin weights (loaded with weights_only=True).
-        overwrite: Replace an output_dir that holds a different run.
+        overwrite: Replace a different finished run in output_dir (only its own files: those its pipeline.json
+            lists, checkpoints, metrics), or write into a folder holding files this suite did not write
+            (they are kept).
     """
     args = dict(locals())
     args["lora_target_modules"] = list(lora_target_modules)
     validate_args(**args)
-    from utils.checkpoint import RunLock
+    from utils.checkpoint import RunFolder, sigterm_exits
     from utils.distributed import from_env
 
     dist = from_env()
-    out = Path(output_dir)
-    locks = []
-    try:
-        # Only rank 0 holds the lock; its refusal reaches every rank.
-        dist.on_main(lambda: (out.mkdir(parents=True, exist_ok=True), locks.append(RunLock(out).__enter__())))
+    with contextlib.ExitStack() as stack:
+        stack.callback(dist.close)
+        stack.enter_context(sigterm_exits())  # so that the folder's lock is released on SIGTERM too
+        # Before any work: the destination rule, the folder and its lock. Only rank 0 holds them; its
+        # refusal reaches every rank.
+        dist.on_main(lambda: stack.enter_context(RunFolder(Path(output_dir), overwrite)) and None)
         train(args, dist)
-    finally:
-        for lock in locks:
-            lock.__exit__(None, None, None)
-        dist.close()
 
 
 def validate_args(**a) -> None:
@@ -184,9 +184,11 @@ def validate_args(**a) -> None:
     problems = check_model_dir(a["base_model"], a["allow_pickle_weights"])
     if not a["data_path"]:
         problems.append("--data_path: give data files or a prepare_data.py folder")
+    from utils.data import missing_path_message
+
     for p in a["data_path"]:
         if not Path(p).exists():
-            problems.append(f"--data_path {p}: not found")
+            problems.append(missing_path_message("--data_path", p, "file or folder"))
     if len(a["data_path"]) > 1 and any(Path(p).is_dir() for p in a["data_path"]):
         problems.append("--data_path: a prepared folder must be given alone")
     for name in ("batch_size", "micro_batch_size", "lora_r", "num_virtual_tokens"):
@@ -324,7 +326,7 @@ def train(args: dict, dist) -> None:
     from utils.artifacts import read_meta
     from utils.batches import epoch_steps, steps_per_epoch
     from utils.model import check_packing, load_base_model, prepare_model
-    from utils.tracking import Tracker
+    from utils.tracking import StepProgress, Tracker
 
     out = Path(args["output_dir"])
     data_dir = dist.on_main(prepare, args)
@@ -350,7 +352,7 @@ def train(args: dict, dist) -> None:
                             allow_pickle_weights=args["allow_pickle_weights"], device=dist.device,
                             quantization=quantization_of(args))
     if args["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = prepare_model(model, args["method"], args)
     if args["packing"]:
         check_packing(model, dist.device)
@@ -387,10 +389,13 @@ def train(args: dict, dist) -> None:
     elif dist.on_main(ckpt.checkpoint_dirs, out):
         raise SuiteError(f"--output_dir {out} holds checkpoints of an unfinished run; pass --resume_from_checkpoint "
                          "auto to continue it, or --overwrite to start again")
-    tracker = Tracker(out, args, step, dist.main)
+    recorded = recorded_args(args, data_dir, dist.main)
+    tracker = Tracker(out, recorded, step, dist.main)
     tracker.watch(model)
 
     stop = StopFlag()
+    progress = StepProgress(total_steps, step, args["logging_steps"], dist.main)
+    stop.progress = progress
     n_virtual = args["num_virtual_tokens"] if args["method"] in PROMPT_METHODS else 0
     model.train()
     t0, tokens_seen, cached_epoch, steps = time.perf_counter(), 0, None, []
@@ -435,10 +440,7 @@ def train(args: dict, dist) -> None:
         record = {"step": step, "epoch": epoch, "loss": round(loss_sum, 6), "lr": scheduler.get_last_lr()[0],
                   "trained_tokens": n_tokens}
         tracker.log(record)
-        if dist.main and args["logging_steps"] and step % args["logging_steps"] == 0:
-            rate = tokens_seen * dist.world_size / (time.perf_counter() - t0)
-            print(f"finetune: step {step}/{total_steps} loss {loss_sum:.4f} lr {record['lr']:.2e} "
-                  f"({rate:,.0f} tokens/s)", file=sys.stderr)
+        progress.update(step, loss_sum, record["lr"], tokens_seen * dist.world_size / (time.perf_counter() - t0))
         if val_rows and args["eval_steps"] and step % args["eval_steps"] == 0 and step < total_steps:
             result = evaluate(model, val_rows, args, n_virtual, dist)
             tracker.log({"step": step, **result})
@@ -454,19 +456,23 @@ def train(args: dict, dist) -> None:
             weights, optim = dist.trainable_state(model), dist.optimizer_state(model, optimizer)
             dist.on_main(ckpt.save, out, step, weights, optim, scheduler, args["save_total_limit"],
                          state, best_weights, ckpt.gather_rng(dist), engine_dir)
+            tracker.plot()  # beside metrics.jsonl, outside the checkpoint (its manifest is unchanged)
             dist.barrier()
         if interrupted:
+            progress.close()
             if dist.main:
                 print(f"finetune: interrupted ({stop.requested or 'by another rank'}); checkpoint at step {step} "
                       "saved. Resume with --resume_from_checkpoint auto", file=sys.stderr)
             tracker.close()
             sys.exit(130 if stop.requested == "SIGINT" else 143)
         if stopped_early:
+            progress.close()
             if dist.main:
                 print(f"finetune: early stopping at step {step}: eval loss has not improved on "
                       f"{state['best']['eval_loss']:.4f} (step {state['best']['step']}) for "
                       f"{state['bad_evals']} evaluations", file=sys.stderr)
             break
+    progress.close()
     stop.restore()
 
     final_eval = evaluate(model, val_rows, args, n_virtual, dist) if val_rows else {}
@@ -493,9 +499,12 @@ def train(args: dict, dist) -> None:
         layers = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
         summary["quantization"] = {**quantization_of(args), "quantized_layers": layers}
     gathered = dist.trainable_state(model) if dist.sharded else None
-    dist.on_main(ckpt.save_final, out, model, args, data_dir, fingerprint, base, summary, gathered)
+    plot = tracker.plot()  # before save_final: pipeline.json lists its hash with the other files
+    dist.on_main(ckpt.save_final, out, model, recorded, data_dir, fingerprint, base, summary, gathered)
     tracker.finish(out if dist.main else None)
     if dist.main:
+        if plot is not None:
+            print(f"finetune: loss curve {plot.absolute()}", file=sys.stderr)
         print(out.absolute())
 
 
@@ -505,6 +514,31 @@ def empty_batch() -> dict:
 
     return {"input_ids": torch.zeros((1, 2), dtype=torch.long), "attention_mask": torch.ones((1, 2), dtype=torch.long),
             "labels": torch.full((1, 2), -100, dtype=torch.long), "real_tokens": 0}
+
+
+# Data-stage flags: applied when finetune prepares raw files itself; a prepared folder keeps its own values.
+DATA_STAGE_ARGS = ("prompt_template_name", "cutoff_len", "val_set_size", "train_on_inputs")
+
+
+def recorded_args(args: dict, data_dir: Path, report: bool = True) -> dict:
+    """The arguments as this run used them, for pipeline.json: the data-stage values come from the data
+    folder's own pipeline.json (with a prepared --data_path, finetune's flags for them do not apply). A value
+    given here that differs from both the default and the folder's is reported, as it has no effect."""
+    import inspect
+
+    from utils.artifacts import read_meta
+
+    prepared = read_meta(data_dir)["args"]
+    defaults = inspect.signature(main).parameters
+    used = dict(args)
+    for key in DATA_STAGE_ARGS:
+        if key not in prepared:
+            continue
+        if report and args[key] != prepared[key] and args[key] != defaults[key].default:
+            print(f"finetune: --{key} {args[key]} does not apply to the prepared --data_path {data_dir} (prepared "
+                  f"with {prepared[key]}); recording {prepared[key]}", file=sys.stderr)
+        used[key] = prepared[key]
+    return used
 
 
 def quantization_of(args: dict) -> dict | None:
@@ -547,25 +581,20 @@ def track_best(result: dict, step: int, state: dict, best_weights, model, args: 
 
 
 def check_output_dir_for_run(out: Path, fingerprint: str, args: dict) -> bool:
-    """True if ``out`` already holds this finished run. A different finished run needs --overwrite."""
-    from utils.artifacts import META_FILE, read_meta
-
-    meta = read_meta(out)
-    if meta is None:
-        return False
-    if meta.get("stage") != "finetune":
-        raise SuiteError(f"--output_dir {out} holds a {meta.get('stage', 'different')} output, not a fine-tune; "
-                         "choose another folder (it is never replaced)")
-    if meta.get("fingerprint") == fingerprint and meta.get("complete"):
-        return True
-    if not args["overwrite"]:
-        raise SuiteError(f"--output_dir {out} holds a different finished run; pass --overwrite to replace it")
-    for name in meta.get("files", {}):  # the old run's own outputs (e.g. a single model.safetensors
-        (out / name).unlink(missing_ok=True)  # that transformers would load before new shards)
-    (out / META_FILE).unlink()
+    """True if ``out`` already holds this finished run. A different finished run needs --overwrite, which
+    removes that run's own files (those its pipeline.json lists, checkpoints, metrics) and nothing else."""
     from utils import checkpoint as ckpt
+    from utils.artifacts import check_output_dir, read_meta, remove_recorded
 
-    ckpt.clear_run(out)
+    if check_output_dir(out, "finetune", fingerprint, args["overwrite"], resumable=ckpt.unfinished_run):
+        return True
+    meta = read_meta(out)
+    finished = bool(meta and meta.get("complete"))
+    # --overwrite on an unfinished run starts it again, unless it is being resumed.
+    if finished or args["overwrite"] and args["resume_from_checkpoint"] is None:
+        remove_recorded(out, meta)  # e.g. a single model.safetensors transformers would load before new shards
+        ckpt.clear_run(out)
+        ckpt.mark_unfinished(out)
     return False
 
 
@@ -661,13 +690,18 @@ class StopFlag:
 
     def __init__(self):
         self.requested: str | None = None
+        self.progress = None  # a StepProgress: messages go around its bar
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        print(f"finetune: {self.requested} received; saving a checkpoint at the end of this step", file=sys.stderr)
+        message = f"finetune: {self.requested} received; saving a checkpoint at the end of this step"
+        if self.progress is not None:
+            self.progress.write(message)
+        else:
+            print(message, file=sys.stderr)
 
     def restore(self):
         for s, handler in self.previous.items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ def main(
     seed: int = 0,
     truncate_prompt: bool = False,
     strict: bool = False,
+    max_bad_fraction: float = 0.01,
     overwrite: bool = False,
     load_8bit: bool = False,
     load_4bit: bool = False,
@@ -87,7 +89,8 @@ def main(
             it carries none).
         instruction: One-shot: the instruction, rendered with the template. Only the answer goes to stdout.
         input: One-shot: the optional input (context) of the instruction.
-        prompt: One-shot: text sent to the model as is (no template); its continuation goes to stdout.
+        prompt: One-shot: text sent to the model as is (no template, so no template stop strings: it ends at EOS,
+            --stop or --max_new_tokens); its continuation goes to stdout.
         system: Chat and messages rows: the system message (default: the template's).
         input_file: Batch: JSONL or JSON array of rows (alpaca instruction/input, a question text, or OpenAI
             messages; see the *_field flags).
@@ -116,6 +119,8 @@ def main(
         seed: Seed for sampling.
         truncate_prompt: Cut a prompt that does not fit the context to its last tokens, instead of failing.
         strict: Batch: stop at the first bad row instead of skipping it.
+        max_bad_fraction: Batch: fail before answering (nothing written) if more than this fraction of rows are
+            malformed or cannot be rendered, as prepare_data.py does.
         overwrite: Batch: replace an output_file written with other settings or another model.
         load_8bit: Load the base model in 8-bit (bitsandbytes).
         load_4bit: Load the base model in 4-bit NF4 (bitsandbytes).
@@ -134,7 +139,7 @@ def main(
     settings, mode = validate(args)
     if mode == "batch":
         return batch(args, settings)
-    engine, loaded = build_engine(args)
+    engine, loaded = build_engine(args, raw=args["prompt"] is not None)
     if mode == "one-shot":
         one_shot(engine, loaded, args, settings)
     else:
@@ -164,6 +169,11 @@ def validate(a: dict):
         problems.append("--input goes with --instruction")
     if (a["input_file"] is None) != (a["output_file"] is None):
         problems.append("--input_file and --output_file go together")
+    from utils.loading import template_problems
+
+    problems += template_problems(a["prompt_template"])
+    if not 0 <= a["max_bad_fraction"] <= 1:
+        problems.append(f"--max_bad_fraction must be between 0 and 1, got {a['max_bad_fraction']}")
     if a["batch_size"] < 1:
         problems.append(f"--batch_size must be >= 1, got {a['batch_size']}")
     if a["input_file"] is not None and not Path(a["input_file"]).is_file():
@@ -177,28 +187,42 @@ def validate(a: dict):
     return settings, mode
 
 
-def build_engine(a: dict, log=None):
-    from utils.generation import Engine
-    from utils.loading import load
+def plan_loading(a: dict, raw: bool = False):
+    """Check the model arguments and load tokenizer and template, without reading weights (utils.loading.prepare).
+    A raw ``--prompt`` has no template; otherwise a model that carries none gets alpaca."""
+    from utils.loading import prepare
 
-    loaded = load(a["base_model"] or None, a["lora_weights"] or None, prompt_template=a["prompt_template"] or None,
-                  dtype=a["dtype"], device=a["device"], load_8bit=a["load_8bit"], load_4bit=a["load_4bit"],
-                  device_map=a["device_map"], max_memory=a["max_memory"], trust_remote_code=a["trust_remote_code"],
-                  allow_pickle_weights=a["allow_pickle_weights"], allow_base_mismatch=a["allow_base_mismatch"],
-                  log=log)
-    if loaded.template is None:
+    plan = prepare(a["base_model"] or None, a["lora_weights"] or None, prompt_template=a["prompt_template"] or None,
+                   dtype=a["dtype"], device=a["device"], load_8bit=a["load_8bit"], load_4bit=a["load_4bit"],
+                   device_map=a["device_map"], max_memory=a["max_memory"], trust_remote_code=a["trust_remote_code"],
+                   allow_pickle_weights=a["allow_pickle_weights"], allow_base_mismatch=a["allow_base_mismatch"])
+    if raw:
+        plan.template = None  # sent as is: EOS and --stop end it, never a template's stop strings
+        plan.info["template"] = None
+    elif plan.template is None:
         from utils.templates import load_template
 
-        loaded.template = load_template("alpaca")
-        loaded.info["template"] = "alpaca"
-        print("generate: the model carries no template; using alpaca (pass --prompt_template)", file=sys.stderr)
+        plan.template = load_template("alpaca")
+        plan.info["template"] = "alpaca"
+        if os.environ.get("RANK", "0") == "0":
+            print("generate: the model carries no template; using alpaca (pass --prompt_template)", file=sys.stderr)
+    return plan
+
+
+def build_engine(a: dict, log=None, plan=None, raw: bool = False):
+    """(Engine, Loaded) for the arguments; ``plan`` from ``plan_loading`` when the checks already ran."""
+    from utils.generation import Engine
+    from utils.loading import load_model
+
+    loaded = load_model(plan or plan_loading(a, raw=raw), log=log)
     fast = {"auto": None, "on": True, "off": False}[a["fast"]]
     try:
         engine = Engine(loaded.model, loaded.tokenizer, loaded.template, fast=fast)
     except ValueError as exc:
         raise SuiteError(f"--fast on: {exc}") from None
-    print(f"generate: decoding with the {engine.runner.name} path; context {engine.context_len} tokens",
-          file=sys.stderr)
+    if log is None:
+        print(f"generate: decoding with the {engine.runner.name} path; context {engine.context_len} tokens",
+              file=sys.stderr)
     return engine, loaded
 
 
@@ -485,19 +509,77 @@ def _wait_for_ranks(out: Path, world: int, token: str) -> None:
             time.sleep(0.2)
 
 
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C during batch generation (raised between whole answer lines, never inside a write)."""
+
+
+class StopSignals:
+    """Turns SIGTERM / SIGINT into ``Stopped`` while answers are generated; a signal that arrives while a batch of
+    answers is being written waits until the lines are whole and durable."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.writing = False
+        import threading
+
+        # Signal handlers can only be installed from the main thread (batch() called from a worker thread, as a
+        # server might, keeps the default behaviour).
+        main = threading.current_thread() is threading.main_thread()
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+        if not self.writing:
+            raise Stopped(self.requested)
+
+    def write(self, f, records: list[dict]) -> None:
+        """Append ``records`` (then emptied) as whole, durable lines; a signal received meanwhile is raised after."""
+        self.writing = True
+        try:
+            _append(f, records)
+            records.clear()
+        finally:
+            self.writing = False
+        if self.requested:
+            raise Stopped(self.requested)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _lines(path: str, lines: list[int], limit: int = 10) -> str:
+    return ", ".join(f"{path}:{n}" for n in lines[:limit]) + (", ..." if len(lines) > limit else "")
+
+
+def check_bad_fraction(path: str, total: int, bad: dict[str, list[int]], max_bad_fraction: float) -> None:
+    """prepare_data.py's rule: more than ``max_bad_fraction`` of the rows malformed fails before anything is
+    written, with the counts and line numbers by reason."""
+    n_bad = sum(len(v) for v in bad.values())
+    if total and n_bad / total > max_bad_fraction:
+        summary = "; ".join(f"{reason}: {len(v)} (first at {_lines(path, v, 3)})" for reason, v in bad.items())
+        raise SuiteError(f"{n_bad} of {total} rows are malformed ({n_bad / total:.2%} > --max_bad_fraction "
+                         f"{max_bad_fraction:.2%}); nothing written. Malformed: {summary}.")
+
+
 def batch(a: dict, settings) -> None:
-    import torch
+    from utils.templates import TemplateError
 
     rank, world, local, token = _dist()
-    if world > 1 and a["device"] == "auto" and torch.cuda.is_available():
-        a = {**a, "device": f"cuda:{local}"}
+    if world > 1 and a["device"] == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            a = {**a, "device": f"cuda:{local}"}
     out = Path(a["output_file"])
     work = out.with_name(out.name + ".partial")
     quiet = rank != 0
     log = (lambda msg: None) if quiet else None
-    engine, loaded = build_engine(a, log=log)
-    key = settings_key(a, loaded.info, settings)
+    # Everything that can be refused is refused before a weight is read: the rows, the model folders, the output.
     rows, bad = read_rows(a["input_file"], a)
+    total = len(rows) + sum(len(v) for v in bad.values())
+    plan = plan_loading(a)
+    key = settings_key(a, plan.info, settings)
     previous = [p for p in [out] + sorted(out.parent.glob(out.name + ".partial*")) if p.is_file()]
     done = _read_done(previous)
     if out.is_file() and out.stat().st_size and not _read_done([out]) and not a["overwrite"]:
@@ -507,6 +589,17 @@ def batch(a: dict, settings) -> None:
     if stale and not a["overwrite"]:
         raise SuiteError(f"--output_file {out} holds answers made with other settings or another model; pass "
                          "--overwrite to replace them (or choose another file)")
+    # Rendering needs only the template: rows it cannot render count as bad before the limit is applied.
+    rendered: dict[int, tuple[str, bool]] = {}
+    for i, r in enumerate(rows):
+        try:
+            rendered[i] = render(plan.template, r["messages"], input=r["input"])
+        except TemplateError as exc:  # e.g. a multi-turn row and an instruction template
+            if a["strict"]:
+                raise SuiteError(f"--input_file {a['input_file']}:{r['line']}: {exc} (--strict)") from None
+            bad.setdefault(f"the {plan.template.name} template cannot render it (multi-turn rows need a "
+                           "conversation template: --prompt_template)", []).append(r["line"])
+    check_bad_fraction(a["input_file"], total, bad, a["max_bad_fraction"])
     part = work if world == 1 else work.with_name(f"{work.name}.rank{rank}")
     if stale:  # --overwrite: each rank starts its own file afresh; rank 0 removes the rest
         done = {}
@@ -514,42 +607,47 @@ def batch(a: dict, settings) -> None:
         for p in previous:
             if p == part or (rank == 0 and p not in mine_files):
                 p.unlink(missing_ok=True)
-    todo = [r for r in rows if json.dumps(r["id"]) not in done]
+    todo = [r for i, r in enumerate(rows) if i in rendered and json.dumps(r["id"]) not in done]
     # Dealt by position in the input, not in the to-do list: another rank may already have answered (and so
     # removed from its to-do list) rows by the time this one looks.
-    mine = [r for i, r in enumerate(rows) if i % world == rank and json.dumps(r["id"]) not in done]
+    mine = [(i, r) for i, r in enumerate(rows)
+            if i % world == rank and i in rendered and json.dumps(r["id"]) not in done]
     if rank == 0:
         skipped = sum(len(v) for v in bad.values())
         if bad:
             print(f"generate: skipped {skipped} bad row(s) of {a['input_file']}: " + "; ".join(
                 f"{k}: {len(v)} (lines {', '.join(map(str, v[:10]))}{', ...' if len(v) > 10 else ''})"
                 for k, v in bad.items()), file=sys.stderr)
-        print(f"generate: {len(rows)} rows, {len(rows) - len(todo)} already answered, {len(todo)} to do"
+        answered = sum(json.dumps(r["id"]) in done for r in rows)
+        print(f"generate: {len(rows)} rows, {answered} already answered, {len(todo)} to do"
               + (f" over {world} processes" if world > 1 else ""), file=sys.stderr)
-    from utils.templates import TemplateError
+    if not todo and out.is_file() and previous == [out] and not stale:
+        # A finished run re-run: nothing is loaded, generated or rewritten.
+        if rank == 0:
+            print(f"generate: nothing to do: {out} already holds the answers to all {len(rendered)} usable rows of "
+                  f"{a['input_file']}, made by this model with these settings (pass --overwrite to answer them "
+                  "again)", file=sys.stderr)
+            print(out.absolute())
+        if world > 1:
+            import torch.distributed as td
 
-    prompts, keep, too_long, unrenderable = [], [], [], []
-    for r in mine:
-        try:
-            text, special = render(loaded.template, r["messages"], input=r["input"])
-        except TemplateError as exc:  # e.g. a multi-turn row and an instruction template
-            if a["strict"]:
-                raise SuiteError(f"--input_file {a['input_file']}:{r['line']}: {exc} (--strict)") from None
-            unrenderable.append(r["line"])
-            continue
-        ids = engine.encode(text, add_special_tokens=special)
-        try:
-            prompts.append(engine.fit(ids, settings.max_new_tokens, truncate=a["truncate_prompt"]))
-            keep.append(r)
-        except ValueError as exc:
-            if a["strict"]:
-                raise SuiteError(f"--input_file {a['input_file']}:{r['line']}: {exc} (--strict; or pass "
-                                 "--truncate_prompt)") from None
-            too_long.append(r["line"])
-    if unrenderable:
-        print(f"generate: skipped {len(unrenderable)} row(s) the {loaded.template.name} template cannot render "
-              f"(lines {', '.join(map(str, unrenderable[:10]))}{', ...' if len(unrenderable) > 10 else ''}); "
-              "multi-turn rows need a conversation template (--prompt_template)", file=sys.stderr)
+            td.destroy_process_group()
+        return
+    prompts, keep, too_long = [], [], []
+    engine = None
+    if mine:
+        engine, _ = build_engine(a, log=log, plan=plan)
+        for i, r in mine:
+            text, special = rendered[i]
+            ids = engine.encode(text, add_special_tokens=special)
+            try:
+                prompts.append(engine.fit(ids, settings.max_new_tokens, truncate=a["truncate_prompt"]))
+                keep.append(r)
+            except ValueError as exc:
+                if a["strict"]:
+                    raise SuiteError(f"--input_file {a['input_file']}:{r['line']}: {exc} (--strict; or pass "
+                                     "--truncate_prompt)") from None
+                too_long.append(r["line"])
     if too_long:
         print(f"generate: skipped {len(too_long)} row(s) whose prompt does not fit the context with "
               f"--max_new_tokens {settings.max_new_tokens} (lines {', '.join(map(str, too_long[:10]))}"
@@ -561,21 +659,37 @@ def batch(a: dict, settings) -> None:
     pending: list[dict] = []
     _cut_torn_tail(part)
     bar = tqdm(total=len(prompts), desc="generate", unit="row", file=sys.stderr, disable=quiet or not prompts)
-    with open(part, "a", encoding="utf-8") as f:
-        def on_result(i: int, c) -> None:
-            nonlocal new_tokens
-            r = keep[i]
-            new_tokens += c.new_tokens
-            pending.append({**r["row"], "id": r["id"], "line": r["line"], "response": c.text,
-                            "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                            "new_tokens": c.new_tokens, "model_id": loaded.info["model_id"], "generation": key})
-            bar.update(1)
-            if len(pending) >= a["batch_size"]:
-                _append(f, pending)
-                pending.clear()
+    stop = StopSignals()
+    try:
+        with open(part, "a", encoding="utf-8") as f:
+            def on_result(i: int, c) -> None:
+                nonlocal new_tokens
+                r = keep[i]
+                new_tokens += c.new_tokens
+                pending.append({**r["row"], "id": r["id"], "line": r["line"], "response": c.text,
+                                "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                                "new_tokens": c.new_tokens, "model_id": plan.info["model_id"], "generation": key})
+                bar.update(1)
+                if len(pending) >= a["batch_size"]:
+                    stop.write(f, pending)
 
-        engine.generate(prompts, settings, batch_size=a["batch_size"], on_result=on_result)
-        _append(f, pending)
+            try:
+                if prompts:
+                    engine.generate(prompts, settings, batch_size=a["batch_size"], on_result=on_result)
+                stop.write(f, pending)
+                stop.writing = True  # every answer is written: a signal from here on need not cut the merge short
+            except Stopped:
+                stop.writing = True  # a second signal must not cut the last lines short
+                _append(f, pending)
+                raise
+    except Stopped as exc:
+        bar.close()
+        kept = len(_read_done([part]))
+        print(f"\ngenerate: stopped by {exc}; {kept} answers kept in {part}; re-run the same command to resume "
+              "(answered rows are skipped)", file=sys.stderr)
+        sys.exit(130 if str(exc) == "SIGINT" else 143)
+    finally:
+        stop.restore()
     bar.close()
     took = time.perf_counter() - started
     if world > 1 and rank != 0:
@@ -586,16 +700,21 @@ def batch(a: dict, settings) -> None:
     if rank == 0:
         merged = _read_done([p for p in [out] + sorted(out.parent.glob(out.name + ".partial*")) if p.is_file()])
         ordered = [merged[json.dumps(r["id"])] for r in rows if json.dumps(r["id"]) in merged]
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            _append(f, ordered)
-        os.replace(tmp, out)
+        # Nothing new (every row left is one that cannot be answered, e.g. too long): the output stays as it is.
+        unchanged = out.is_file() and not stale and set(merged) == set(_read_done([out]))
+        if not unchanged:
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+            with open(tmp, "w", encoding="utf-8") as f:
+                _append(f, ordered)
+            os.replace(tmp, out)
         for p in out.parent.glob(out.name + ".partial*"):
             p.unlink()
-        if engine.bad_logit_rows:
+        if engine is not None and engine.bad_logit_rows:
             print(f"generate: repaired NaN/inf logits in {engine.bad_logit_rows} decoding step(s)", file=sys.stderr)
         missing = len(rows) - len(ordered)
-        print(f"generate: wrote {len(ordered)} answers to {out}" + (f" ({missing} rows unanswered)" if missing else "")
+        head = (f"generate: nothing new: {out} already holds {len(ordered)} answers" if unchanged else
+                f"generate: wrote {len(ordered)} answers to {out}")
+        print(head + (f" ({missing} rows unanswered)" if missing else "")
               + f"; this run: {len(prompts)} rows" + (f" on rank 0 of {world}" if world > 1 else "")
               + f", {new_tokens} new tokens in {took:.1f}s ({new_tokens / max(took, 1e-9):.1f} tokens/s, "
               f"{len(prompts) / max(took, 1e-9):.2f} rows/s)", file=sys.stderr)

@@ -22,8 +22,10 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -90,30 +92,80 @@ def main(
     """
     args = dict(locals())
     validate_args(**args)
+    from utils.artifacts import claim_output_dir
 
-    from utils.artifacts import check_output_dir
+    claim_output_dir(output_dir, "prepare_data", overwrite)  # before any work (fingerprints come later)
+    with interruptible(output_dir) as progress:
+        from utils.artifacts import check_output_dir
 
-    tokenizer = load_tokenizer(base_model, trust_remote_code)
-    sources, examples = read_sources(data_path, data_format, prompt_column, response_column, history_column)
-    template = resolve_template(prompt_template_name, [s["format"] for s in sources], data_path, tokenizer)
-    mode = "all" if train_on_inputs else mask_mode
-    fingerprint = compute_fingerprint(args, sources, base_model, template)
-    if check_output_dir(output_dir, "prepare_data", fingerprint, overwrite):
-        print(f"prepare_data: {output_dir} already holds this dataset (fingerprint {fingerprint[:12]}); nothing to do",
-              file=sys.stderr)
-        report = json.loads((Path(output_dir) / "data_report.json").read_text(encoding="utf-8"))
-        print_summary(report, sys.stderr)
-    else:
-        warn_context_length(base_model, cutoff_len)
-        encoded, errors = encode_all(examples, tokenizer, template, cutoff_len, on_overlength, mode, strict, log_bad_rows)
-        report = build_report(sources, examples, encoded, errors, cutoff_len)
-        check_quality(report, errors, max_bad_fraction)
-        write_output(output_dir, args, sources, base_model, tokenizer, template, encoded, report,
-                     val_set_size, seed, fingerprint, mode)
-        print_summary(report, sys.stderr)
+        tokenizer = load_tokenizer(base_model, trust_remote_code)
+        sources, examples = read_sources(data_path, data_format, prompt_column, response_column, history_column)
+        template = resolve_template(prompt_template_name, [s["format"] for s in sources], data_path, tokenizer)
+        mode = "all" if train_on_inputs else mask_mode
+        fingerprint = progress["fingerprint"] = compute_fingerprint(args, sources, base_model, template)
+        if check_output_dir(output_dir, "prepare_data", fingerprint, overwrite):
+            print(f"prepare_data: {output_dir} already holds this dataset (fingerprint {fingerprint[:12]}); "
+                  "nothing to do", file=sys.stderr)
+            report = json.loads((Path(output_dir) / "data_report.json").read_text(encoding="utf-8"))
+            print_summary(report, sys.stderr)
+        else:
+            warn_context_length(base_model, cutoff_len)
+            encoded, errors = encode_all(examples, tokenizer, template, cutoff_len, on_overlength, mode, strict,
+                                         log_bad_rows)
+            report = build_report(sources, examples, encoded, errors, cutoff_len)
+            check_quality(report, errors, max_bad_fraction)
+            write_output(output_dir, args, sources, base_model, tokenizer, template, encoded, report,
+                         val_set_size, seed, fingerprint, mode)
+            print_summary(report, sys.stderr)
     if inspect:
         show_examples(output_dir, inspect)
     print(os.path.abspath(output_dir))
+
+
+@contextlib.contextmanager
+def interruptible(output_dir: str):
+    """SIGTERM or Ctrl-C while preparing: say what is kept and exit 143 / 130, without a traceback. The output
+    folder is written whole at the end (a temporary sibling renamed into place) or not at all, so an
+    interrupted run leaves nothing behind and a re-run starts over. Yields a dict for the run's fingerprint."""
+    import threading
+
+    state: dict = {"fingerprint": None}  # set by main once known: tells this run's output from an older one
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield state
+        return
+
+    def stop(signum, frame):
+        name = signal.Signals(signum).name
+        raise Interrupted(name, 128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield state
+    except Interrupted as exc:
+        from utils.artifacts import read_meta
+
+        meta = read_meta(output_dir) or {}
+        complete = meta.get("stage") == "prepare_data" and meta.get("complete")
+        if complete and state["fingerprint"] and meta.get("fingerprint") == state["fingerprint"]:
+            kept = f"{output_dir} holds this complete prepared dataset (re-running the command is a no-op)"
+        elif complete:
+            kept = f"{output_dir} still holds the earlier prepared dataset, unchanged; nothing new was written"
+        else:
+            kept = (f"nothing was written to {output_dir} (the prepared folder is written whole at the end); "
+                    "there is nothing to resume: run the same command again to start over")
+        print(f"prepare_data: interrupted by {exc.name} while preparing the data; {kept}", file=sys.stderr)
+        raise SystemExit(exc.code) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(BaseException):
+    """Raised by the signal handler; a BaseException so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, name: str, code: int):
+        super().__init__(name)
+        self.name, self.code = name, code
 
 
 def warn_context_length(base_model: str, cutoff_len: int) -> None:
@@ -130,17 +182,21 @@ def warn_context_length(base_model: str, cutoff_len: int) -> None:
 
 def validate_args(**a) -> None:
     """Collect every problem with the arguments and raise once."""
+    from utils.data import missing_path_message
+    from utils.model import missing_folder, tokenizer_problems
+
     problems = []
     base = Path(a["base_model"])
     if not base.is_dir():
-        problems.append(f"--base_model {a['base_model']}: no such folder (models are never downloaded)")
-    elif not any((base / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        problems.append(f"--base_model {a['base_model']}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+        problems.append(missing_folder(a["base_model"], "--base_model"))
+    else:
+        problems += tokenizer_problems(a["base_model"])  # the same check and words as every loading stage
     if not a["data_path"]:
         problems.append("--data_path: give at least one file")
     for p in a["data_path"]:
         if not Path(p).is_file():
-            problems.append(f"--data_path {p}: no such file")
+            problems.append(f"--data_path {p}: a folder, not a data file" if Path(p).is_dir() else
+                            missing_path_message("--data_path", p, "file"))
     out = Path(a["output_dir"]).absolute()
     for p in a["data_path"]:
         if Path(p).absolute() == out:
@@ -231,6 +287,7 @@ def encode_all(examples, tokenizer, template, cutoff_len, on_overlength, mode, s
 
     from utils.data import POLICY_DROPS, DataError, RowError
     from utils.encode import Encoder
+    from utils.tracking import on_terminal
 
     encoder = Encoder(tokenizer, template, cutoff_len=cutoff_len, on_overlength=on_overlength, mask_mode=mode)
     flat = [(src, row) for src, rows in enumerate(examples) for row in rows]
@@ -247,7 +304,7 @@ def encode_all(examples, tokenizer, template, cutoff_len, on_overlength, mode, s
             raise DataError(f"{err}{hint}")
         errors.append((src, err))
 
-    with tqdm(total=len(flat), desc="tokenizing", unit="ex", file=sys.stderr, disable=None) as bar:
+    with tqdm(total=len(flat), desc="tokenizing", unit="row", file=sys.stderr, disable=not on_terminal()) as bar:
         for start in range(0, len(flat), BATCH):
             chunk = flat[start:start + BATCH]
             results = iter(encoder.encode_batch([ex for _, ex in chunk if not isinstance(ex, RowError)]))
@@ -322,13 +379,29 @@ def build_report(sources, examples, encoded, errors, cutoff_len) -> dict:
 def check_quality(report, errors, max_bad_fraction) -> None:
     from utils.data import DataError
 
+    from utils.data import POLICY_DROPS
+
     t = report["totals"]
-    summary = "; ".join(f"{cat}: {e['count']} (first at {', '.join(e['first'][:3])})" for cat, e in report["errors"].items())
-    length_drops = sum(e["count"] for cat, e in report["errors"].items() if cat in ("overlength", "no_trained_tokens_after_truncation"))
-    if length_drops > t["kept"]:
-        p = report["length_percentiles"]
-        summary += (f". Most examples are longer than --cutoff_len {report['length_histogram']['edges'][8]} "
-                    f"(median {p['p50']}, p90 {p['p90']} tokens): raise --cutoff_len")
+
+    def listing(categories: dict) -> str:
+        return "; ".join(f"{cat}: {e['count']} (first at {', '.join(e['first'][:3])})" for cat, e in categories.items())
+
+    # Malformed rows count against --max_bad_fraction; rows dropped by the length policy do not, so the
+    # message keeps the two apart.
+    malformed = {cat: e for cat, e in report["errors"].items() if cat not in POLICY_DROPS}
+    dropped = {cat: e for cat, e in report["errors"].items() if cat in POLICY_DROPS}
+    parts = []
+    if malformed:
+        parts.append(f"Malformed: {listing(malformed)}.")
+    if dropped:
+        cutoff = report["length_histogram"]["edges"][8]
+        parts.append(f"Dropped by the length policy (--cutoff_len {cutoff}, --on_overlength; not counted as "
+                     f"malformed): {listing(dropped)}.")
+        if sum(e["count"] for e in dropped.values()) > t["kept"]:
+            p = report["length_percentiles"]
+            parts.append(f"Most examples are longer than --cutoff_len {cutoff} (median {p['p50']}, p90 {p['p90']} "
+                         "tokens): raise --cutoff_len.")
+    summary = " ".join(parts)
     if t["kept"] == 0:
         raise DataError(f"no usable example in {t['rows']} rows; nothing written. {summary}")
     if t["bad_fraction"] > max_bad_fraction:

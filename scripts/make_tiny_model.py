@@ -1,11 +1,14 @@
-"""Build a small randomly initialised Llama locally, for demos and tests (nothing is downloaded).
+"""Build a small randomly initialised Llama locally, for experiments of your own (nothing is downloaded).
+
+A random model learns nothing worth showing in a few minutes: the demo (scripts/pipeline.sh) starts
+from the pretrained stories260K instead.
 
 The tokenizer is copied from ``--tokenizer`` (a local folder, e.g. stories260K's); the architecture
 comes from the flags. Written atomically with a ``pipeline.json``; re-running with the same
 arguments is a no-op.
 
 Example:
-    python scripts/make_tiny_model.py --output_dir runs/demo/base --tokenizer ../shared/models/stories260K/hf
+    python scripts/make_tiny_model.py --output_dir runs/tiny --tokenizer ../shared/models/stories260K/hf
 """
 
 from __future__ import annotations

@@ -1,19 +1,25 @@
-"""Tests for the strict command line (``utils/cli.py``) and its use by ``prepare_data.py``.
+"""Tests for the strict command line (``utils/cli.py``) and its use by every stage script.
 
 Toy ``main`` functions are called through ``bind_args`` (binding and coercion only) and ``run``
-(binding, the resolved-arguments line, then the call through Fire). The real script is run in a
-subprocess for ``--help`` and for a misspelled flag.
+(binding, the resolved-arguments line, then the call through Fire). The real scripts are run in a
+subprocess for ``--help``, a misspelled flag, ``-o``, and a stage's stderr; the README's table of
+defaults that differ from alpaca-lora's is checked against the signatures.
 """
 
+import inspect
 import json
+import re
 import subprocess
 import sys
+import typing
+import warnings
 from typing import Literal
 
 import pytest
 
-from conftest import REPO
-from utils.cli import SuiteError, UsageError, bind_args, coerce, run
+from conftest import REPO, STORIES
+from utils.cli import (SHORT_FLAGS, SuiteError, UsageError, bind_args, coerce, is_destructive, quiet_known_warnings,
+                       run)
 
 
 def toy(
@@ -167,13 +173,47 @@ def test_bare_bool_flag_does_not_swallow_next_token():
     assert args["base"] == "positional_value"
 
 
-def test_bare_bool_followed_by_false_is_not_silently_true():
-    # With no positional slot left, the stray "false" must be reported, not dropped.
+@pytest.mark.parametrize("word, expected", [("False", False), ("false", False), ("FALSE", False),
+                                            ("True", True), ("true", True), ("tRUE", True)])
+def test_bool_takes_a_following_true_or_false_as_fire_does(word, expected):
+    # alpaca-lora's users write "--train_on_inputs False" (plain Fire reads it as --train_on_inputs=False).
+    def main(base: str, *, flag: bool = not expected, other: int = 1) -> None:
+        """M."""
+
+    assert bind_args(main, ["--base=m", "--flag", word]) == {"base": "m", "flag": expected, "other": 1}
+    assert bind_args(main, ["--flag", word, "m", "--other=2"]) == {"base": "m", "flag": expected, "other": 2}
+    assert bind_args(main, ["m", "--flag", word])["flag"] is expected
+
+
+@pytest.mark.parametrize("word", ["1", "0", "yes", "No", "on", "off"])
+def test_bool_followed_by_other_boolean_word_asks_for_the_equals_form(word):
+    # "--flag 1" could be a value or a positional: neither guess is safe, and nothing may be silent.
+    msg = usage_error(["m", "--flag", word])
+    assert f"write --flag={word}" in msg
+    assert bind(["m", f"--flag={word}"])["flag"] is (word.lower() in ("1", "yes", "on"))
+
+
+def test_bare_bool_followed_by_a_word_that_is_not_a_boolean_is_an_error_when_left_over():
     def main(base: str, *, flag: bool = False) -> None:
         """M."""
 
-    msg = usage_error(["--base=m", "--flag", "false"], main)
-    assert "unexpected positional arguments: false" in msg
+    msg = usage_error(["--base=m", "--flag", "maybe"], main)
+    assert "unexpected positional arguments: maybe (--flag is a switch: it takes no value, or true / false)" in msg
+
+
+def test_bare_bool_followed_by_a_word_never_fills_an_optional_positional():
+    # finetune.py's output_dir is an optional positional: "--train_on_inputs maybe" must not write to ./maybe.
+    def main(base: str, out: str = "./out", *, flag: bool = False) -> None:
+        """M."""
+
+    msg = usage_error(["--base=m", "--flag", "maybe"], main)
+    assert "--flag maybe: --flag is a switch (it takes no value, or true / false); write --out=maybe" in msg
+    assert bind_args(main, ["m", "maybe", "--flag"]) == {"base": "m", "out": "maybe", "flag": True}
+    assert bind_args(main, ["--flag", "m"]) == {"base": "m", "out": "./out", "flag": True}  # a required one may
+
+
+def test_negated_bool_followed_by_true_or_false_rejected():
+    assert "--noflag takes no value" in usage_error(["m", "--noflag", "False"])
 
 
 def test_bool_rejects_garbage():
@@ -275,11 +315,36 @@ def test_defaults_included_in_signature_order():
     }
 
 
-def test_one_letter_alias_for_unique_first_letter():
+def test_one_letter_aliases_are_refused():
+    # Fire would take "-r" for --rank and "-v" for --verbose; here only the SHORT_FLAGS table makes a short flag.
     def main(base_model: str, *, rank: int = 8, verbose: bool = False) -> None:
         """M."""
 
-    assert bind_args(main, ["m", "-r", "16", "-v"]) == {"base_model": "m", "rank": 16, "verbose": True}
+    msg = usage_error(["m", "-r", "16", "-v"], main)
+    assert "unknown flag -r: the only short flag is -h (--help), and flags are never abbreviated; " \
+           "write the full name: --rank" in msg
+    assert "unknown flag -v:" in msg and "--verbose" in msg
+    assert "unexpected positional" not in msg  # "16" went with the refused -r
+    assert "unknown flag -rank: write --rank (flags take two dashes)" in usage_error(["m", "-rank=3"], main)
+
+
+def test_destructive_flag_never_filled_from_a_positional_value():
+    def main(base: str, overwrite: bool = False) -> None:
+        """M."""
+
+    assert "--overwrite must be given by name, not as the positional value 'true'" in usage_error(["m", "true"], main)
+    assert bind_args(main, ["m", "--overwrite", "true"])["overwrite"] is True
+
+
+def test_destructive_flag_registry():
+    for name in ("overwrite", "insecure", "allow_pickle_weights", "allow_base_mismatch", "allow_anything_later",
+                 "trust_remote_code", "force", "delete_checkpoints"):
+        assert is_destructive(name), name
+    for name in ("output_dir", "lora_weights", "allowance", "overwrite_later_maybe_not", "seed"):
+        assert not is_destructive(name), name
+    # No short flag may ever reach a flag that replaces data or lowers a safety check.
+    assert all(long.startswith("--") and not is_destructive(long[2:]) for long in SHORT_FLAGS.values())
+    assert set(SHORT_FLAGS) == {"-h"}
 
 
 def test_coerce_direct():
@@ -441,7 +506,7 @@ def test_prepare_data_binding_of_real_signature():
     import prepare_data
 
     args = bind_args(prepare_data.main, ["--base_model=M", "--data_path", "a.json", "b.jsonl", "--output_dir=O",
-                                         "-c", "7", "--on_overlength=drop", "--train_on_inputs"])
+                                         "--cutoff_len", "7", "--on_overlength=drop", "--train_on_inputs"])
     assert args["data_path"] == ["a.json", "b.jsonl"]
     assert args["cutoff_len"] == 7
     assert args["on_overlength"] == "drop"
@@ -452,9 +517,250 @@ def test_prepare_data_binding_of_real_signature():
     assert "--on_overlength must be one of truncate, drop, error; got 'skip'" in msg
 
 
-def test_prepare_data_advertised_alias_is_accepted(prepare_help):
-    import prepare_data
 
-    assert "-d, --data_format" in prepare_help.stdout + prepare_help.stderr
-    args = bind_args(prepare_data.main, ["--base_model=M", "--data_path=a", "--output_dir=O", "-d", "moss"])
-    assert args["data_format"] == "moss"
+
+# ------------------------------------------------------------------------------------------------
+# Every stage script: no short flags, no abbreviations, whole types in --help, no library noise
+# ------------------------------------------------------------------------------------------------
+
+# Each stage with arguments that bind (the files need not exist: binding comes before any work).
+# apply_delta.py takes its subcommand as the positional COMMAND, bound like any other parameter.
+STAGES = {
+    "prepare_data.py": ["--base_model", "M", "--data_path", "d.json", "--output_dir", "OUT"],
+    "finetune.py": ["--base_model", "M", "--data_path", "d.json", "--output_dir", "OUT"],
+    "generate.py": ["--base_model", "M", "--input_file", "d.json", "--output_file", "OUT"],
+    "export_hf.py": ["--lora_weights", "A", "--output_dir", "OUT"],
+    "export_state_dict.py": ["--base_model", "M", "--format", "llama2c", "--output_dir", "OUT"],
+    "apply_delta.py make": ["make", "--base_model_path", "B", "--target_model_path", "T", "--delta_path", "OUT"],
+    "apply_delta.py apply": ["apply", "--base_model_path", "B", "--delta_path", "D", "--target_model_path", "OUT"],
+}
+
+
+def _stage_main(stage: str):
+    import importlib
+
+    return importlib.import_module(stage.split(".py")[0]).main
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_refuses_every_single_dash_form_and_every_abbreviation(stage, capsys):
+    import string
+
+    main = _stage_main(stage)
+    names = list(inspect.signature(main).parameters)
+    bind_args(main, STAGES[stage])  # the base arguments are fine
+    bad = [f"-{c}" for c in string.ascii_letters if c != "h"]
+    bad += [f"-{n}" for n in names] + [f"-{n}=1" for n in names]
+    # Every prefix of every flag that is not itself a flag (or a --no form) is refused, not expanded.
+    bad += [f"--{n[:k]}" for n in names for k in range(1, len(n))
+            if n[:k] not in names and not (n[:k].startswith("no") and n[:k][2:] in names)]
+    for token in bad:
+        with pytest.raises(UsageError, match=re.escape(f"unknown flag {token.split('=')[0]}")):
+            bind_args(main, [*STAGES[stage], token])
+    # Through run(): exit 2, before anything runs (the resolved arguments are printed just before main).
+    for token in ("-o", "-a", "-overwrite", "--over", "--overwrit"):
+        with pytest.raises(SystemExit) as info:
+            run(main, [*STAGES[stage], token])
+        assert info.value.code == 2
+        assert "resolved arguments" not in capsys.readouterr().err
+
+
+def _stage_cmd(stage: str, *args: str) -> list[str]:
+    return [sys.executable, stage.split()[0], *args]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("form", ["-o", "-o DIR"])
+def test_dash_o_refused_by_every_stage_script_before_work(stage, form, tmp_path):
+    # The issue: "export_state_dict.py --base_model M --format llama2c -o DIR" replaced an existing export,
+    # since -o was --overwrite there and --output_dir in finetune.py / export_hf.py.
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "params.json").write_text("mine")
+    args = [str(tmp_path / a) if a in ("OUT", "d.json", "A", "D", "M", "B", "T") else a for a in STAGES[stage]]
+    if form == "-o":
+        args = [str(existing) if a == str(tmp_path / "OUT") else a for a in args] + ["-o"]
+    else:
+        i = args.index(str(tmp_path / "OUT"))
+        args = args[:i - 1] + args[i + 1:] + ["-o", str(existing)]
+    proc = subprocess.run(_stage_cmd(stage, *args), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown flag -o: the only short flag is -h (--help)" in proc.stderr
+    assert "resolved arguments" not in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+    assert [p.name for p in existing.iterdir()] == ["params.json"] and (existing / "params.json").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def stage_helps() -> dict[str, str]:
+    out = {}
+    for stage in dict.fromkeys(s.split()[0] for s in STAGES):
+        proc = subprocess.run([sys.executable, stage, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out[stage] = proc.stdout
+    return out
+
+
+@pytest.mark.parametrize("stage", list(dict.fromkeys(s.split()[0] for s in STAGES)))
+def test_stage_help_lists_every_flag_with_its_whole_type(stage, stage_helps):
+    text = stage_helps[stage]
+    params = inspect.signature(_stage_main(stage)).parameters
+    lines = text.splitlines()
+    types_shown = {}
+    for k, line in enumerate(lines):
+        m = re.match(r"    (?:--(\w+)=\w+(?: \(required\))?|([A-Z_]+))$", line)
+        if m:
+            name = m.group(1) or m.group(2).lower()
+            assert lines[k + 1].startswith("        Type: "), (name, lines[k + 1])
+            types_shown[name] = lines[k + 1].split("Type: ", 1)[1]
+    assert set(types_shown) == set(params)
+    for name, shown in types_shown.items():
+        # Whole: exactly the annotation as written in the source (Fire cut it: "Literal['cosine...").
+        assert "..." not in shown, (name, shown)
+        assert shown == " ".join(str(params[name].annotation).split()), name
+    # No one-letter alias is advertised, except -h for --help, which is.
+    assert re.findall(r"^\s*(-\w), --", text, flags=re.M) == ["-h"]
+    assert "    -h, --help\n" in text
+
+
+def test_help_shows_long_literal_types_whole(stage_helps):
+    assert "Type: Literal['cosine', 'linear', 'constant']" in stage_helps["finetune.py"]
+    assert "Type: Literal['auto', 'balanced', 'sequential'] | None" in stage_helps["generate.py"]
+    assert "Type: Literal['', 'false', 'gradients', 'all']" in stage_helps["finetune.py"]
+
+
+def test_known_library_deprecations_silenced_ours_kept():
+    def main() -> None:
+        """M."""
+        peft_msg = ("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use "
+                    "`is_activation_checkpointing` instead.")
+        # As transformers emits it when peft reads the old property: silenced.
+        warnings.warn_explicit(peft_msg, FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+        # The same words from anywhere else, and our own warnings of either category: shown.
+        warnings.warn_explicit(peft_msg, FutureWarning, "finetune.py", 2, module="finetune")
+        warnings.warn("our own notice", FutureWarning)
+        warnings.warn("our own deprecation", DeprecationWarning)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run(main, [])
+    got = [(w.category, str(w.message), w.filename) for w in seen]
+    assert [g for g in got if g[2] == "modeling_utils.py"] == []
+    assert [g[2] for g in got if "is_gradient_checkpointing" in g[1]] == ["finetune.py"]
+    assert (FutureWarning, "our own notice") in [g[:2] for g in got]
+    assert (DeprecationWarning, "our own deprecation") in [g[:2] for g in got]
+    # The filters were for that call only.
+    with warnings.catch_warnings(record=True) as after:
+        warnings.simplefilter("always")
+        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, "m.py", 1,
+                               module="transformers.modeling_utils")
+    assert len(after) == 1
+
+
+def test_stage_subprocess_stderr_has_no_library_deprecation_warning(tmp_path):
+    # A plain-peft LoRA adapter: loading it makes peft read transformers' deprecated is_gradient_checkpointing.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        quiet_known_warnings()  # this process's copy of the notice is not what the test is about
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(STORIES),
+                               LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    proc = subprocess.run([sys.executable, "generate.py", "--base_model", str(STORIES), "--lora_weights",
+                           str(tmp_path / "adapter"), "--prompt", "Once", "--max_new_tokens", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    for noise in ("FutureWarning", "DeprecationWarning", "is deprecated", "warnings.warn("):
+        assert noise not in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# alpaca-lora's command lines and the README's table of defaults that differ from alpaca-lora's
+# ------------------------------------------------------------------------------------------------
+
+
+def test_alpaca_lora_readme_command_lines_bind():
+    import finetune
+
+    # alpaca-lora's README command, then the same with the "--flag False" form its users write.
+    cmd = ("--base_model decapoda-research/llama-7b-hf --data_path yahma/alpaca-cleaned --output_dir ./lora-alpaca "
+           "--batch_size 128 --micro_batch_size 4 --num_epochs 3 --learning_rate 1e-4 --cutoff_len 512 "
+           "--val_set_size 2000 --lora_r 8 --lora_alpha 16 --lora_dropout 0.05 --lora_target_modules [q_proj,v_proj] "
+           "--train_on_inputs --group_by_length").split()
+    args = bind_args(finetune.main, cmd)
+    assert args["train_on_inputs"] is True and args["group_by_length"] is True
+    assert args["lora_target_modules"] == ["q_proj", "v_proj"] and args["val_set_size"] == 2000.0
+    args = bind_args(finetune.main, [*cmd[:-2], "--train_on_inputs", "False", "--group_by_length", "True"])
+    assert args["train_on_inputs"] is False and args["group_by_length"] is True
+    assert "unexpected positional arguments: maybe (--train_on_inputs is a switch" in \
+        usage_error([*cmd[:-2], "--train_on_inputs", "maybe"], finetune.main)
+    bare = ["--base_model", "M", "--data_path", "d.json", "--train_on_inputs", "maybe"]  # output_dir not given
+    assert "write --output_dir=maybe" in usage_error(bare, finetune.main)
+
+
+def _alpaca_section() -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("### Coming from alpaca-lora")
+    end = text.find("\n#", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def _alpaca_table() -> list[dict[str, str]]:
+    rows = [line for line in _alpaca_section().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header == ["flag", "alpaca-lora", "ours", "why"]
+    return [dict(zip(header, (c.strip() for c in row.strip("|").split("|")))) for row in rows[2:]]
+
+
+def test_readme_alpaca_lora_table_ours_column_matches_the_signatures():
+    rows = _alpaca_table()
+    seen = set()
+    for row in rows:
+        m = re.fullmatch(r"`(\w+\.py) --(\w+)`", row["flag"])
+        assert m, row["flag"]
+        script, flag = m.groups()
+        main = _stage_main(script)
+        param = inspect.signature(main).parameters[flag]
+        ours = re.match(r"`([^`]*)`", row["ours"])
+        assert ours, row["ours"]
+        # The value as a user would type it, read as the flag's type, is the signature's default.
+        default = list(param.default) if isinstance(param.default, tuple) else param.default
+        assert coerce(ours.group(1).split(), typing.get_type_hints(main)[flag], f"--{flag}") == default, row
+        assert row["alpaca-lora"] and row["why"]
+        seen.add(f"{script} --{flag}")
+    # The defaults the section says are the same in both (alpaca-lora's values) are still ours.
+    same = re.search(r"\nThe same in both: (.*?)\n\n", _alpaca_section() + "\n\n", flags=re.S).group(1)
+    pairs = re.findall(r"`--(\w+) ([^`]+)`", same)
+    assert len(pairs) >= 8
+    for flag, value in pairs:
+        main = next(_stage_main(s) for s in ("finetune.py", "generate.py")
+                    if flag in inspect.signature(_stage_main(s)).parameters)
+        assert coerce(value, typing.get_type_hints(main)[flag], f"--{flag}") == \
+            inspect.signature(main).parameters[flag].default, flag
+    for required in ("finetune.py --train_on_inputs", "finetune.py --lora_target_modules", "finetune.py --val_set_size",
+                     "generate.py --num_beams", "generate.py --temperature", "generate.py --top_p",
+                     "generate.py --top_k"):
+        assert required in seen, required
+
+
+def test_readme_alpaca_lora_reproduction_commands_bind_to_alpaca_lora_settings():
+    import shlex
+
+    section = _alpaca_section()
+    block = re.search(r"```sh\n(.*?)```", section, flags=re.S).group(1).replace("\\\n", " ")
+    commands = {}
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["python"]:
+            commands[words[1]] = bind_args(_stage_main(words[1]), words[2:])
+    ft, gen = commands["finetune.py"], commands["generate.py"]
+    # alpaca-lora's values (tloen/alpaca-lora finetune.py and generate.py at 8bb8579e).
+    assert ft["train_on_inputs"] is True
+    assert ft["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert ft["val_set_size"] == 2000
+    assert ft["lr_scheduler"] == "linear" and ft["warmup_steps"] == 100
+    assert ft["eval_steps"] == 200 and ft["load_best_model_at_end"] is True
+    assert gen["num_beams"] == 4 and gen["temperature"] == 0 and gen["max_new_tokens"] == 128

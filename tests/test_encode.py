@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -289,3 +290,168 @@ def test_chatglm_pair_history_encodes(stories_tokenizer):
     trained = stories_tokenizer.decode([t for t, l in zip(res.input_ids, res.labels) if l != IGNORE_INDEX])
     assert trained.replace(" ", "") == "b</s>d</s>"
     assert DATA.is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Golden masks written by hand
+# ---------------------------------------------------------------------------------------------------
+# The tests above derive the expected trained spans from the template's own segments, so a wrong segment
+# would pass them. Here the expected labels are written out by hand for one short example per template,
+# with a word-level tokenizer built here whose tokens are words, runs of punctuation and single
+# whitespace characters (and the special markers as whole tokens), so that each token is readable and
+# no token straddles a trained boundary. In a golden string, ⟦...⟧ encloses the trained text and ⟨eos⟩
+# marks an EOS token the encoder must insert (trained); the text outside the markers is the rendered
+# prompt, which the rendering must reproduce exactly.
+
+SPECIAL_TEXT = ["</s>", "<|Human|>", "<|Inner Thoughts|>", "<|Commands|>", "<|Results|>", "<|MOSS|>",
+                "<eoh>", "<eot>", "<eoc>", "<eor>", "<eom>"]
+GOLDEN_SPLIT = r"\w+|[^\w\s]+|\s"
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately "
+                   "completes the request.\n\n")
+ALPACA_INPUT_PREAMBLE = ("Below is an instruction that describes a task, paired with an input that provides "
+                         "further context. Write a response that appropriately completes the request.\n\n")
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions. ")
+MOSS_MESSAGES = [Message("system", "You are MOSS.\n"), Message("user", "Add 2 and 3"),
+                 Message("thought", "I use the calculator"), Message("command", "Calculator(2+3)"),
+                 Message("result", "5"), Message("assistant", "It is 5")]
+
+GOLDEN = {
+    # alpaca-lora: the response and EOS, nothing of the prompt.
+    "alpaca": (
+        "alpaca", [Message("user", "Add 2 and 3."), Message("assistant", "The sum is 5.")], None, "assistant",
+        ALPACA_PREAMBLE + "### Instruction:\nAdd 2 and 3.\n\n### Response:\n⟦The sum is 5.⟨eos⟩⟧"),
+    "alpaca_input": (
+        "alpaca", [Message("user", "Add the numbers."), Message("assistant", "5")], "2 and 3", "assistant",
+        ALPACA_INPUT_PREAMBLE + "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n⟦5⟨eos⟩⟧"),
+    # FastChat's vicuna_v1.1: every answer after 'ASSISTANT:' through its '</s>' (which is EOS: none inserted).
+    "vicuna_v1.1": (
+        "vicuna_v1.1", [Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "Add 2 and 3."),
+                        Message("assistant", "5")], None, "assistant",
+        VICUNA_SYSTEM + "USER: Hi ASSISTANT:⟦ Hello!</s>⟧USER: Add 2 and 3. ASSISTANT:⟦ 5</s>⟧"),
+    # ChatGLM-6B: '[Round N]' turns; each answer and an EOS, not the newline after it. (ChatGLM's own
+    # P-tuning script trains only the last answer; this suite trains every assistant turn.)
+    "chatglm": (
+        "chatglm", [Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Add 2 and 3"),
+                    Message("assistant", "5")], None, "assistant",
+        "[Round 0]\n问：Hi\n答：⟦Hello⟨eos⟩⟧\n[Round 1]\n问：Add 2 and 3\n答：⟦5⟨eos⟩⟧\n"),
+    # ChatGLM with no history: the query is sent raw, the answer follows it directly.
+    "chatglm_single": (
+        "chatglm", [Message("user", "Hi?"), Message("assistant", "Hello")], None, "assistant",
+        "Hi?⟦Hello⟨eos⟩⟧\n"),
+    # MOSS, default mode: what MOSS produces (inner thoughts and commands whole, the reply after '<|MOSS|>:'
+    # through '<eom>', then EOS); not the meta instruction, the human turn or the tool results.
+    "moss": (
+        "moss", MOSS_MESSAGES, None, "assistant",
+        "You are MOSS.\n<|Human|>: Add 2 and 3<eoh>\n⟦<|Inner Thoughts|>: I use the calculator<eot>\n"
+        "<|Commands|>: Calculator(2+3)<eoc>\n⟧<|Results|>: 5<eor>\n<|MOSS|>:⟦ It is 5<eom>⟨eos⟩⟧\n"),
+    # MOSS's own recipe (--mask_mode moss): everything but the meta instruction and the tool-result body.
+    "moss_mode": (
+        "moss", MOSS_MESSAGES, None, "moss",
+        "You are MOSS.\n⟦<|Human|>: Add 2 and 3<eoh>\n<|Inner Thoughts|>: I use the calculator<eot>\n"
+        "<|Commands|>: Calculator(2+3)<eoc>\n<|Results|>: ⟧5⟦<eor>\n<|MOSS|>: It is 5<eom>⟨eos⟩\n⟧"),
+}
+
+
+def parse_golden(golden: str) -> tuple[str, list[bool], list[int]]:
+    """(plain text, per-character trained flags, character positions of inserted EOS tokens)."""
+    text, trained, eos_at, inside, i = [], [], [], False, 0
+    while i < len(golden):
+        if golden.startswith("⟨eos⟩", i):
+            assert inside, "an inserted EOS is trained: write it inside ⟦...⟧"
+            eos_at.append(len(text))
+            i += len("⟨eos⟩")
+            continue
+        ch = golden[i]
+        if ch in "⟦⟧":
+            assert inside == (ch == "⟧"), f"unbalanced {ch} at {i}"
+            inside = not inside
+        else:
+            text.append(ch)
+            trained.append(inside)
+        i += 1
+    assert not inside
+    return "".join(text), trained, eos_at
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """Word-level tokenizer over the golden texts: BOS prepended (zero-width, as Llama's), ``</s>`` EOS,
+    the MOSS markers whole, every word, punctuation run and whitespace character one token."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Split(Regex(GOLDEN_SPLIT), behavior="isolated")
+    # The markers are matched before the split (as added tokens are); the words are what lies between.
+    pieces = [p for *_, golden in GOLDEN.values()
+              for p in re.split("|".join(map(re.escape, SPECIAL_TEXT)), parse_golden(golden)[0])]
+    words = sorted({w for p in pieces for w, _ in split.pre_tokenize_str(p)})
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *SPECIAL_TEXT[1:], *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = split
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.add_tokens(SPECIAL_TEXT[1:])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def golden_ids_labels(tokenizer, golden: str) -> tuple[list[int], list[int]]:
+    """The expected input_ids and labels, built from the golden string alone (no template code)."""
+    text, trained, eos_at = parse_golden(golden)
+    enc = tokenizer.backend_tokenizer.encode(text)
+    ids, labels = [], []
+    for tok_id, (s, e) in zip(enc.ids, enc.offsets):
+        flags = set(trained[s:e])
+        assert len(flags) <= 1, f"token {text[s:e]!r} straddles a trained boundary: fix the golden tokenizer"
+        ids.append(tok_id)
+        labels.append(tok_id if flags == {True} else IGNORE_INDEX)
+        if e > s and e in eos_at:  # an inserted EOS right after the text it ends
+            ids.append(tokenizer.eos_token_id)
+            labels.append(tokenizer.eos_token_id)
+    assert ids.count(tokenizer.eos_token_id) >= len(eos_at)
+    assert tokenizer.convert_ids_to_tokens(ids).count("<unk>") == 0
+    return ids, labels
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN))
+def test_golden_token_masks(word_tokenizer, case):
+    name, messages, input_text, mode, golden = GOLDEN[case]
+    tpl = load_template(name)
+    ex = Example(messages, path="golden", line=1, input=input_text)
+    text = parse_golden(golden)[0]
+    assert tpl.render(ex.messages, input=ex.input).text == text
+    (res,) = encode(word_tokenizer, tpl, [ex], mask_mode=mode)
+    assert isinstance(res, Encoded), res
+    ids, labels = golden_ids_labels(word_tokenizer, golden)
+    assert res.input_ids[0] == word_tokenizer.bos_token_id and res.labels[0] == IGNORE_INDEX
+    got = [(t, label != IGNORE_INDEX) for t, label in zip(word_tokenizer.convert_ids_to_tokens(res.input_ids), res.labels)]
+    want = [(t, label != IGNORE_INDEX) for t, label in zip(word_tokenizer.convert_ids_to_tokens(ids), labels)]
+    assert got == want
+    assert (res.input_ids, res.labels) == (ids, labels)
+
+
+def test_golden_trained_text_literally(word_tokenizer):
+    """The same goldens read as the trained text itself, one string per trained run (EOS as </s>)."""
+    expected = {
+        "alpaca": ["The sum is 5.</s>"],
+        "vicuna_v1.1": [" Hello!</s>", " 5</s>"],
+        "chatglm": ["Hello</s>", "5</s>"],
+        "moss": ["<|Inner Thoughts|>: I use the calculator<eot>\n<|Commands|>: Calculator(2+3)<eoc>\n",
+                 " It is 5<eom></s>"],
+        "moss_mode": ["<|Human|>: Add 2 and 3<eoh>\n<|Inner Thoughts|>: I use the calculator<eot>\n<|Commands|>: "
+                      "Calculator(2+3)<eoc>\n<|Results|>: ", "<eor>\n<|MOSS|>: It is 5<eom></s>\n"],
+    }
+    for case, runs in expected.items():
+        name, messages, input_text, mode, _ = GOLDEN[case]
+        (res,) = encode(word_tokenizer, load_template(name), [Example(messages, path="golden", line=1, input=input_text)],
+                        mask_mode=mode)
+        pieces, current = [], []
+        for tok, label in zip(word_tokenizer.convert_ids_to_tokens(res.input_ids), res.labels):
+            if label != IGNORE_INDEX:
+                current.append(tok)
+            elif current:
+                pieces.append("".join(current))
+                current = []
+        pieces += ["".join(current)] if current else []
+        assert pieces == runs, case

@@ -51,7 +51,7 @@ def test_consolidated_round_trip_is_exact(tmp_path, shards):
     sd("--base_model", str(STORIES), "--output_dir", str(out), "--num_shards", str(shards))
     params = json.loads((out / "params.json").read_text())
     assert params == {"dim": 64, "n_layers": 5, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 512, "multiple_of": 4,
-                      "ffn_dim_multiplier": None, "norm_eps": 1e-5, "rope_theta": 10000.0}
+                      "ffn_dim_multiplier": None, "norm_eps": 1e-5}  # rope_theta 10000: not written (Llama 2 style)
     parts = [torch.load(out / f"consolidated.{i:02d}.pth", weights_only=True) for i in range(shards)]
     assert parts[0]["layers.0.attention.wq.weight"].shape == (64 // shards, 64)  # column-parallel: rows split
     assert parts[0]["layers.0.attention.wk.weight"].shape == (32 // shards, 64)

@@ -260,16 +260,57 @@ def test_sampling_is_seeded_and_repetition_penalty_changes_greedy_output(stories
     assert penalized.token_ids == (hf[:hf.index(2)] if 2 in hf else hf)
 
 
-def test_beam_search_matches_hf(stories, reference):
+def reference_beam_search(model, prompt: list[int], beams: int, max_new: int, eos: int) -> list[int]:
+    """Beam search written out here, independently of transformers, over the model's logits (a full forward per
+    hypothesis and step, no cache), with the conventions transformers documents for its defaults (length_penalty
+    1, early_stopping False): scores are summed log-probabilities; each step keeps the 2 * beams best continuations
+    of all hypotheses; one of the best ``beams`` that ends in EOS (or reaches max_new) is a finished hypothesis
+    scored by its sum over its length (EOS counted), the others run on (the best ``beams`` of them); the search
+    ends when ``beams`` hypotheses are finished and the best running one, at its current length, scores no
+    better than the worst of them. Returns the best finished hypothesis without its EOS."""
+    running: list[tuple[float, list[int]]] = [(0.0, [])]
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(max_new):
+        candidates = []
+        for score, tokens in running:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + tokens])).logits[0, -1].float()
+            values, ids = torch.topk(torch.log_softmax(logits, -1), 2 * beams)
+            candidates += [(score + v, tokens + [t]) for v, t in zip(values.tolist(), ids.tolist())]
+        candidates = sorted(candidates, key=lambda c: -c[0])[:2 * beams]
+        running = []
+        for rank, (score, tokens) in enumerate(candidates):
+            if tokens[-1] == eos or step + 1 == max_new:
+                if rank < beams:
+                    finished.append((score / len(tokens), tokens))
+            elif len(running) < beams:
+                running.append((score, tokens))
+        finished = sorted(finished, key=lambda f: -f[0])[:beams]
+        if len(finished) == beams and (not running or running[0][0] / (step + 1) <= finished[-1][0]):
+            break
+    best = finished[0][1]
+    return best[:-1] if best[-1] == eos else best
+
+
+def test_beam_search_matches_an_independent_beam_search(stories, reference):
+    """The engine's beam search delegates to transformers' generate (README); its result is checked against the
+    beam search above, both where every hypothesis runs to --max_new_tokens and where hypotheses of different
+    lengths finish (with "." as the end token, so that length normalisation decides)."""
     model, tok = stories
     ids, _ = reference
     engine = Engine(model, tok)
-    got = engine.generate(ids[:2], Settings(max_new_tokens=20, num_beams=3), batch_size=1)
-    for prompt, c in zip(ids[:2], got):
-        with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=20, num_beams=3, do_sample=False)
-        hf = out[0, len(prompt):].tolist()
-        assert c.token_ids == (hf[:hf.index(2)] if 2 in hf else hf)
+    for prompt in ids[:2]:
+        c = engine.generate([prompt], Settings(max_new_tokens=20, num_beams=3), batch_size=1)[0]
+        assert c.token_ids == reference_beam_search(model, prompt, 3, 20, eos=2)
+    dot = tok.convert_tokens_to_ids(".")
+    engine.eos_ids = [dot]  # sentences end often: finished hypotheses compete
+    differs = 0
+    for prompt in ids[1:4]:
+        ours = reference_beam_search(model, prompt, 3, 30, eos=dot)
+        c = engine.generate([prompt], Settings(max_new_tokens=30, num_beams=3), batch_size=1)[0]
+        assert c.token_ids == ours and c.finish_reason == "eos"
+        differs += ours != engine.generate([prompt], Settings(max_new_tokens=30))[0].token_ids
+    assert differs >= 2  # beam search found other answers than greedy decoding: the comparison means something
 
 
 def test_settings_are_validated():

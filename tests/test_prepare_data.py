@@ -92,8 +92,9 @@ def test_foreign_folder_is_never_replaced(tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    err = fails(capsys, out, "--overwrite")
-    assert "not written by this suite" in err and (out / "notes.txt").read_text() == "keep me"
+    err = fails(capsys, out)  # with --overwrite the stage's files go in beside it: see test_lifecycle.py
+    assert "not written by this suite" in err and "--overwrite" in err
+    assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
@@ -210,3 +211,29 @@ def test_strict_does_not_turn_length_policy_into_failure(tmp_path):
 def test_on_overlength_error_stops_with_location(tmp_path, capsys):
     err = fails(capsys, tmp_path / "o", "--on_overlength", "error", "--cutoff_len", "300")
     assert "overlength" in err and "data_sample.jsonl:" in err and not (tmp_path / "o").exists()
+
+
+def test_bad_fraction_error_keeps_length_drops_apart(tmp_path, capsys):
+    """Rows dropped by the length policy are listed apart from malformed rows (only those count against
+    --max_bad_fraction), each with its count and first locations."""
+    src = tmp_path / "mixed.jsonl"
+    lines = Path(REAL_SETS["pair"]).read_text(encoding="utf-8").splitlines()
+    src.write_text("\n".join(lines + ['{"prompt": "no response here"}'] * 5) + "\n", encoding="utf-8")
+    err = fails(capsys, tmp_path / "o", "--on_overlength", "drop", "--cutoff_len", "600", data=[src])
+    err = err[err.index("error:"):]
+    n = len(lines) + 5
+    assert f"5 of {n} rows are malformed" in err and "nothing written" in err
+    malformed, _, dropped = err.partition("Dropped by the length policy")
+    assert f"Malformed: missing_field: 5 (first at {src}:{len(lines) + 1}" in malformed
+    assert "overlength" not in malformed and dropped.split(":", 1)[1].lstrip().startswith("overlength: ")
+    assert "not counted as malformed" in dropped and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--data_path", "tatsu-lab/alpaca"),
+                                        ("--base_model", "meta-llama/Llama-2-7b-hf")])
+def test_hub_id_is_told_nothing_is_downloaded(tmp_path, capsys, flag, value):
+    args = {"--base_model": str(STORIES), "--data_path": str(REAL_SETS["pair"]), flag: value}
+    with pytest.raises(SystemExit) as exc:
+        run(prepare_data.main, [*[x for kv in args.items() for x in kv], "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"{flag} {value}: no such" in err and "never downloads anything" in err

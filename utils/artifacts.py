@@ -13,12 +13,13 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from utils.cli import SuiteError
 
@@ -71,58 +72,257 @@ def write_json(path: str | Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def check_output_dir(output_dir: str | Path, stage: str, fingerprint: str, overwrite: bool) -> bool:
-    """Decide what to do with an existing destination.
+# Names inside an output folder that say nothing about whose folder it is: our lock (a killed run may leave
+# it) and the temporary names of our atomic writes (``.NAME.xxxxxxxx.tmp``, ``.NAME.tmp-…``).
+_TRANSIENT = re.compile(r"^\.(lock|.+\.tmp(-.*)?)$")
+# How a refusal names the output a stage writes, where the stage's name does not read well.
+_NOUNS = {"finetune": "fine-tune"}
+
+
+def transient(name: str) -> bool:
+    """Whether ``name`` (an entry of an output folder) is our lock or a temporary file of an atomic write."""
+    return bool(_TRANSIENT.match(name))
+
+
+def output_state(folder: str | Path, stage: str, resumable: Callable[[Path], bool] | None = None
+                 ) -> tuple[str, dict | None]:
+    """Classify a destination folder for ``stage``, reading only (nothing is changed).
+
+    Returns:
+        (state, meta): ``missing``; ``empty`` (nothing but our lock / temporary files); ``complete`` or
+        ``unfinished`` (its pipeline.json is this stage's, finished or not; ``resumable(folder)`` may also
+        recognise an unfinished output without one); ``other`` (another stage's output); ``unreadable``
+        (a pipeline.json this suite cannot read); ``foreign`` (files this suite did not write).
+
+    Raises:
+        SuiteError: if ``folder`` exists and is not a folder.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return "missing", None
+    if not folder.is_dir():
+        raise SuiteError(f"{folder} exists and is not a folder")
+    if not any(not transient(p.name) for p in folder.iterdir()):
+        return "empty", None
+    if (folder / META_FILE).exists():
+        meta = read_meta(folder)
+        if not isinstance(meta, dict) or not isinstance(meta.get("stage"), str):
+            return "unreadable", None
+        if meta["stage"] != stage:
+            return "other", meta
+        return ("complete" if meta.get("complete") else "unfinished"), meta
+    if resumable is not None and resumable(folder):
+        return "unfinished", None
+    return "foreign", None
+
+
+def claim_output_dir(output_dir: str | Path, stage: str, overwrite: bool, *, flag: str = "--output_dir",
+                     resumable: Callable[[Path], bool] | None = None) -> str:
+    """The one destination rule of every stage, applied before any work (it reads only).
+
+    A destination may be missing or empty, or hold an output of this same stage (finished: the stage then
+    compares fingerprints; unfinished: the stage resumes or restarts it). Any other non-empty folder is
+    refused: one holding another stage's output always (it is never replaced), one holding files this suite
+    did not write unless ``overwrite`` is set; then the stage writes its files into it and keeps every
+    other file (see ``install``).
+
+    Returns:
+        The destination's state (see ``output_state``).
+
+    Raises:
+        SuiteError: naming ``flag``, if the destination is refused.
+    """
+    try:
+        state, meta = output_state(output_dir, stage, resumable)
+    except SuiteError as exc:
+        raise SuiteError(f"{flag} {exc}") from None
+    noun = _NOUNS.get(stage, f"{stage} output")
+    if state == "other":
+        raise SuiteError(f"{flag} {output_dir} holds a {meta['stage']} output, not a {noun}; choose another "
+                         "folder (--overwrite never replaces another stage's output)")
+    if state == "unreadable":
+        raise SuiteError(f"{flag} {output_dir} holds a {META_FILE} this suite cannot read; choose another folder")
+    if state == "foreign" and not overwrite:
+        names = sorted(p.name for p in Path(output_dir).iterdir() if not transient(p.name))
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise SuiteError(f"{flag} {output_dir} exists, is not empty and was not written by this suite ({shown}); "
+                         "choose another folder, or pass --overwrite to write this stage's files into it "
+                         "(files it did not write are kept)")
+    return state
+
+
+def check_output_dir(output_dir: str | Path, stage: str, fingerprint: str, overwrite: bool, *,
+                     flag: str = "--output_dir", resumable: Callable[[Path], bool] | None = None) -> bool:
+    """Decide what to do with the destination once the output's fingerprint is known.
 
     Returns:
         True if it already holds this exact output (the stage is a no-op), False if the stage should run.
 
     Raises:
-        SuiteError: if it holds something else and ``overwrite`` is not set, or is not a folder this
-            suite wrote (we never delete those).
+        SuiteError: if ``claim_output_dir`` refuses it, or it holds a different finished output of this
+            stage and ``overwrite`` is not set.
     """
-    output_dir = Path(output_dir)
-    if not output_dir.exists():
+    state = claim_output_dir(output_dir, stage, overwrite, flag=flag, resumable=resumable)
+    if state != "complete":
         return False
-    if not output_dir.is_dir():
-        raise SuiteError(f"--output_dir {output_dir} exists and is not a folder")
     meta = read_meta(output_dir)
-    if meta is not None and meta.get("stage") == stage and meta.get("fingerprint") == fingerprint and meta.get("complete"):
+    if meta.get("fingerprint") == fingerprint:
         return True
-    if meta is None:
-        if any(output_dir.iterdir()):
-            raise SuiteError(
-                f"--output_dir {output_dir} exists, is not empty and was not written by this suite; "
-                "choose another folder (it is never deleted)"
-            )
-        return False
     if not overwrite:
         raise SuiteError(
-            f"--output_dir {output_dir} holds a different {meta.get('stage', '?')} output "
+            f"{flag} {output_dir} holds a different {meta['stage']} output "
             f"(fingerprint {str(meta.get('fingerprint'))[:12]} != {fingerprint[:12]}); pass --overwrite to replace it"
         )
     return False
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (``os.umask`` sets it: another
+    thread creating a file at that moment would get the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(root: str | Path) -> None:
+    """Give ``root`` and everything under it the modes the user's umask gives new files and folders.
+
+    Some writers create files private to the owner whatever the umask (safetensors' ``save_file`` writes
+    0600); an output folder is meant to be read by the next stage, possibly as another user.
+    """
+    mask = umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        want = (0o777 if path.is_dir() or mode & 0o111 else 0o666) & ~mask
+        if mode & 0o7777 != want:
+            os.chmod(path, want)
+
+
+def _inside(folder: Path, rel: str) -> Path | None:
+    """``folder/rel`` if ``rel`` is a plain relative path that stays inside ``folder``, else None."""
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        return None
+    return folder / p
+
+
+def _free_name(path: Path) -> Path:
+    for i in range(1000):
+        candidate = path.with_name(path.name + (".orig" if i == 0 else f".orig{i}"))
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+    raise SuiteError(f"cannot find a free name to keep {path}")
+
+
+def _same_file_content(a: Path, b: Path) -> bool:
+    import filecmp
+
+    return a.is_file() and not a.is_symlink() and filecmp.cmp(a, b, shallow=False)
+
+
+def _remove_files(folder: Path, rels) -> None:
+    """Remove ``folder/rel`` for each recorded relative path (only plain files inside ``folder``) and the
+    folders that leaves empty."""
+    parents = set()
+    for rel in rels:
+        path = _inside(folder, rel)
+        if path is None or not (path.is_file() or path.is_symlink()):
+            continue
+        path.unlink()
+        parents.update(p for p in path.parents if folder in p.parents)
+    for p in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        try:
+            p.rmdir()
+        except OSError:  # not empty: it holds files we did not record
+            pass
+
+
+def remove_recorded(folder: str | Path, meta: dict | None) -> None:
+    """Remove the files an earlier output of ours recorded in its pipeline.json (and the folders that
+    leaves empty), then that pipeline.json; nothing else."""
+    folder = Path(folder)
+    _remove_files(folder, (meta or {}).get("files") or {})
+    (folder / META_FILE).unlink(missing_ok=True)
+
+
+def install(src: Path, dest: Path, stage: str, owned: Callable[[str], bool] | None = None) -> None:
+    """Move the finished files of ``src`` into an existing, non-empty ``dest``; ``pipeline.json`` last.
+
+    An earlier output of this stage in ``dest`` is replaced: the files its pipeline.json records are
+    removed (meanwhile the folder is marked as this stage's unfinished output, listing old and new files,
+    so a crash leaves a folder the next run knows as ours). Every other file is kept; one in the way of a
+    new file is kept as ``NAME.orig``, unless it holds the same bytes. ``owned(top_level_name)``: what
+    else in ``dest`` is this stage's (not reported as kept).
+    """
+    src, dest = Path(src), Path(dest)
+    old = read_meta(dest)
+    new = sorted(rel for rel in (p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+                 if rel != META_FILE)
+    if old is not None and old.get("stage") == stage:
+        recorded = set(old.get("files") or {})
+        write_json(dest / META_FILE, {"meta_version": META_VERSION, "stage": stage, "complete": False,
+                                      "files": {rel: None for rel in sorted(recorded | set(new))}})
+        _remove_files(dest, recorded)
+    renamed = []
+    for rel in new:
+        target = dest / rel
+        # Someone else's file or folder in the way: at the target, or a file / link where a parent must be.
+        for b in [*(dest / p for p in reversed(Path(rel).parents) if p != Path(".")), target]:
+            if b == target and _same_file_content(b, src / rel):
+                continue  # replacing it loses nothing (e.g. an interrupted install of this same output)
+            if (b.exists() or b.is_symlink()) and (b == target or b.is_symlink() or not b.is_dir()):
+                aside = _free_name(b)
+                os.replace(b, aside)
+                renamed.append((b.relative_to(dest).as_posix(), aside.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src / rel, target)
+    if (src / META_FILE).is_file():
+        os.replace(src / META_FILE, dest / META_FILE)
+    ours = {rel.split("/", 1)[0] for rel in new} | {META_FILE}
+    kept = sorted(p.name for p in dest.iterdir() if p.name not in ours and not transient(p.name)
+                  and not (owned and owned(p.name)))
+    for name, aside in renamed:
+        print(f"{stage}: kept {dest / name}, which this suite did not write, as {aside} (this stage writes "
+              f"{name})", file=sys.stderr)
+    if kept:
+        shown = ", ".join(kept[:10]) + (f" and {len(kept) - 10} more" if len(kept) > 10 else "")
+        print(f"{stage}: kept what {dest} held that this stage does not write: {shown}", file=sys.stderr)
+
+
 @contextmanager
 def staged_dir(output_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``output_dir``, on error it is removed."""
+    """Yield a temporary sibling folder; on success it becomes ``output_dir``, on error it is removed.
+
+    A missing (or empty) destination is replaced by one rename, so it never holds a partial output. An
+    existing one (allowed by ``claim_output_dir``: an earlier output of this stage, or files of the user's
+    with --overwrite) receives the new files by ``install``: only our own earlier files are removed.
+    The stage name comes from the staged folder's pipeline.json (``finish_meta`` writes it there).
+    """
     output_dir = Path(output_dir).absolute()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+        apply_umask(tmp)
+        try:
+            os.replace(tmp, output_dir)  # also replaces an empty folder
+            return
+        except OSError:
+            if not output_dir.is_dir():
+                raise
+        install(tmp, output_dir, (read_meta(tmp) or {}).get("stage", "?"))
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:6]}")
-        os.replace(output_dir, old)
-    os.replace(tmp, output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def finish_meta(folder: Path, meta: dict, known_hashes: dict[str, str] | None = None) -> dict:

@@ -8,6 +8,7 @@ optimizer state is a tensor-only ``torch.save`` read back with ``weights_only=Tr
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -16,30 +17,170 @@ import sys
 import uuid
 from pathlib import Path
 
-from utils.artifacts import META_FILE, library_versions, read_meta, sha256_file, write_json
+from utils.artifacts import (META_FILE, apply_umask, install, library_versions, read_meta, sha256_file,
+                             write_json)
 from utils.cli import SuiteError
 
 MANIFEST = "manifest.json"
 
 
+# What a finetune run writes into its folder besides its final files: the loss record, its plot, the
+# TensorBoard events, the data prepared from raw files, and checkpoints (and DeepSpeed's staging).
+RUN_FILES = ("metrics.jsonl", "loss.png")
+RUN_FOLDERS = ("tensorboard", "data")
+
+
+def run_owned(name: str) -> bool:
+    """Whether a top-level entry of a finetune folder is something a run writes before it finishes."""
+    return name in RUN_FILES or name in RUN_FOLDERS or name.startswith(("checkpoint-", ".deepspeed-"))
+
+
+def unfinished_run(out: Path) -> bool:
+    """Whether ``out``, which has no pipeline.json, holds one of our checkpoints (a manifest and trainable
+    weights): an unfinished run from a version that did not mark its folder, or whose mark was lost. It
+    can be resumed; nothing else in it is removed (see ``utils.artifacts.install``)."""
+    return any((p / MANIFEST).is_file() and (p / "trainable.safetensors").is_file() for p in checkpoint_dirs(out))
+
+
+def mark_unfinished(out: Path) -> None:
+    """Mark ``out`` as this stage's run in progress (pipeline.json, complete: false) until save_final."""
+    import datetime as dt
+
+    write_json(Path(out) / META_FILE, {
+        "meta_version": 1, "stage": "finetune", "complete": False, "files": {},
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
 class RunLock:
-    """An exclusive lock on the output folder: a second run on it at the same time is refused."""
+    """An exclusive lock on the output folder: a second run on it at the same time is refused.
+
+    The lock file (``.lock``) lives only as long as the lock: the holder removes it before unlocking. A
+    run that had opened the file before that removal, and then gets the lock, finds that the path is no
+    longer its file and tries again, so two runs never both hold it.
+    """
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / ".lock"
+        self.fd = None
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise SuiteError(f"--output_dir {self.path.parent} is in use by another run") from None
-        return self
+        for _ in range(100):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise SuiteError(f"--output_dir {self.path.parent} is in use by another run") from None
+            try:
+                mine = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                mine = False
+            if mine:
+                self.fd = fd
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
+                return self
+            os.close(fd)
+        raise SuiteError(f"--output_dir {self.path.parent}: could not lock {self.path}")
 
     def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: see the class docstring
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class RunFolder:
+    """The output folder of one finetune run, from the destination check to the release of its lock.
+
+    On entry, before any work: the shared destination rule (``claim_output_dir``), the folder (created if
+    missing), the lock, and, for a folder that held no run of ours, the unfinished-run mark. On exit the
+    lock and its file go. A run that failed before writing anything of its own leaves the folder as it
+    found it: the mark, data it prepared and the folder it created are removed. An interrupted run keeps
+    what it wrote (prepared data, checkpoints), to be resumed.
+    """
+
+    def __init__(self, out: Path, overwrite: bool):
+        self.out, self.overwrite = Path(out), overwrite
+        self.lock, self.created, self.marked, self.had_data = None, [], False, True
+
+    def __enter__(self):
+        from utils.artifacts import claim_output_dir
+
+        claim_output_dir(self.out, "finetune", self.overwrite, resumable=unfinished_run)
+        # The folders this run creates, innermost first (the output folder and any missing parents).
+        here = self.out.absolute()
+        self.created = [p for p in [here, *here.parents] if not p.exists()]
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock = RunLock(self.out).__enter__()
+            # Again under the lock: another run may have changed the folder since.
+            state = claim_output_dir(self.out, "finetune", self.overwrite, resumable=unfinished_run)
+            self.had_data = (self.out / "data").exists()
+            if state in ("missing", "empty", "foreign"):
+                mark_unfinished(self.out)
+                self.marked = True
+            elif state == "unfinished" and not (self.out / META_FILE).exists():
+                mark_unfinished(self.out)  # known as ours from its checkpoints: say so to the other stages
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            failed = exc_type is not None and not (exc_type is SystemExit and exc.code in (0, None))
+            interrupted = exc_type is KeyboardInterrupt or exc_type is SystemExit and exc.code in (130, 143)
+            if failed and self.marked:
+                self._undo(keep_data=interrupted)
+        finally:
+            if self.lock is not None:
+                self.lock.__exit__(None, None, None)
+                self.lock = None
+            for folder in self.created:
+                try:
+                    folder.rmdir()  # only if nothing is left in it
+                except OSError:
+                    break
+
+    def _undo(self, keep_data: bool) -> None:
+        from utils.artifacts import transient
+
+        fresh_data = not self.had_data and not keep_data
+        rest = [p for p in self.out.iterdir() if not transient(p.name) and p.name != META_FILE
+                and not (fresh_data and p.name == "data")]
+        meta = read_meta(self.out)
+        if rest or not meta or meta.get("stage") != "finetune" or meta.get("complete"):
+            return  # the run wrote something (metrics, checkpoints): the folder is an unfinished run
+        if fresh_data:
+            shutil.rmtree(self.out / "data", ignore_errors=True)
+        (self.out / META_FILE).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def sigterm_exits():
+    """While inside, SIGTERM raises SystemExit(143) (as Ctrl-C raises KeyboardInterrupt), so that cleanup
+    runs (the run folder's lock is released) instead of the process dying where it stands. The training
+    loop installs its own handler (save a checkpoint first) and restores this one after."""
+    import signal
+
+    def handle(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _step_of(path: Path) -> int:
@@ -118,6 +259,7 @@ def save(out: Path, step: int, weights: dict, optimizer_state: dict, scheduler, 
             os.replace(engine_dir, tmp / "deepspeed")
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / MANIFEST, {"step": step, "files": files})
+        apply_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -261,9 +403,12 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def clear_run(out: Path) -> None:
+    """Remove what a run writes before it finishes (checkpoints, metrics, plot, events); not the prepared
+    data, which prepare_data.py keeps or replaces itself."""
     for path in Path(out).glob("checkpoint-*"):
         shutil.rmtree(path, ignore_errors=True)
-    (Path(out) / "metrics.jsonl").unlink(missing_ok=True)
+    for name in RUN_FILES:
+        (Path(out) / name).unlink(missing_ok=True)
     shutil.rmtree(Path(out) / "tensorboard", ignore_errors=True)
 
 
@@ -309,8 +454,10 @@ def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, b
         for name in ("template.json", "data_report.json"):
             shutil.copyfile(data_dir / name, tmp / name)
         verify_artifact(tmp, model, args["method"])
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
+        apply_umask(tmp)
+        written = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        # Only our own files are replaced: the folder may hold the user's (kept, reported) under --overwrite.
+        install(tmp, out, "finetune", owned=run_owned)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     data_meta = read_meta(data_dir)
@@ -325,7 +472,7 @@ def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, b
         **summary,
         "versions": library_versions("torch", "transformers", "peft"),
     }
-    # Hash only this stage's own files (not checkpoints or the prepared data, which carry their own).
-    files = {p.name: sha256_file(p) for p in sorted(out.iterdir())
-             if p.is_file() and not p.name.startswith(".") and p.name != META_FILE}
+    # Hash only this stage's own files: not checkpoints or the prepared data (which carry their own hashes),
+    # nor anything else the folder holds (a later --overwrite removes exactly what is listed here).
+    files = {name: sha256_file(out / name) for name in sorted({*written, *RUN_FILES}) if (out / name).is_file()}
     write_json(out / META_FILE, {"meta_version": 1, **meta, "files": files, "complete": True})

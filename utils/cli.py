@@ -1,16 +1,20 @@
 """The command-line entry shared by every stage: Fire, made strict.
 
-Plain Fire has two traps that are expensive in cron jobs (google/python-fire#168): a misspelled flag runs
-the whole job with the default and only complains afterwards, and values are typed by what they look
-like, not by the annotation (``--run_name=2024`` arrives as an int, ``--targets=q_proj,v_proj`` as a
-tuple). ``run(main)`` binds ``sys.argv`` against ``main``'s signature *before* anything runs, reports
-every problem at once (naming the valid flags and the closest match), coerces each value to its
-annotation, prints the resolved arguments to stderr, and only then hands the call to Fire. ``--help``
-is Fire's, built from ``main``'s Google-style docstring.
+Plain Fire has traps that are expensive in cron jobs (google/python-fire#168): a misspelled flag runs
+the whole job with the default and only complains afterwards; values are typed by what they look like,
+not by the annotation (``--run_name=2024`` arrives as an int, ``--targets=q_proj,v_proj`` as a tuple);
+and one-letter aliases are derived from first letters, so ``-o`` was ``--output_dir`` in one stage and
+``--overwrite`` in the next. ``run(main)`` binds ``sys.argv`` against ``main``'s signature *before*
+anything runs, reports every problem at once (naming the valid flags and the closest match), coerces
+each value to its annotation, prints the resolved arguments to stderr, and only then hands the call to
+Fire, as full ``--name=<json>`` flags built from the bound values: Fire never sees the user's argv.
+``--help`` is built here from ``main``'s signature and Google-style docstring (types shown whole).
 
-Accepted forms: ``--name=value``, ``--name value``, ``--name`` / ``--noname`` for booleans,
-``--name a b c`` (or ``a,b,c`` or ``[a,b,c]``) for list parameters, ``--some-name`` for ``some_name``,
-one-letter aliases where Fire advertises them, and positional values for the required parameters.
+Accepted forms: ``--name=value``, ``--name value``, ``--some-name`` for ``some_name``; for booleans
+``--name``, ``--noname``, ``--name=VALUE`` and ``--name true`` / ``--name false`` (any case, as Fire and
+so alpaca-lora's command lines write it); ``--name a b c`` (or ``a,b,c`` or ``[a,b,c]``) for list
+parameters; and positional values for the parameters before ``*``. Flags are never abbreviated and the
+only short flag is ``-h`` (``SHORT_FLAGS``); any other single-dash word is refused.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import re
 import sys
 import types
 import typing
-from collections import Counter
+import warnings
 from typing import Any, Callable, Literal
 
-__all__ = ["SuiteError", "UsageError", "run", "bind_args", "coerce"]
+__all__ = ["SuiteError", "UsageError", "run", "bind_args", "coerce", "help_text", "SHORT_FLAGS",
+           "DESTRUCTIVE_FLAG", "is_destructive", "QUIET_WARNINGS", "quiet_known_warnings"]
 
 
 class SuiteError(Exception):
@@ -42,8 +47,50 @@ class UsageError(SuiteError):
     exit_code = 2
 
 
+#: The suite's short flags: each means the same in every stage, and each is listed in every ``--help``.
+#: Fire derives one-letter aliases from first letters, per stage, so the same letter named different
+#: flags in different stages (``-o``: ``--output_dir`` or ``--overwrite``). Here nothing is derived: a
+#: short flag exists only if it is written in this table, and every other single-dash word is refused.
+SHORT_FLAGS: dict[str, str] = {"-h": "--help"}
+
+#: Flags that replace data or lower a safety check, by name pattern, so that a flag added later under one
+#: of these names is covered without further change: ``--overwrite``, ``--insecure``, every ``--allow_*``,
+#: ``--trust_remote_code``, and any ``--force*`` / ``--delete*``. Such a flag is taken only when spelled
+#: out in full (``--overwrite``, ``--overwrite=true``, ``--overwrite true``): never from a short flag
+#: (``SHORT_FLAGS`` may not reach one; the test suite checks it), never from a prefix, and never from a
+#: positional value.
+DESTRUCTIVE_FLAG = re.compile(r"overwrite|insecure|allow_\w+|trust_remote_code|force(_\w+)?|delete(_\w+)?")
+
+
+def is_destructive(name: str) -> bool:
+    """Whether parameter ``name`` (without dashes) is a flag that replaces data or lowers a safety check."""
+    return DESTRUCTIVE_FLAG.fullmatch(name) is not None
+
+
+#: Third-party deprecation notices that every stage would print although nothing in our command lines
+#: causes them and nobody running a stage can act on them: (message regex, category, module regex), for
+#: ``warnings.filterwarnings``. Each is matched on all three, so any other warning, ours above all, shows.
+QUIET_WARNINGS: list[tuple[str, type[Warning], str]] = [
+    # transformers 5 renamed gradient -> activation checkpointing; peft still asks for the old names
+    # (``PeftModel.__init__`` reads ``is_gradient_checkpointing``; ``prepare_model_for_kbit_training``
+    # calls ``gradient_checkpointing_enable``). The warning is attributed to transformers.modeling_utils.
+    (r"`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated", FutureWarning,
+     r"transformers\.modeling_utils$"),
+]
+
+
+def quiet_known_warnings() -> None:
+    """Install the ``QUIET_WARNINGS`` filters (in front of any others)."""
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
+#: The words a switch takes as its value from the *next* token (``--train_on_inputs False``), as Fire
+#: does. Only these two: ``1`` / ``yes`` / ``on`` ... are refused there (``--flag=1`` is fine), because a
+#: bare switch may be followed by a positional value, and such a value must not vanish into the switch.
+_SWITCH_WORDS = {"true", "false"}
 _NONE = {"none", "null"}
 
 
@@ -131,19 +178,15 @@ def coerce(value: Any, tp: Any, flag: str) -> Any:
     return tp(value)
 
 
-def _aliases(params: dict[str, inspect.Parameter]) -> dict[str, str]:
-    """One-letter aliases exactly as Fire's help advertises them: a first letter unique among the
-    keyword-only flags, or among the positional parameters that have defaults. ``-h`` is help."""
-    groups = [
-        [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY],
-        [n for n, p in params.items() if p.kind is not inspect.Parameter.KEYWORD_ONLY
-         and p.default is not inspect.Parameter.empty],
-    ]
-    out = {}
-    for names in groups:
-        firsts = Counter(n[0] for n in names)
-        out.update({n[0]: n for n in names if firsts[n[0]] == 1 and n[0] != "h"})
-    return out
+def _single_dash_problem(token: str, names: list[str]) -> str:
+    """The message for a single-dash word (``-o``, ``-overwrite``): refused, naming what was maybe meant."""
+    word = token[1:].replace("-", "_")
+    if word in names:
+        return f"unknown flag {token}: write --{word} (flags take two dashes)"
+    candidates = [n for n in names if n.startswith(word)]
+    shorts = ", ".join(f"{s} ({l})" for s, l in SHORT_FLAGS.items())
+    hint = ("; write the full name: " + " or ".join(f"--{n}" for n in candidates)) if candidates else ""
+    return f"unknown flag {token}: the only short flag is {shorts}, and flags are never abbreviated{hint}"
 
 
 def bind_args(main: Callable, argv: list[str]) -> dict[str, Any]:
@@ -159,33 +202,35 @@ def bind_args(main: Callable, argv: list[str]) -> dict[str, Any]:
     hints = typing.get_type_hints(main)
     params = sig.parameters
     names = list(params)
-    aliases = _aliases(params)
     is_bool = {n: _is_optional(hints.get(n, str))[1] is bool for n in names}
     is_list = {n: _is_list(_is_optional(hints.get(n, str))[1]) for n in names}
 
     raw: dict[str, Any] = {}
     positional: list[str] = []
+    after_switch: dict[int, str] = {}  # index in ``positional`` -> the bare switch just before that value
     problems: list[str] = []
 
     def resolve(token: str) -> str | None:
-        if token.startswith("--"):
-            key = token[2:].replace("-", "_")
-            if key in params:
-                return key
-            if key.startswith("no") and key[2:] in params and is_bool[key[2:]]:
-                return "!" + key[2:]
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            problems.append(f"unknown flag {token.split('=')[0]}{hint}")
+        if SHORT_FLAGS.get(token, "")[2:] in params:
+            return SHORT_FLAGS[token][2:]
+        if not token.startswith("--"):
+            problems.append(_single_dash_problem(token, names))
             return None
-        letter = token[1:]
-        if letter in aliases:
-            return aliases[letter]
-        problems.append(f"unknown flag {token}")
+        key = token[2:].replace("-", "_")
+        if key in params:
+            return key
+        if key.startswith("no") and key[2:] in params and is_bool[key[2:]]:
+            return "!" + key[2:]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        problems.append(f"unknown flag {token}{hint}")
         return None
 
     def is_flag(token: str) -> bool:
         return token.startswith("-") and len(token) > 1 and not _looks_numeric(token)
+
+    def next_is(words: set[str]) -> bool:
+        return i < len(argv) and argv[i].strip().lower() in words
 
     i = 0
     while i < len(argv):
@@ -206,8 +251,10 @@ def bind_args(main: Callable, argv: list[str]) -> dict[str, Any]:
             continue
         if name.startswith("!"):
             name = name[1:]
-            if eq:
-                problems.append(f"--no{name} takes no value (use --{name}={inline})")
+            if eq or next_is(_SWITCH_WORDS):
+                value = inline if eq else argv[i]
+                i += 0 if eq else 1
+                problems.append(f"--no{name} takes no value (use --{name}={value})")
             elif name in raw:
                 problems.append(f"--{name} given more than once")
             raw[name] = "false"
@@ -217,8 +264,20 @@ def bind_args(main: Callable, argv: list[str]) -> dict[str, Any]:
         if eq:
             raw[name] = inline
         elif is_bool[name]:
-            # A bare boolean flag never swallows the next token (Fire would take it as the value).
-            raw[name] = "true"
+            if next_is(_SWITCH_WORDS):
+                # Fire's reading, which alpaca-lora's command lines rely on: --train_on_inputs False.
+                raw[name] = argv[i]
+                i += 1
+            elif next_is(_TRUE | _FALSE):
+                # --flag 1 / --flag no: a value or a positional? Neither guess is safe; ask for the = form.
+                problems.append(f"--{name} {argv[i]}: after a space a switch takes only true or false; "
+                                f"write --{name}={argv[i]}")
+                i += 1
+            else:
+                # A bare switch; what follows is not its value (a positional value may follow it).
+                raw[name] = "true"
+                if i < len(argv) and not is_flag(argv[i]):
+                    after_switch[len(positional)] = name
         elif is_list[name]:
             values = []
             while i < len(argv) and not is_flag(argv[i]):
@@ -234,12 +293,26 @@ def bind_args(main: Callable, argv: list[str]) -> dict[str, Any]:
         else:
             problems.append(f"--{name} needs a value")
 
-    # Positional values fill the parameters that were not given as flags, in order.
+    # Positional values fill the parameters that were not given as flags, in order; a flag that replaces
+    # data or lowers a safety check is never filled from a stray positional value.
     free = [n for n in names if n not in raw and params[n].kind is not inspect.Parameter.KEYWORD_ONLY]
-    for value, name in zip(positional, free):
+    for k, (value, name) in enumerate(zip(positional, free)):
+        if is_destructive(name):
+            problems.append(f"--{name} must be given by name, not as the positional value {value!r}")
+            continue
+        if k in after_switch and params[name].default is not inspect.Parameter.empty:
+            # "--train_on_inputs maybe" must not quietly become an optional positional (output_dir="maybe");
+            # a required one may follow a bare switch ("--flag MODEL"): without it the command fails anyway.
+            switch = after_switch[k]
+            problems.append(f"--{switch} {value}: --{switch} is a switch (it takes no value, or true / false); "
+                            f"write --{name}={value} if {value!r} is meant for --{name}")
+            continue
         raw[name] = value
     if len(positional) > len(free):
-        problems.append("unexpected positional arguments: " + " ".join(positional[len(free):]))
+        extra = positional[len(free):]
+        switches = [after_switch[k] for k in range(len(free), len(positional)) if k in after_switch]
+        hint = "".join(f" (--{s} is a switch: it takes no value, or true / false)" for s in switches)
+        problems.append("unexpected positional arguments: " + " ".join(extra) + hint)
 
     resolved: dict[str, Any] = {}
     for name, param in params.items():
@@ -266,22 +339,76 @@ def _looks_numeric(token: str) -> bool:
         return False
 
 
-def help_text(main: Callable, prog: str) -> str:
-    """Fire's help page for ``main`` (from its signature and Google-style docstring), for stdout."""
-    from fire import helptext, trace
+def _type_text(main: Callable, name: str) -> str:
+    """The annotation of ``name`` as written in the source, whole (Fire's help cuts it at 72 columns)."""
+    annotation = inspect.signature(main).parameters[name].annotation
+    if annotation is inspect.Parameter.empty:
+        return ""
+    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+    return " ".join(text.split())
 
-    text = helptext.HelpText(main, trace=trace.FireTrace(main, name=prog))
-    # Fire advertises "-h, --history_column"-style aliases that we do not accept (-h is help).
-    aliases = _aliases(dict(inspect.signature(main).parameters))
-    return re.sub(r"-([a-zA-Z]), --(\w+)", lambda m: m.group(0) if aliases.get(m.group(1)) == m.group(2)
-                  else f"--{m.group(2)}", text)
+
+def _default_text(main: Callable, name: str) -> str:
+    default = inspect.signature(main).parameters[name].default
+    if isinstance(default, tuple):  # tuple defaults stand in for immutable lists
+        default = list(default)
+    return repr(default)
+
+
+def help_text(main: Callable, prog: str) -> str:
+    """The help page for ``main``, from its signature and Google-style docstring, for stdout.
+
+    Laid out as Fire's (NAME, SYNOPSIS, DESCRIPTION, POSITIONAL ARGUMENTS, FLAGS, NOTES), but built here:
+    Fire cuts long types (``Literal['cosine...``) and advertises one-letter aliases we do not accept.
+    """
+    from fire import docstrings
+
+    doc = docstrings.parse(inspect.getdoc(main) or "")
+    described = {a.name.lstrip("*"): a.description for a in doc.args or []}
+    params = inspect.signature(main).parameters
+    keyword_only = inspect.Parameter.KEYWORD_ONLY
+    required = [n for n, p in params.items() if p.kind is not keyword_only and p.default is p.empty]
+    optional = [n for n, p in params.items() if p.kind is not keyword_only and p.default is not p.empty]
+    flags = [n for n in params if n not in required]
+
+    def item(head: str, name: str, with_default: bool) -> str:
+        lines = [head]
+        if _type_text(main, name):
+            lines.append(f"    Type: {_type_text(main, name)}")
+        if with_default:
+            lines.append(f"    Default: {_default_text(main, name)}")
+        if described.get(name):
+            lines.append("    " + " ".join(described[name].split()))
+        return "\n".join(lines)
+
+    summary = doc.summary or ""
+    synopsis = " ".join([prog, *(n.upper() for n in required), *(f"[{n.upper()}]" for n in optional), "<flags>"])
+    sections = [("NAME", f"{prog} - {summary}" if summary else prog), ("SYNOPSIS", synopsis),
+                ("DESCRIPTION", "\n\n".join(p for p in (summary, doc.description) if p))]
+    if required:
+        sections.append(("POSITIONAL ARGUMENTS", "\n".join(item(n.upper(), n, False) for n in required)))
+    entries = [item(f"--{n}={n.upper()}" + (" (required)" if params[n].default is params[n].empty else ""), n,
+                    params[n].default is not params[n].empty) for n in flags]
+    entries += [f"{short}, {long}\n    Show this help and exit." for short, long in SHORT_FLAGS.items()]
+    sections.append(("FLAGS", "\n".join(entries)))
+    shorts = ", ".join(SHORT_FLAGS)
+    sections.append(("NOTES", "\n".join([
+        "Positional arguments can also be given as flags (--name=VALUE)." if required or optional else "",
+        f"Flags are written in full, with two dashes (--some-name is --some_name); the only short flag is "
+        f"{shorts}.",
+        "Switches: --name, --noname, --name=false, or --name true / --name false.",
+        "Lists: --name a b c, --name=a,b,c or --name='[a,b,c]'.",
+    ]).strip()))
+    indent = " " * 4
+    return "\n\n".join(f"{title}\n" + "\n".join(indent + line if line else line for line in body.splitlines())
+                       for title, body in sections if body)
 
 
 def run(main: Callable, argv: list[str] | None = None) -> None:
     """Run ``main`` as a strict Fire command. Exit 2 on bad arguments, 1 on a ``SuiteError``."""
     prog = os.path.basename(sys.argv[0]) if argv is None else f"{main.__module__}.{main.__name__}"
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
+    if any(a == "--help" or SHORT_FLAGS.get(a) == "--help" for a in argv):
         print(help_text(main, prog))
         return
     try:
@@ -301,8 +428,11 @@ def run(main: Callable, argv: list[str] | None = None) -> None:
     # Values go to Fire as JSON and come back untouched: Fire's own guessing never sees them.
     call = fire.decorators.SetParseFn(json.loads, *kwargs)(call)
     command = [f"--{k}={json.dumps(v, ensure_ascii=False)}" for k, v in kwargs.items()]
-    try:
-        fire.Fire(call, command=command, name=prog)
-    except SuiteError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    # The filters last for this call only (an in-process caller, such as a test, keeps its own).
+    with warnings.catch_warnings():
+        quiet_known_warnings()
+        try:
+            fire.Fire(call, command=command, name=prog)
+        except SuiteError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)

@@ -92,6 +92,27 @@ def read_config(folder: str | Path, flag: str) -> dict:
     return read_folder_json(folder, "config.json", flag)
 
 
+# The config keys the conversions read, by model type (the layer-by-layer forward, Meta's params.json): a
+# config without one would otherwise fail deep inside the work with a KeyError.
+CONFIG_KEYS = {
+    **{t: ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+       for t in ("llama", "mistral", "qwen2", "qwen3")},
+    "gpt2": ("n_embd", "n_layer", "n_head", "vocab_size"),
+}
+
+
+def check_config(config: dict, folder: str | Path, flag: str) -> dict:
+    """Refuse a config.json that lacks what the conversion reads (its model_type, and the shape keys of the
+    architectures converted here); returns the config."""
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise SuiteError(f"{flag} {folder}: config.json has no model_type (not a transformers model config)")
+    missing = [k for k in CONFIG_KEYS.get(config["model_type"], ()) if not isinstance(config.get(k), int)]
+    if missing:
+        raise SuiteError(f"{flag} {folder}: config.json lacks {', '.join(missing)} (needed for a "
+                         f"{config['model_type']} model; damaged or hand-edited?)")
+    return config
+
+
 def config_dtype(config: dict) -> str:
     """The suite's name (fp32/bf16/fp16) for the dtype a config declares (fp32 if none)."""
     return CONFIG_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), "fp32")
@@ -151,6 +172,21 @@ def tokenizer_source(*folders: str | Path | None) -> Path | None:
         if f and any((Path(f) / n).is_file() for n in TOKENIZER_FILES):
             return Path(f)
     return None
+
+
+def sentencepiece_source(*folders: str | Path | None) -> Path | None:
+    """The first folder's ``tokenizer.model`` (a SentencePiece model, what Meta's code reads), if any has one."""
+    for f in folders:
+        if f and (Path(f) / "tokenizer.model").is_file():
+            return Path(f) / "tokenizer.model"
+    return None
+
+
+def no_tokenizer_warning(stage: str, folders: dict[str, str | Path | None], fix: str = "") -> None:
+    """Say that an output has no tokenizer, where none was found, and what that means."""
+    where = " nor ".join(f"{flag} {path}" for flag, path in folders.items() if path)
+    log(stage, f"warning: no tokenizer files in {where}; the output has none, so generate.py and finetune.py "
+               f"cannot use it until they are copied in{fix}")
 
 
 def copy_tokenizer(src: Path | None, dst: Path) -> list[str]:
@@ -302,7 +338,8 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None
 
 
 def llama_dims(config: dict, flag: str = "--base_model") -> dict:
-    """The Llama shape numbers of a Hugging Face config; refuses what Meta's format cannot hold."""
+    """The Llama shape numbers of a Hugging Face config; refuses what Meta's format cannot hold. ``flag``
+    names the input in the messages (the flag and its folder)."""
     from utils.forward import rope_params
 
     mt = config.get("model_type")
@@ -325,10 +362,19 @@ def llama_dims(config: dict, flag: str = "--base_model") -> dict:
             "tied": bool(config.get("tie_word_embeddings", False))}
 
 
+# The RoPE base Llama 1 and 2 use, and what every reader of params.json assumes when it has no rope_theta.
+META_ROPE_THETA = 10000.0
+
+
 def meta_params(d: dict) -> dict:
-    return {"dim": d["dim"], "n_layers": d["n_layers"], "n_heads": d["n_heads"], "n_kv_heads": d["n_kv_heads"],
-            "vocab_size": d["vocab_size"], **ffn_params(d["dim"], d["hidden"]), "norm_eps": d["norm_eps"],
-            "rope_theta": d["rope_theta"]}
+    """params.json as Meta writes it. ``rope_theta`` only where it is not Llama 2's 10000, as in Llama 3's
+    folders: Llama 2's loader passes every key to ``ModelArgs(**params)``, which has no rope_theta field and
+    refuses one."""
+    params = {"dim": d["dim"], "n_layers": d["n_layers"], "n_heads": d["n_heads"], "n_kv_heads": d["n_kv_heads"],
+              "vocab_size": d["vocab_size"], **ffn_params(d["dim"], d["hidden"]), "norm_eps": d["norm_eps"]}
+    if float(d["rope_theta"]) != META_ROPE_THETA:
+        params["rope_theta"] = d["rope_theta"]
+    return params
 
 
 def hf_llama_config(d: dict, dtype: str) -> dict:

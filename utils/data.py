@@ -50,6 +50,19 @@ POLICY_DROPS = {
 }
 
 
+def missing_path_message(flag: str, path: str, what: str) -> str:
+    """The problem line for a data path that does not exist. One spelled like a Hugging Face Hub dataset id
+    (tatsu-lab/alpaca) gets the reason: this suite reads local files only and never downloads anything."""
+    from utils.model import looks_like_hub_id
+
+    text = f"{flag} {path}: no such {what}"
+    if not looks_like_hub_id(path):
+        return text
+    return (f"{text}. It looks like a Hugging Face Hub dataset id, but this suite never downloads anything: "
+            f"download it yourself (e.g. hf download {path} --repo-type dataset --local-dir DIR) and "
+            "pass the local JSON / JSONL file(s)")
+
+
 class DataError(SuiteError):
     """A data problem that stops the run (unreadable file, unknown format, too many bad rows)."""
 

@@ -233,6 +233,15 @@ def compare(reference, candidate) -> dict:
 TOLERANCE = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
 
 
+def agreement(result: dict, how: str | None = None) -> str:
+    """How closely the logits agreed, for the stages' "verified:" line (identical logits are said so, rather
+    than "within 0 of their scale"); ``how`` names the method."""
+    if result["max_abs_diff"] == 0:
+        return f"exactly (identical logits{'; ' + how if how else ''})"
+    notes = [f"tolerance {result['tolerance']}"] if "tolerance" in result else []
+    return f"within {result['rel_diff']:.2g} of their scale ({'; '.join(notes + ([how] if how else []))})"
+
+
 def check(result: dict, dtype: str, what: str) -> None:
     tol = TOLERANCE[dtype]
     result["tolerance"] = tol

@@ -11,7 +11,13 @@
 * a merged or exported model folder (any folder with config.json and weights);
 * bitsandbytes 8-bit or 4-bit loading of the base.
 
-Before any weight is read, the adapter is checked against the base: against the base fingerprint
+``prepare(...)`` does everything but reading the weights (every check, tokenizer, template, the record of
+what will be loaded) and ``load_model(plan)`` the rest, so a stage can refuse its input, or find that it has
+nothing to do, before the heavy part. An incomplete folder fails in ``prepare``, naming the folder and what is
+missing: no config.json, no weights or a missing shard, a truncated safetensors file, no tokenizer files, an
+adapter without adapter_model.safetensors.
+
+Before any weight is read, the adapter is also checked against the base: against the base fingerprint
 ``finetune.py`` recorded (config and weight hashes), and against the shapes in the adapter's and the
 base's safetensors headers, so a wrong base fails with a message instead of a shape error deep in
 peft (or, worse, a silently wrong model). Safe by default: safetensors only, no remote code, unless
@@ -34,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import SuiteError
-from utils.model import check_model_dir, needs_remote_code
+from utils.model import (check_model_dir, missing_folder, needs_remote_code, safetensors_problem,
+                         tokenizer_problems)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -72,7 +79,26 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"))
+    return not tokenizer_problems(str(folder))
+
+
+def template_problems(name: str | None, flag: str = "--prompt_template") -> list[str]:
+    """An unknown template name (with the closest built-in one) or a missing template file, found before anything
+    is loaded: a bad argument, not bad input."""
+    import difflib
+
+    from utils.templates import available_templates
+
+    if not name:
+        return []
+    if name.endswith(".json") or "/" in name or os.sep in name:
+        return [] if Path(name).is_file() else [f"{flag} {name}: no such template file"]
+    names = available_templates()
+    if name in names:
+        return []
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    return [f"{flag} {name}: unknown template" + (f" (did you mean {close[0]}?)" if close else "")
+            + f"; built-in: {', '.join(names)}, or a path to a template JSON"]
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -95,7 +121,7 @@ def resolve(base_model: str | None, lora_weights: str | None) -> Source:
     if lora_weights:
         folder = Path(lora_weights)
         if not folder.is_dir():
-            raise SuiteError(f"--lora_weights {lora_weights}: no such folder (adapters are never downloaded)")
+            raise SuiteError(missing_folder(lora_weights, "--lora_weights").replace("(models are", "(adapters are"))
         if not is_adapter_dir(folder):
             raise SuiteError(f"--lora_weights {lora_weights}: no {ADAPTER_CONFIG} (not a PEFT adapter or finetune "
                              "output folder)")
@@ -171,7 +197,10 @@ def check_adapter(source: Source, allow_pickle_weights: bool = False, allow_base
                 return [f"--lora_weights {folder}: only pickle weights ({ADAPTER_PICKLE}); pass --allow_pickle_weights "
                         "to load them with torch.load(weights_only=True), or convert to safetensors"]
             return []
-        return [f"--lora_weights {folder}: no {ADAPTER_WEIGHTS}"]
+        return [f"--lora_weights {folder}: no {ADAPTER_WEIGHTS} (an unfinished or partly copied adapter folder)"]
+    damaged = safetensors_problem(weights)
+    if damaged:
+        return [f"--lora_weights {folder}: {damaged}"]
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:
@@ -419,23 +448,40 @@ def _device_map_for(base: str, strategy: str, max_memory: dict | None, dtype, tr
 # -- loading --------------------------------------------------------------------------------------
 
 
-def load(base_model: str | None = None, lora_weights: str | None = None, *, prompt_template: str | None = None,
-         dtype: str = "auto", device: str = "auto", load_8bit: bool = False, load_4bit: bool = False,
-         device_map: str | None = None, max_memory: str | dict | None = None, trust_remote_code: bool = False,
-         allow_pickle_weights: bool = False, allow_base_mismatch: bool = False, log=None) -> Loaded:
-    """Load model, tokenizer and template from the suite's artifacts (see module docstring).
+@dataclass
+class Plan:
+    """Everything ``load`` decides before reading a weight: the sources, checks passed, tokenizer, template and
+    the record of what will be loaded (``info``, what batch outputs are keyed on)."""
+
+    source: Source
+    tokenizer: Any
+    template: Any
+    info: dict
+    device: str
+    torch_dtype: Any
+    kwargs: dict
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+
+
+def prepare(base_model: str | None = None, lora_weights: str | None = None, *, prompt_template: str | None = None,
+            dtype: str = "auto", device: str = "auto", load_8bit: bool = False, load_4bit: bool = False,
+            device_map: str | None = None, max_memory: str | dict | None = None, trust_remote_code: bool = False,
+            allow_pickle_weights: bool = False, allow_base_mismatch: bool = False) -> Plan:
+    """Resolve and check everything ``load`` needs, and load the tokenizer and template, without reading the model's
+    weights: an incomplete folder (no config, weights, tokenizer or adapter weights; a truncated safetensors file)
+    fails here, naming the folder and what is missing.
 
     Raises:
-        SuiteError: every problem found before loading, at once.
+        SuiteError: every problem found, at once.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log = log or (lambda msg: print(msg, file=sys.stderr))
     source = resolve(base_model, lora_weights)
     device = pick_device(device)
-    problems = check_model_dir(source.base, allow_pickle_weights,
-                               flag="--base_model" if base_model else "base model")
+    flag = "--base_model" if base_model else "base model"
+    problems = check_model_dir(source.base, allow_pickle_weights, flag=flag)
+    tok_flag = "--lora_weights" if source.tokenizer_dir == source.adapter else flag
+    problems += tokenizer_problems(source.tokenizer_dir, flag=tok_flag) if Path(source.tokenizer_dir).is_dir() else []
+    problems += template_problems(prompt_template)
     problems += device_problems(device, dtype)
     if load_8bit and load_4bit:
         problems.append("--load_8bit and --load_4bit exclude each other")
@@ -476,15 +522,52 @@ def load(base_model: str | None = None, lora_weights: str | None = None, *, prom
             raise SuiteError(f"--device_map {device_map}: {exc}") from None
         if memory:
             kwargs["max_memory"] = memory
+    tokenizer = _load_tokenizer(source.tokenizer_dir, tok_flag, trust_remote_code)
+    template = load_template_for(source, prompt_template, tokenizer)
+    info = {
+        "base_model": os.path.abspath(source.base),
+        "adapter": os.path.abspath(source.adapter) if source.adapter else None,
+        "method": source.method or ((source.meta or {}).get("method")),
+        "template": getattr(template, "name", None),
+        "dtype": dtype_name,
+        "device": device if device_map is None else f"device_map={device_map}",
+        "quantization": "8bit" if load_8bit else "4bit" if load_4bit else None,
+        "model_id": Path(source.adapter or source.base).resolve().name,
+    }
+    return Plan(source, tokenizer, template, info, device, torch_dtype, kwargs, trust_remote_code,
+                allow_pickle_weights)
+
+
+def _load_tokenizer(folder: str, flag: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - tokenizers fail in many types (ValueError, OSError, Rust errors)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise SuiteError(f"{flag} {folder}: cannot load the tokenizer ({first})") from None
+
+
+def load_model(plan: Plan, log=None) -> Loaded:
+    """Read the weights ``plan`` names (the heavy part of ``load``)."""
+    from transformers import AutoModelForCausalLM
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    source, kwargs, device = plan.source, plan.kwargs, plan.device
+    info = plan.info
     log(f"loading {source.base}" + (f" + {source.method} adapter {source.adapter}" if source.adapter else "")
-        + f" ({dtype_name}, {'device map' if device_map else device}"
-        + (", 8-bit" if load_8bit else ", 4-bit" if load_4bit else "") + ")")
-    model = AutoModelForCausalLM.from_pretrained(
-        source.base, dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True,
-        use_safetensors=not allow_pickle_weights, **kwargs)
+        + f" ({info['dtype']}, {'device map' if info['device'].startswith('device_map=') else device}"
+        + (", 8-bit" if info["quantization"] == "8bit" else ", 4-bit" if info["quantization"] == "4bit" else "") + ")")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.base, dtype=plan.torch_dtype, trust_remote_code=plan.trust_remote_code, local_files_only=True,
+            use_safetensors=not plan.allow_pickle_weights, **kwargs)
+    except (OSError, ValueError) as exc:  # e.g. weights that do not match config.json
+        raise SuiteError(f"base model {source.base}: cannot be loaded: {str(exc).strip().splitlines()[0][:400]}") \
+            from None
     if "device_map" not in kwargs and device != "cpu":
         model.to(device)
-    if load_4bit:
+    if info["quantization"] == "4bit":
         from utils.model import keep_bnb_cpu_layout
 
         keep_bnb_cpu_layout(model)  # odd widths (stories260K's 172-wide MLP) would fail in the packed CPU kernel
@@ -497,20 +580,24 @@ def load(base_model: str | None = None, lora_weights: str | None = None, *, prom
             raise SuiteError(f"--lora_weights {source.adapter}: cannot be applied to {source.base}: "
                              f"{str(exc).splitlines()[0][:400]}") from None
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, local_files_only=True,
-                                              trust_remote_code=trust_remote_code)
-    template = load_template_for(source, prompt_template, tokenizer)
-    info = {
-        "base_model": os.path.abspath(source.base),
-        "adapter": os.path.abspath(source.adapter) if source.adapter else None,
-        "method": source.method or ((source.meta or {}).get("method")),
-        "template": getattr(template, "name", None),
-        "dtype": dtype_name,
-        "device": device if device_map is None else f"device_map={device_map}",
-        "quantization": "8bit" if load_8bit else "4bit" if load_4bit else None,
-        "model_id": Path(source.adapter or source.base).resolve().name,
-    }
-    return Loaded(model, tokenizer, template, info)
+    return Loaded(model, plan.tokenizer, plan.template, dict(info))
+
+
+def load(base_model: str | None = None, lora_weights: str | None = None, *, prompt_template: str | None = None,
+         dtype: str = "auto", device: str = "auto", load_8bit: bool = False, load_4bit: bool = False,
+         device_map: str | None = None, max_memory: str | dict | None = None, trust_remote_code: bool = False,
+         allow_pickle_weights: bool = False, allow_base_mismatch: bool = False, log=None) -> Loaded:
+    """Load model, tokenizer and template from the suite's artifacts (see module docstring): ``prepare`` (every
+    check, tokenizer and template; no weights read), then ``load_model``.
+
+    Raises:
+        SuiteError: every problem found before loading, at once.
+    """
+    plan = prepare(base_model, lora_weights, prompt_template=prompt_template, dtype=dtype, device=device,
+                   load_8bit=load_8bit, load_4bit=load_4bit, device_map=device_map, max_memory=max_memory,
+                   trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights,
+                   allow_base_mismatch=allow_base_mismatch)
+    return load_model(plan, log)
 
 
 def load_template_for(source: Source, prompt_template: str | None, tokenizer) -> Any:

@@ -86,7 +86,18 @@ def adapter_weights_file(folder: Path, allow_pickle: bool, flag: str = "--lora_w
             raise SuiteError(f"{flag} {folder}: only adapter_model.bin (pickle); pass --allow_pickle_weights to read "
                              "it with torch.load(weights_only=True)")
         return pickled
-    raise SuiteError(f"{flag} {folder}: no adapter_model.safetensors")
+    raise SuiteError(f"{flag} {folder}: no adapter_model.safetensors (the adapter's weights; nor adapter_model.bin)")
+
+
+def check_adapter_dir(folder: str | Path, allow_pickle: bool, flag: str = "--lora_weights") -> None:
+    """Refuse an incomplete adapter folder before any work: adapter_config.json missing or unreadable, no weights
+    file, or a safetensors file that is damaged or shorter than its header says."""
+    read_adapter_config(Path(folder), flag)
+    path = adapter_weights_file(Path(folder), allow_pickle, flag)
+    if path.suffix == ".safetensors":
+        from utils.shards import read_header
+
+        read_header(path, flag)
 
 
 def load_state(path: Path, flag: str = "--lora_weights") -> dict:
@@ -95,7 +106,7 @@ def load_state(path: Path, flag: str = "--lora_weights") -> dict:
     if path.suffix == ".safetensors":
         from utils.shards import read_entry, read_header
 
-        entries, _ = read_header(path)
+        entries, _ = read_header(path, flag)
         return {k: read_entry(e) for k, e in entries.items()}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -190,21 +190,28 @@ class Entry:
         return math.prod(self.shape[1:]) * dtype_size(self.dtype)
 
 
-def read_header(path: str | Path) -> tuple[dict[str, Entry], dict]:
-    """The tensors of one safetensors file, validated (bounds, overlaps, sizes). Raises SuiteError."""
+def read_header(path: str | Path, flag: str | None = None) -> tuple[dict[str, Entry], dict]:
+    """The tensors of one safetensors file, validated (bounds, overlaps, sizes). Raises SuiteError, naming
+    ``flag`` and the file's folder when given."""
     path = Path(path)
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise SuiteError(f"{flag + ' ' if flag else ''}{path}: cannot be read ({exc.strerror or exc})") from None
 
     def bad(why: str):
-        return SuiteError(f"{path}: not a valid safetensors file ({why})")
+        where = f"{flag} {path.parent}: {path.name}" if flag else str(path)
+        return SuiteError(f"{where}: not a valid safetensors file ({why})")
 
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise bad("shorter than its 8-byte header length")
+            raise bad(f"truncated: {size} bytes, shorter than its 8-byte header length")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise bad(f"header length {n} does not fit the file ({size} bytes)")
+        if n > MAX_HEADER:
+            raise bad(f"header length {n} is beyond the format's limit")
+        if 8 + n > size:
+            raise bad(f"truncated, or not safetensors: header length {n} does not fit the file ({size} bytes)")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -214,6 +221,12 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict]:
         raise bad("header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
     base = 8 + n
+    ends = [info["data_offsets"][1] for info in header.values() if isinstance(info, dict)
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+            and isinstance(info["data_offsets"][1], int)]
+    if ends and base + max(ends) > size:  # the usual damage: a copy or download cut off
+        raise bad(f"truncated: {size:,} bytes, its header needs {base + max(ends):,}; an interrupted copy or "
+                  "download?")
     entries: dict[str, Entry] = {}
     spans = []
     for name, info in header.items():
@@ -299,7 +312,7 @@ class ModelWeights:
         else:
             pindex, pone = self.folder / "pytorch_model.bin.index.json", self.folder / "pytorch_model.bin"
             if not (pindex.is_file() or pone.is_file()):
-                raise SuiteError(f"{flag} {folder}: no weights (model.safetensors or model.safetensors.index.json)")
+                raise SuiteError(f"{flag} {folder}: no weights (no model.safetensors or model.safetensors.index.json)")
             if not allow_pickle:
                 raise SuiteError(f"{flag} {folder}: only pickle weights (pytorch_model.bin); pass "
                                  "--allow_pickle_weights to read them with torch.load(weights_only=True), or convert "
@@ -328,7 +341,7 @@ class ModelWeights:
 
     def _add_safetensors(self, paths: list[Path], flag: str) -> None:
         for p in paths:
-            entries, _ = read_header(p)
+            entries, _ = read_header(p, flag)
             for name, e in entries.items():
                 if name in self.entries:
                     raise SuiteError(f"{flag} {self.folder}: tensor {name!r} is stored twice")
