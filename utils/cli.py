@@ -409,7 +409,11 @@ def run(main: Callable, argv: list[str] | None = None) -> None:
     prog = os.path.basename(sys.argv[0]) if argv is None else f"{main.__module__}.{main.__name__}"
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--help" or SHORT_FLAGS.get(a) == "--help" for a in argv):
-        print(help_text(main, prog))
+        try:
+            print(help_text(main, prog))
+            sys.stdout.flush()
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     try:
         kwargs = bind_args(main, argv)
