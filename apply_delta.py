@@ -176,118 +176,188 @@ def _plain(a: dict) -> dict:
     return {k: v for k, v in a.items() if k != "fingerprint_of"}
 
 
-def make(a: dict, deferred) -> None:
-    import torch
+def _progress(names: list[str], desc: str):
     from tqdm import tqdm
 
-    from utils.artifacts import finish_meta, library_versions, staged_dir, write_json
-    from utils.convert import config_dtype, copy_tokenizer, floating, log, no_tokenizer_warning, read_config
-    from utils.shards import ModelWeights, ShardWriter, parse_size, row_chunks
+    return tqdm(names, desc=desc, unit="tensor", file=sys.stderr, disable=None)
+
+
+def _open_pair(a: dict, other_flag: str):
+    """The base and the other input (target or delta) as ModelWeights, and how each tensor relates to the base."""
+    from utils.shards import ModelWeights
 
     base = ModelWeights(a["base_model_path"], a["allow_pickle_weights"], "--base_model_path")
-    target = ModelWeights(a["target_model_path"], a["allow_pickle_weights"], "--target_model_path")
-    kinds = _plan_pairs(base, target, "--target_model_path")
+    other = ModelWeights(a[other_flag.lstrip("-")], a["allow_pickle_weights"], other_flag)
+    return base, other, _plan_pairs(base, other, other_flag)
+
+
+def _require_floating(weights, names: list[str], flag: str, why: str) -> None:
+    from utils.convert import floating
+
+    nonfloat = [n for n in names if not floating(weights.entries[n].dtype)]
+    if nonfloat:
+        raise SuiteError(f"{flag}: non-floating tensors {nonfloat[:3]} {why}")
+
+
+def _base_span(kind: str, n_base: int | None, r0: int, r1: int) -> tuple[int, int]:
+    """The base rows under rows r0:r1 of the target: all of them, or for a grown tensor those within the base's."""
+    return (r0, min(r1, n_base)) if kind == "grown" else (r0, r1)
+
+
+def _grown_rows(base, other, kinds: dict[str, str]) -> dict[str, list[int]]:
+    return {n: [base.entries[n].shape[0], other.entries[n].shape[0]] for n, k in kinds.items() if k == "grown"}
+
+
+def _write_shards(folder: Path, plan: list, max_shard_size: str, write_tensors) -> dict[str, str]:
+    """Stream every planned tensor (``write_tensors(writer)``) into safetensors shards; the files' sha256."""
+    from utils.shards import ShardWriter, parse_size
+
+    writer = ShardWriter(folder, plan, parse_size(max_shard_size))
+    try:
+        write_tensors(writer)
+        return writer.close()
+    finally:
+        writer.abort()
+
+
+def _write_model_files(folder: Path, config: dict, source: str, source_flag: str, stage: str) -> list[str]:
+    """config.json, and the source's generation config and tokenizer; the tokenizer files copied."""
+    from utils.artifacts import write_json
+    from utils.convert import copy_tokenizer, no_tokenizer_warning
+
+    write_json(folder / "config.json", config)
+    if (Path(source) / "generation_config.json").is_file():
+        shutil.copyfile(Path(source) / "generation_config.json", folder / "generation_config.json")
+    tokenizer = copy_tokenizer(Path(source), folder)
+    if not tokenizer:
+        no_tokenizer_warning(stage, {source_flag: source})
+    return tokenizer
+
+
+def _finish(folder: Path, a: dict, stage: str, deferred, files: dict[str, str], record) -> None:
+    """Write pipeline.json last: the fingerprint of the inputs' hashes (waited for here) and ``record(hashes)``."""
+    from utils.artifacts import finish_meta, library_versions
+
+    hashes = deferred.result()
+    finish_meta(folder, {
+        "stage": stage, "fingerprint": a["fingerprint_of"](hashes), "args": _plain(a), **record(hashes),
+        "versions": library_versions("torch", "safetensors"),
+    }, known_hashes=files)
+
+
+def _exact_delta(b, t):
+    """fp32 delta d with fl(b + d) == t (in the target's dtype), else an fp64 one."""
+    import torch
+
+    d = t.float() - b.float()
+    for _ in range(3):
+        wrong = (b.float() + d).to(t.dtype) != t
+        if not wrong.any():
+            return d
+        d = torch.where(wrong, d + (t.float() - (b.float() + d)), d)
+    d64 = t.double() - b.double()
+    if not torch.equal((b.double() + d64).to(t.dtype), t):
+        raise SuiteError("a tensor's target - base cannot be represented exactly even in fp64")
+    return d64
+
+
+def make(a: dict, deferred) -> None:
+    from utils.artifacts import staged_dir
+    from utils.convert import config_dtype, read_config
+
+    base, target, kinds = _open_pair(a, "--target_model_path")
     names = target.names()
     config = read_config(a["target_model_path"], "--target_model_path")
-    nonfloat = [n for n in names if not floating(target.entries[n].dtype)]
-    if nonfloat:
-        raise SuiteError(f"--target_model_path: non-floating tensors {nonfloat[:3]} cannot be stored as a delta")
-
-    def exact_delta(b, t):
-        """fp32 delta d with fl(b + d) == t (in the target's dtype), else an fp64 one."""
-        d = t.float() - b.float()
-        for _ in range(3):
-            wrong = (b.float() + d).to(t.dtype) != t
-            if not wrong.any():
-                return d
-            d = torch.where(wrong, d + (t.float() - (b.float() + d)), d)
-        d64 = t.double() - b.double()
-        if not torch.equal((b.double() + d64).to(t.dtype), t):
-            raise SuiteError("a tensor's target - base cannot be represented exactly even in fp64")
-        return d64
-
-    # First pass, a chunk at a time: which tensors need an fp64 delta (the plan needs every dtype up front).
-    wide = set()
-    for name in tqdm(names, desc="check", unit="tensor", file=sys.stderr, disable=None):
-        if kinds[name] == "new":
-            continue
-        be = base.entries[name]
-        for r0, r1 in row_chunks(be):
-            rows = (r0, r1) if be.shape else None
-            if exact_delta(base.get(name, rows), target.get(name, rows)).dtype == torch.float64:
-                wide.add(name)
-                break
-    if wide:
-        log("make_delta", f"{len(wide)} tensors need an fp64 delta to stay exact (e.g. {sorted(wide)[0]})")
+    _require_floating(target, names, "--target_model_path", "cannot be stored as a delta")
+    wide = _fp64_tensors(base, target, names, kinds)
     plan = [(n, "F64" if n in wide else "F32", target.entries[n].shape) for n in names]
     base_hashes, target_hashes = {}, {}
     with staged_dir(a["delta_path"]) as tmp:
-        writer = ShardWriter(tmp, plan, parse_size(a["max_shard_size"]))
-        try:
-            for name in tqdm(names, desc="make", unit="tensor", file=sys.stderr, disable=None):
-                te, kind = target.entries[name], kinds[name]
-                ht = hashlib.sha256()
-                hb = hashlib.sha256() if kind != "new" else None
-                n_base = base.entries[name].shape[0] if kind == "grown" else None
-                for r0, r1 in row_chunks(te):
-                    rows = (r0, r1) if te.shape else None
-                    t = target.get(name, rows)
-                    _tensor_hash(ht, t)
-                    out_dtype = torch.float64 if name in wide else torch.float32
-                    if kind == "new":
-                        writer.write(name, t.to(out_dtype))
-                        continue
-                    d = t.to(out_dtype)  # rows beyond the base's: the target's own values
-                    lo, hi = (r0, min(r1, n_base)) if kind == "grown" else (r0, r1)
-                    if hi > lo or rows is None:
-                        b = base.get(name, (lo, hi) if rows is not None else None)
-                        hb.update(memoryview(b.contiguous().reshape(-1).view(torch.uint8).numpy()))
-                        part = exact_delta(b, t[: hi - lo] if rows is not None else t).to(out_dtype)
-                        if rows is None:
-                            d = part
-                        else:
-                            d[: hi - lo] = part
-                    writer.write(name, d)
-                target_hashes[name] = ht.hexdigest()
-                if hb is not None:
-                    base_hashes[name] = hb.hexdigest()
-            files = writer.close()
-        finally:
-            writer.abort()
-        write_json(tmp / "config.json", config)
-        for name in ("generation_config.json",):
-            if (Path(a["target_model_path"]) / name).is_file():
-                shutil.copyfile(Path(a["target_model_path"]) / name, tmp / name)
-        tokenizer = copy_tokenizer(Path(a["target_model_path"]), tmp)
-        if not tokenizer:
-            no_tokenizer_warning("make_delta", {"--target_model_path": a["target_model_path"]})
-        grown = {n: [base.entries[n].shape[0], target.entries[n].shape[0]] for n, k in kinds.items() if k == "grown"}
-        hashes = deferred.result()
-        finish_meta(tmp, {
-            "stage": "make_delta", "fingerprint": a["fingerprint_of"](hashes), "args": _plain(a),
+        files = _write_shards(tmp, plan, a["max_shard_size"], lambda writer: _write_deltas(
+            base, target, names, kinds, wide, writer, base_hashes, target_hashes))
+        tokenizer = _write_model_files(tmp, config, a["target_model_path"], "--target_model_path", "make_delta")
+        _finish(tmp, a, "make_delta", deferred, files, lambda hashes: {
             "base_model": {"path": os.path.abspath(a["base_model_path"]), "files": hashes["--base_model_path"],
                            "tensors": base_hashes},
             "target_model": {"path": os.path.abspath(a["target_model_path"]), "files": hashes["--target_model_path"],
                              "tensors": target_hashes, "dtypes": {n: target.entries[n].dtype for n in names},
                              "dtype": config_dtype(config)},
-            "grown_rows": grown, "new_tensors": [n for n, k in kinds.items() if k == "new"],
+            "grown_rows": _grown_rows(base, target, kinds), "new_tensors": [n for n, k in kinds.items() if k == "new"],
             "fp64_tensors": sorted(wide), "tokenizer": tokenizer,
-            "versions": library_versions("torch", "safetensors"),
-        }, known_hashes=files)
+        })
+
+
+def _fp64_tensors(base, target, names: list[str], kinds: dict[str, str]) -> set[str]:
+    """First pass, a chunk at a time: which tensors need an fp64 delta (the plan needs every dtype up front)."""
+    import torch
+
+    from utils.convert import log
+    from utils.shards import row_chunks
+
+    wide = set()
+    for name in _progress(names, "check"):
+        if kinds[name] == "new":
+            continue
+        be = base.entries[name]
+        for r0, r1 in row_chunks(be):
+            rows = (r0, r1) if be.shape else None
+            if _exact_delta(base.get(name, rows), target.get(name, rows)).dtype == torch.float64:
+                wide.add(name)
+                break
+    if wide:
+        log("make_delta", f"{len(wide)} tensors need an fp64 delta to stay exact (e.g. {sorted(wide)[0]})")
+    return wide
+
+
+def _write_deltas(base, target, names, kinds, wide, writer, base_hashes: dict, target_hashes: dict) -> None:
+    """Write every tensor's delta, recording the sha256 of each target tensor and of each base one used."""
+    import torch
+
+    for name in _progress(names, "make"):
+        out_dtype = torch.float64 if name in wide else torch.float32
+        target_hashes[name], base_hash = _write_delta_tensor(base, target, name, kinds[name], out_dtype, writer)
+        if base_hash is not None:
+            base_hashes[name] = base_hash
+
+
+def _write_delta_tensor(base, target, name: str, kind: str, out_dtype, writer) -> tuple[str, str | None]:
+    """Stream one tensor's target - base into ``writer`` a chunk at a time; the sha256 of its target and base
+    values (None for a tensor the base lacks)."""
+    from utils.shards import row_chunks
+
+    te = target.entries[name]
+    ht = hashlib.sha256()
+    hb = hashlib.sha256() if kind != "new" else None
+    n_base = base.entries[name].shape[0] if kind == "grown" else None
+    for r0, r1 in row_chunks(te):
+        rows = (r0, r1) if te.shape else None
+        t = target.get(name, rows)
+        _tensor_hash(ht, t)
+        if kind == "new":
+            writer.write(name, t.to(out_dtype))
+            continue
+        d = t.to(out_dtype)  # rows beyond the base's: the target's own values
+        lo, hi = _base_span(kind, n_base, r0, r1)
+        if hi > lo or rows is None:
+            b = base.get(name, (lo, hi) if rows is not None else None)
+            _tensor_hash(hb, b)
+            part = _exact_delta(b, t[: hi - lo] if rows is not None else t).to(out_dtype)
+            if rows is None:
+                d = part
+            else:
+                d[: hi - lo] = part
+        writer.write(name, d)
+    return ht.hexdigest(), hb.hexdigest() if hb is not None else None
 
 
 def apply(a: dict, deferred) -> None:
     import torch
-    from tqdm import tqdm
 
-    from utils.artifacts import finish_meta, library_versions, read_meta, staged_dir, write_json
-    from utils.convert import (DTYPES, config_dtype, copy_tokenizer, floating, log, no_tokenizer_warning, read_config,
-                               set_config_dtype)
-    from utils.shards import HASHES, ModelWeights, Scratch, ShardWriter, dtype_code, parse_size, row_chunks
+    from utils.artifacts import read_meta, staged_dir
+    from utils.convert import log, read_config, set_config_dtype
+    from utils.shards import dtype_code
 
-    base = ModelWeights(a["base_model_path"], a["allow_pickle_weights"], "--base_model_path")
-    delta = ModelWeights(a["delta_path"], a["allow_pickle_weights"], "--delta_path")
-    kinds = _plan_pairs(base, delta, "--delta_path")
+    base, delta, kinds = _open_pair(a, "--delta_path")
     meta = read_meta(a["delta_path"]) or {}
     ours = meta.get("stage") == "make_delta" and meta.get("complete")
     if not ours:
@@ -295,99 +365,128 @@ def apply(a: dict, deferred) -> None:
                            "result cannot be checked tensor by tensor")
     config = read_config(a["delta_path"], "--delta_path")
     recorded = meta.get("target_model", {}) if ours else {}
-    if a["dtype"] != "auto":
-        out_dtypes = {n: DTYPES[a["dtype"]] for n in delta.entries}
-    elif recorded.get("dtypes"):
-        from utils.shards import torch_dtype
-
-        out_dtypes = {n: str(torch_dtype(c)).replace("torch.", "") for n, c in recorded["dtypes"].items()}
-    else:
-        out_dtypes = {n: DTYPES[config_dtype(config)] for n in delta.entries}
+    out_dtypes = _output_dtypes(a["dtype"], recorded, config, delta)
     names = delta.names()
-    nonfloat = [n for n in names if not floating(delta.entries[n].dtype)]
-    if nonfloat:
-        raise SuiteError(f"--delta_path: non-floating tensors {nonfloat[:3]} are not a delta")
+    _require_floating(delta, names, "--delta_path", "are not a delta")
     plan = [(n, dtype_code(getattr(torch, out_dtypes[n])), delta.entries[n].shape) for n in names]
-    base_tensors, target_tensors = meta.get("base_model", {}).get("tensors", {}), recorded.get("tensors", {})
-    out_hashes, mismatched, pending = {}, [], []
-    delta_scratch, base_scratch = Scratch(), Scratch()
-    pending_base_checked = False
-
-    def check_hashes() -> None:
-        HASHES.drain()
-        for name, hb, ho in pending:
-            if ours and hb is not None and name in base_tensors and hb.hexdigest() != base_tensors[name]:
-                raise SuiteError(f"--base_model_path {a['base_model_path']}: tensor {name} differs from the base the "
-                                 f"delta was made from ({meta['base_model'].get('path')}); nothing written")
-            out_hashes[name] = ho.hexdigest()
-            if ours and name in target_tensors and out_hashes[name] != target_tensors[name]:
-                mismatched.append(name)
-        pending.clear()
-
+    check = _RebuildCheck(a["base_model_path"], meta, ours, recorded)
     with staged_dir(a["target_model_path"]) as tmp:
-        writer = ShardWriter(tmp, plan, parse_size(a["max_shard_size"]))
-        try:
-            for name in tqdm(names, desc="apply", unit="tensor", file=sys.stderr, disable=None):
-                de, kind = delta.entries[name], kinds[name]
-                want = getattr(torch, out_dtypes[name])
-                ho, hb = hashlib.sha256(), hashlib.sha256()
-                n_base = base.entries[name].shape[0] if kind == "grown" else None
-                for r0, r1 in row_chunks(de):
-                    rows = (r0, r1) if de.shape else None
-                    d = delta.get(name, rows, scratch=delta_scratch)
-                    work = torch.float64 if d.dtype == torch.float64 else torch.float32
-                    out = d.to(work)
-                    if kind != "new":
-                        lo, hi = (r0, min(r1, n_base)) if kind == "grown" else (r0, r1)
-                        if hi > lo or rows is None:
-                            b = base.get(name, (lo, hi) if rows is not None else None, scratch=base_scratch)
-                            if not pending_base_checked:
-                                HASHES.update(hb, _bytes(b))
-                            if rows is None:
-                                out = b.to(work) + out
-                            else:
-                                out[: hi - lo] += b.to(work)
-                    out = out.to(want)
-                    HASHES.update(ho, _bytes(out))
-                    writer.write(name, out)
-                    delta_scratch.release()
-                    base_scratch.release()
-                pending.append((name, hb if not pending_base_checked else None, ho))
-                if not pending_base_checked and kind != "new":
-                    # The base is checked on the first tensor, so a wrong one shows at once; after that the check
-                    # of every rebuilt tensor against the recorded target catches any other difference.
-                    check_hashes()
-                    pending_base_checked = True
-            files = writer.close()
-            check_hashes()
-        finally:
-            writer.abort()
-        if mismatched:
-            why = (" (--dtype differs from the target's)" if a["dtype"] != "auto" else
-                   f"; is --base_model_path the base the delta was made from ({meta['base_model'].get('path')})?")
-            raise SuiteError(f"the rebuilt model differs from the recorded target in {len(mismatched)} tensors "
-                             f"(e.g. {mismatched[0]}){why}; nothing written")
+        files = _write_shards(tmp, plan, a["max_shard_size"], lambda writer: _write_rebuilt(
+            base, delta, names, kinds, out_dtypes, writer, check))
+        check.check()
+        check.raise_if_mismatched(a["dtype"])
         out_config = config if a["dtype"] == "auto" else set_config_dtype(config, a["dtype"])
-        write_json(tmp / "config.json", out_config)
-        if (Path(a["delta_path"]) / "generation_config.json").is_file():
-            shutil.copyfile(Path(a["delta_path"]) / "generation_config.json", tmp / "generation_config.json")
-        tokenizer = copy_tokenizer(Path(a["delta_path"]), tmp)
-        if not tokenizer:
-            no_tokenizer_warning("apply_delta", {"--delta_path": a["delta_path"]})
-        verified = bool(ours and target_tensors and a["dtype"] == "auto")
+        tokenizer = _write_model_files(tmp, out_config, a["delta_path"], "--delta_path", "apply_delta")
+        verified = bool(ours and check.target_tensors and a["dtype"] == "auto")
         if verified:
             log("apply_delta", f"verified: all {len(names)} tensors equal the recorded target's, bit for bit")
-        hashes = deferred.result()
-        finish_meta(tmp, {
-            "stage": "apply_delta", "fingerprint": a["fingerprint_of"](hashes), "args": _plain(a),
+        _finish(tmp, a, "apply_delta", deferred, files, lambda hashes: {
             "base_model": {"path": os.path.abspath(a["base_model_path"]), "files": hashes["--base_model_path"]},
             "delta": {"path": os.path.abspath(a["delta_path"]), "files": hashes["--delta_path"],
                       "made_by_suite": bool(ours)},
-            "tensors": out_hashes, "verified_against_target": verified, "tokenizer": tokenizer,
-            "grown_rows": {n: [base.entries[n].shape[0], delta.entries[n].shape[0]] for n, k in kinds.items()
-                           if k == "grown"},
-            "versions": library_versions("torch", "safetensors"),
-        }, known_hashes=files)
+            "tensors": check.out_hashes, "verified_against_target": verified, "tokenizer": tokenizer,
+            "grown_rows": _grown_rows(base, delta, kinds),
+        })
+
+
+def _output_dtypes(dtype: str, recorded: dict, config: dict, delta) -> dict[str, str]:
+    """Each rebuilt tensor's dtype: --dtype, else the target's as the delta records it, else its config's."""
+    from utils.convert import DTYPES, config_dtype
+
+    if dtype != "auto":
+        return {n: DTYPES[dtype] for n in delta.entries}
+    if recorded.get("dtypes"):
+        from utils.shards import torch_dtype
+
+        return {n: str(torch_dtype(c)).replace("torch.", "") for n, c in recorded["dtypes"].items()}
+    return {n: DTYPES[config_dtype(config)] for n in delta.entries}
+
+
+class _RebuildCheck:
+    """For a delta made here: the base is checked against its recorded tensor hashes, every rebuilt tensor
+    against the target's. Tensors' hashes are computed on the hashing queue and checked in batches."""
+
+    def __init__(self, base_path: str, meta: dict, ours: bool, recorded: dict):
+        self.base_path, self.meta, self.ours = base_path, meta, ours
+        self.base_tensors = meta.get("base_model", {}).get("tensors", {})
+        self.target_tensors = recorded.get("tensors", {})
+        self.out_hashes, self.mismatched, self.pending = {}, [], []
+        self.base_checked = False
+
+    def add(self, name: str, kind: str, hb, ho) -> None:
+        self.pending.append((name, hb if not self.base_checked else None, ho))
+        if not self.base_checked and kind != "new":
+            # The base is checked on the first tensor, so a wrong one shows at once; after that the check
+            # of every rebuilt tensor against the recorded target catches any other difference.
+            self.check()
+            self.base_checked = True
+
+    def check(self) -> None:
+        from utils.shards import HASHES
+
+        HASHES.drain()
+        for name, hb, ho in self.pending:
+            if self.ours and hb is not None and name in self.base_tensors and hb.hexdigest() != self.base_tensors[name]:
+                raise SuiteError(f"--base_model_path {self.base_path}: tensor {name} differs from the base the "
+                                 f"delta was made from ({self.meta['base_model'].get('path')}); nothing written")
+            self.out_hashes[name] = ho.hexdigest()
+            if self.ours and name in self.target_tensors and self.out_hashes[name] != self.target_tensors[name]:
+                self.mismatched.append(name)
+        self.pending.clear()
+
+    def raise_if_mismatched(self, dtype: str) -> None:
+        if self.mismatched:
+            why = (" (--dtype differs from the target's)" if dtype != "auto" else
+                   f"; is --base_model_path the base the delta was made from ({self.meta['base_model'].get('path')})?")
+            raise SuiteError(f"the rebuilt model differs from the recorded target in {len(self.mismatched)} tensors "
+                             f"(e.g. {self.mismatched[0]}){why}; nothing written")
+
+
+def _write_rebuilt(base, delta, names, kinds, out_dtypes, writer, check: _RebuildCheck) -> None:
+    """Write base + delta for every tensor, queueing each for ``check``."""
+    import torch
+
+    from utils.shards import Scratch
+
+    scratch = Scratch(), Scratch()  # the delta's, the base's
+    for name in _progress(names, "apply"):
+        want = getattr(torch, out_dtypes[name])
+        hb, ho = _rebuild_tensor(base, delta, name, kinds[name], want, writer, scratch, not check.base_checked)
+        check.add(name, kinds[name], hb, ho)
+
+
+def _rebuild_tensor(base, delta, name: str, kind: str, want, writer, scratch, hash_base: bool):
+    """Stream one tensor's base + delta into ``writer`` a chunk at a time; the sha256 objects (fed through the
+    hashing queue) of the base rows used (if ``hash_base``) and of the result."""
+    import torch
+
+    from utils.shards import HASHES, row_chunks
+
+    delta_scratch, base_scratch = scratch
+    de = delta.entries[name]
+    ho, hb = hashlib.sha256(), hashlib.sha256()
+    n_base = base.entries[name].shape[0] if kind == "grown" else None
+    for r0, r1 in row_chunks(de):
+        rows = (r0, r1) if de.shape else None
+        d = delta.get(name, rows, scratch=delta_scratch)
+        work = torch.float64 if d.dtype == torch.float64 else torch.float32
+        out = d.to(work)
+        if kind != "new":
+            lo, hi = _base_span(kind, n_base, r0, r1)
+            if hi > lo or rows is None:
+                b = base.get(name, (lo, hi) if rows is not None else None, scratch=base_scratch)
+                if hash_base:
+                    HASHES.update(hb, _bytes(b))
+                if rows is None:
+                    out = b.to(work) + out
+                else:
+                    out[: hi - lo] += b.to(work)
+        out = out.to(want)
+        HASHES.update(ho, _bytes(out))
+        writer.write(name, out)
+        delta_scratch.release()
+        base_scratch.release()
+    return hb, ho
 
 
 if __name__ == "__main__":

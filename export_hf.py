@@ -30,10 +30,12 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from utils.cli import SuiteError, UsageError, run
+from utils.cli import SuiteError, run
+from utils.export_plan import check_base, resolve, settle
 
 STAGE = "export_hf"
 
@@ -78,7 +80,7 @@ def main(
     exists = Path(output_dir).exists()
     plan["deferred"] = Deferred(plan["fingerprints_fn"], now=exists)
     if exists:
-        fingerprint = settle(args, plan)
+        fingerprint = settle(args, plan, STAGE)
         if check_output_dir(output_dir, STAGE, fingerprint, overwrite):
             log(STAGE, f"{output_dir} already holds this export (fingerprint {fingerprint[:12]}); nothing to do")
             print(os.path.abspath(output_dir))
@@ -95,136 +97,50 @@ def main(
     print(os.path.abspath(output_dir))
 
 
-def resolve(a: dict) -> dict:
-    """Validate the flags and work out what is exported: {mode, base, adapter, source, meta, fingerprints}."""
-    from utils.artifacts import read_meta
-    from utils.convert import check_destination
-    from utils.shards import parse_size
-
-    problems = []
-    if not a["output_dir"]:
-        problems.append("--output_dir is required")
-    if not a["lora_weights"] and not a["base_model"]:
-        problems.append("give --lora_weights (a finetune.py output or PEFT adapter) and/or --base_model")
-    try:
-        parse_size(a["max_shard_size"])
-    except SuiteError as exc:
-        problems.append(str(exc))
-    from utils.model import missing_folder
-
-    for flag in ("lora_weights", "base_model"):
-        if a[flag] and not Path(a[flag]).is_dir():
-            problems.append(missing_folder(a[flag], f"--{flag}"))
-    if problems:
-        raise UsageError("\n".join(problems))
-    lora = Path(a["lora_weights"]) if a["lora_weights"] else None
-    meta = read_meta(lora) if lora else None
-    if meta is not None and meta.get("stage") == "finetune" and not meta.get("complete"):
-        raise SuiteError(f"--lora_weights {lora}: the fine-tune did not finish (pipeline.json is not complete)")
-    is_adapter = lora is not None and (lora / "adapter_config.json").is_file()
-    if lora is not None and not is_adapter and not (lora / "config.json").is_file():
-        raise SuiteError(f"--lora_weights {lora}: neither a PEFT adapter (adapter_config.json) nor a model (config.json)")
-    mode = "merge" if is_adapter else "reshard"
-    if is_adapter:
-        from utils.merge import check_adapter_dir
-
-        check_adapter_dir(lora, a["allow_pickle_weights"])
-    if a["adapter_only"] and not is_adapter:
-        raise UsageError(f"--adapter_only: --lora_weights {lora} is not an adapter folder")
-    base = a["base_model"]
-    recorded = (meta or {}).get("base_model", {}) if is_adapter else {}
-    if is_adapter and base is None:
-        base = recorded.get("path")
-        if not base:
-            raise UsageError(f"--lora_weights {lora} has no finetune.py pipeline.json naming its base; give --base_model")
-        if not Path(base).is_dir():
-            raise SuiteError(f"--lora_weights {lora} was trained on {base}, which no longer exists; give --base_model")
-    source = Path(base) if mode == "reshard" and lora is None else (lora if mode == "reshard" else Path(base))
-    if mode == "reshard" and lora is not None and a["base_model"]:
-        raise UsageError(f"--lora_weights {lora} is a full model; --base_model is not used with it")
-    problems = check_destination(a["output_dir"], {"--lora_weights": a["lora_weights"], "--base_model": str(source)})
-    if problems:
-        raise UsageError("\n".join(problems))
-    from utils.convert import check_config, read_config
-    from utils.model import check_model_dir
-
-    flag = "--base_model" if source != lora else "--lora_weights"
-    problems = check_model_dir(str(source), a["allow_pickle_weights"], flag)
-    if problems:
-        raise SuiteError("\n".join(problems))
-    check_config(read_config(source, flag), source, flag)
-    recorded_fp = recorded.get("fingerprint") if is_adapter and not a["adapter_only"] else None
-    if recorded_fp:  # the cheap part now (config hash, weight file names and sizes); the weights' hashes in check_base
-        from utils.artifacts import sha256_file
-
-        sizes = {name: entry[0] for name, entry in (recorded_fp.get("weights") or {}).items()}
-        if (recorded_fp.get("config") and sha256_file(source / "config.json") != recorded_fp["config"]) or \
-                (sizes and sizes != {p.name: p.stat().st_size for p in sorted(source.glob("*.safetensors"))}):
-            raise SuiteError(wrong_base(base, lora, recorded))
-    known: dict = {}  # the base's fingerprint once check_base has computed it
-
-    def base_fingerprint_now() -> dict:
-        from finetune import base_fingerprint
-        from utils.artifacts import sha256_file
-
-        if "base" not in known:
-            base_fp = base_fingerprint(str(source))
-            if not base_fp["weights"]:  # pickle weights (opt-in): hash those instead
-                base_fp["weights"] = {p.name: [p.stat().st_size, sha256_file(p)]
-                                      for p in sorted(source.glob("pytorch_model*"))}
-            known["base"] = base_fp
-        return known["base"]
-
-    def fingerprints() -> dict:
-        from utils.artifacts import sha256_file, tokenizer_fingerprint
-
-        out = {"base": base_fingerprint_now()}
-        if lora is not None:
-            out["lora_weights"] = {p.name: sha256_file(p) for p in sorted(lora.iterdir())
-                                   if p.is_file() and (p.name.startswith(("adapter_", "model")) or p.suffix == ".json")
-                                   and p.name != "pipeline.json"}
-            out["tokenizer"] = tokenizer_fingerprint(lora)
-        return out
-
-    return {"mode": mode, "base": Path(base) if base else None, "adapter": lora if is_adapter else None,
-            "source": source, "meta": meta, "fingerprints_fn": fingerprints, "recorded_base": recorded_fp,
-            "recorded": recorded, "lora": lora, "base_fingerprint_fn": base_fingerprint_now}
-
-
-def check_base(plan: dict) -> None:
-    """Refuse a base that is not the one the fine-tune recorded, before any merge work: its weight files are
-    hashed now (not in the background during the merge), since only their content tells two models with the same
-    config apart. The result is reused for the stage's fingerprint."""
-    if plan["recorded_base"] and plan["recorded_base"] != plan["base_fingerprint_fn"]():
-        raise SuiteError(wrong_base(plan["base"], plan["lora"], plan["recorded"]))
-
-
-def wrong_base(base, lora, recorded) -> str:
-    return (f"--base_model {base} is not the model {lora} was trained on (recorded: {recorded.get('path')}; "
-            "its config or weights differ); merging into another base gives a wrong model")
-
-
-def settle(a: dict, plan: dict) -> str:
-    """The input fingerprints (waiting for them if they were hashed in the background) and the stage fingerprint;
-    refuses a base that is not the one the fine-tune recorded."""
-    from utils.artifacts import sha256_json
-
-    fps = plan["fingerprints"] = plan["deferred"].result()
-    if plan["recorded_base"] and plan["recorded_base"] != fps["base"]:
-        raise SuiteError(wrong_base(plan["base"], plan["lora"], plan["recorded"]))
-    return sha256_json({"stage": STAGE, "inputs": fps,
-                        "args": {k: a[k] for k in ("dtype", "max_shard_size", "adapter_only")}})
+@dataclass
+class MergeJob:
+    """What export_merged reads and writes: the source model, the adapter merged into it, and every output tensor's
+    dtype code and shape, in the order they are written."""
+    source: Path
+    adapter_dir: Path | None
+    config: dict
+    dtype: str
+    weights: object  # utils.shards.ModelWeights
+    adapter: object  # utils.merge's loaded adapter, or None to re-shard
+    targets: dict
+    replacements: dict
+    untie: bool
+    names: list
+    out_code: dict
+    shape: dict
 
 
 def export_merged(a: dict, plan: dict) -> None:
+    """Merge the adapter (if any) into the source tensor by tensor, write the model folder, verify it, and put
+    it in place."""
+    from utils.artifacts import staged_dir
+    from utils.shards import parse_size
+
+    job = plan_merge(a, plan)
+    with staged_dir(a["output_dir"]) as tmp:
+        hashes, changed, unchanged_targets = write_tensors(tmp, job, parse_size(a["max_shard_size"]))
+        check_merge_changed(job, changed, unchanged_targets)
+        out_config = write_config(tmp, job)
+        template, tokenizer = copy_companions(tmp, job, plan)
+        verification = verify_export(out_config, job, tmp, a["allow_pickle_weights"])
+        verification.update({"merged_tensors": changed, "lora_modules": len(job.targets),
+                             "unchanged_after_rounding": len(unchanged_targets)})
+        fingerprint = settle(a, plan, STAGE)
+        write_merged_meta(tmp, a, plan, job, fingerprint, template, tokenizer, verification, hashes)
+
+
+def plan_merge(a: dict, plan: dict) -> MergeJob:
+    """Open the source and the adapter, check that the adapter fits the source, and lay out the output tensors."""
     import torch
 
-    from utils import forward
-    from utils.artifacts import finish_meta, library_versions, staged_dir, write_json
-    from utils.convert import (DTYPES, config_dtype, copy_tokenizer, floating, log, read_config, set_config_dtype,
-                               tokenizer_source, carry_template, eos_token, no_tokenizer_warning)
-    from utils.merge import load_adapter, merge_bias, merge_weight
-    from utils.shards import COPY_SCRATCH, ModelWeights, Scratch, ShardWriter, copy_tensor, parse_size, torch_dtype
+    from utils.convert import DTYPES, config_dtype, floating, log, read_config
+    from utils.merge import load_adapter
+    from utils.shards import ModelWeights
 
     source, adapter_dir = plan["source"], plan["adapter"]
     config = read_config(source, "--base_model")
@@ -234,7 +150,21 @@ def export_merged(a: dict, plan: dict) -> None:
     adapter = load_adapter(adapter_dir, a["allow_pickle_weights"]) if adapter_dir else None
     targets = dict(adapter.targets) if adapter else {}
     replacements = dict(adapter.replacements) if adapter else {}
-    tied = bool(config.get("tie_word_embeddings", False))
+    new, untie = check_adapter_fits(adapter_dir, weights, targets, replacements,
+                                    bool(config.get("tie_word_embeddings", False)))
+    names = weights.names() + new
+    out_code = {n: (dtype_code_of(out_dtype) if floating(code_of(weights, replacements, n)) else code_of(weights, replacements, n))
+                for n in names}
+    shape = {n: weights.entries[n].shape if n in weights else tuple(replacements[n].shape) for n in names}
+    log(STAGE, f"{'merging ' + str(len(targets)) + ' LoRA modules into ' if adapter else 're-sharding '}{source} "
+               f"({len(names)} tensors, {weights.total_bytes / 1e9:.2f} GB) -> {dtype}")
+    return MergeJob(source, adapter_dir, config, dtype, weights, adapter, targets, replacements, untie,
+                    names, out_code, shape)
+
+
+def check_adapter_fits(adapter_dir, weights, targets: dict, replacements: dict, tied: bool) -> tuple[list, bool]:
+    """Refuse an adapter whose modules or tensors the base lacks or shapes differently; (the tensors it adds,
+    whether the output head is untied)."""
     missing = [n for n in targets if n not in weights]
     if missing:
         head = [n for n in missing if n.startswith("lm_head")]
@@ -254,102 +184,148 @@ def export_merged(a: dict, plan: dict) -> None:
         if n in weights and tuple(t.shape) != weights.entries[n].shape:
             raise SuiteError(f"--lora_weights {adapter_dir}: {n} has shape {tuple(t.shape)}, the base "
                              f"{weights.entries[n].shape} (resized vocabulary?); not supported")
+    return new, untie
 
-    names = weights.names() + new
-    out_code = {n: (dtype_code_of(out_dtype) if floating(code_of(weights, replacements, n)) else code_of(weights, replacements, n))
-                for n in names}
-    shape = {n: weights.entries[n].shape if n in weights else tuple(replacements[n].shape) for n in names}
-    limit = parse_size(a["max_shard_size"])
-    n_lora = len(targets)
-    log(STAGE, f"{'merging ' + str(n_lora) + ' LoRA modules into ' if adapter else 're-sharding '}{source} "
-               f"({len(names)} tensors, {weights.total_bytes / 1e9:.2f} GB) -> {dtype}")
+
+def write_tensors(tmp: Path, job: MergeJob, limit: int) -> tuple[dict, int, list]:
+    """Stream every output tensor, merged or copied, into the shards; (file hashes, tensors the merge changed,
+    adapted weights unchanged after rounding)."""
     from tqdm import tqdm
 
+    from utils.merge import merge_bias
+    from utils.shards import COPY_SCRATCH, Scratch, ShardWriter, copy_tensor, torch_dtype
+
+    weights, targets, replacements = job.weights, job.targets, job.replacements
     changed, unchanged_targets = 0, []
     scratch = Scratch()
-    with staged_dir(a["output_dir"]) as tmp:
-        writer = ShardWriter(tmp, [(n, out_code[n], shape[n]) for n in names], limit)
-        try:
-            for name in tqdm(names, desc="export", unit="tensor", file=sys.stderr, disable=None):
-                want = torch_dtype(out_code[name])
-                if name in targets:
-                    base_w = weights.get(name, scratch=scratch)
-                    # Whether the merge changed the weight, from a strided sample (a full copy would double
-                    # the memory traffic; the logit check below is the real test).
-                    step = max(1, base_w.numel() // 4096)
-                    sample = base_w.reshape(-1)[::step].to(want, copy=True)
-                    merged = merge_weight(targets[name], base_w, adapter.fan_in_fan_out).to(want)
-                    if torch.equal(merged.reshape(-1)[::step], sample):
-                        unchanged_targets.append(name)
-                    else:
-                        changed += 1
-                    writer.write(name, merged)
-                    scratch.release()
-                    del base_w, merged
-                elif name.endswith(".bias") and name[: -len("bias")] + "weight" in targets \
-                        and "B_bias" in targets[name[: -len("bias")] + "weight"].parts:
-                    t = targets[name[: -len("bias")] + "weight"]
-                    writer.write(name, merge_bias(t, weights.get(name)).to(want))
-                    changed += 1
-                elif name in replacements:
-                    writer.write(name, replacements[name].to(want))
+    writer = ShardWriter(tmp, [(n, job.out_code[n], job.shape[n]) for n in job.names], limit)
+    try:
+        for name in tqdm(job.names, desc="export", unit="tensor", file=sys.stderr, disable=None):
+            want = torch_dtype(job.out_code[name])
+            if name in targets:
+                if write_merged_target(name, job, writer, scratch, want):
                     changed += 1
                 else:
-                    copy_tensor(weights, name, writer, dtype=want)
-            hashes = writer.close()
-        finally:
-            writer.abort()
-        scratch.clear()
-        COPY_SCRATCH.clear()
-        if adapter and changed == 0:
-            raise SuiteError(f"--lora_weights {adapter_dir}: the merge changed no weight in {dtype} (adapter too small "
-                             "for this precision, or zero); nothing written")
-        if unchanged_targets:
-            log(STAGE, f"warning: {len(unchanged_targets)} adapted weights are unchanged after rounding to {dtype} "
-                       f"(sampled; e.g. {unchanged_targets[0]})")
-        out_config = set_config_dtype(config, dtype)
-        if untie:
-            out_config["tie_word_embeddings"] = False
-        write_json(tmp / "config.json", out_config)
-        extra = plan["adapter"] or plan["source"]
-        for name in ("generation_config.json",):
-            for folder in (extra, source):
-                if (folder / name).is_file():
-                    shutil.copyfile(folder / name, tmp / name)
-                    break
-        tok = tokenizer_source(extra, source)
-        tokenizer_files = copy_tokenizer(tok, tmp)
-        if not tokenizer_files:
-            no_tokenizer_warning(STAGE, {"--lora_weights": plan["lora"], "--base_model": source}
-                                 if plan["lora"] != source else {"--lora_weights": source})
-        template = carry_template((extra / "template.json"), tmp, eos_token(tok), STAGE)
+                    unchanged_targets.append(name)
+            elif name.endswith(".bias") and name[: -len("bias")] + "weight" in targets \
+                    and "B_bias" in targets[name[: -len("bias")] + "weight"].parts:
+                t = targets[name[: -len("bias")] + "weight"]
+                writer.write(name, merge_bias(t, weights.get(name)).to(want))
+                changed += 1
+            elif name in replacements:
+                writer.write(name, replacements[name].to(want))
+                changed += 1
+            else:
+                copy_tensor(weights, name, writer, dtype=want)
+        hashes = writer.close()
+    finally:
+        writer.abort()
+    scratch.clear()
+    COPY_SCRATCH.clear()
+    return hashes, changed, unchanged_targets
 
-        verification = verify(out_config, source, weights, adapter, tmp, dtype, a["allow_pickle_weights"])
-        verification.update({"merged_tensors": changed, "lora_modules": n_lora,
-                             "unchanged_after_rounding": len(unchanged_targets)})
-        log(STAGE, f"verified: logits of the {'merged model' if adapter else 'output'} match "
-                   f"{'base + adapter' if adapter else 'the source'} "
-                   f"{forward.agreement(verification, verification['method'])}")
-        meta = plan["meta"] or {}
-        fingerprint = settle(a, plan)
-        finish_meta(tmp, {
-            "stage": STAGE,
-            "fingerprint": fingerprint,
-            "args": a,
-            "kind": "merged" if adapter else "resharded",
-            "dtype": dtype,
-            "base_model": {"path": os.path.abspath(source), "fingerprint": plan["fingerprints"]["base"]},
-            "lora_weights": ({"path": os.path.abspath(adapter_dir), "files": plan["fingerprints"]["lora_weights"],
-                              "peft_type": adapter.peft_type, "use_dora": adapter.use_dora,
-                              "use_rslora": bool(adapter.config.get("use_rslora")),
-                              "method": meta.get("method")} if adapter else None),
-            "source_finetune": ({"path": os.path.abspath(a["lora_weights"]), "fingerprint": meta.get("fingerprint")}
-                                if meta.get("stage") == "finetune" else None),
-            "template": template,
-            "tokenizer": {"files": tokenizer_files, "from": str(tok) if tok else None},
-            "verification": verification,
-            "versions": library_versions("torch", "safetensors"),
-        }, known_hashes=hashes)
+
+def write_merged_target(name: str, job: MergeJob, writer, scratch, want) -> bool:
+    """Merge the adapter into one adapted weight and write it; whether the merge changed it."""
+    import torch
+
+    from utils.merge import merge_weight
+
+    base_w = job.weights.get(name, scratch=scratch)
+    # Whether the merge changed the weight, from a strided sample (a full copy would double
+    # the memory traffic; the logit check below is the real test).
+    step = max(1, base_w.numel() // 4096)
+    sample = base_w.reshape(-1)[::step].to(want, copy=True)
+    merged = merge_weight(job.targets[name], base_w, job.adapter.fan_in_fan_out).to(want)
+    is_changed = not torch.equal(merged.reshape(-1)[::step], sample)
+    writer.write(name, merged)
+    scratch.release()
+    return is_changed
+
+
+def check_merge_changed(job: MergeJob, changed: int, unchanged_targets: list) -> None:
+    """Refuse a merge that changed nothing; warn about adapted weights lost to rounding."""
+    from utils.convert import log
+
+    if job.adapter and changed == 0:
+        raise SuiteError(f"--lora_weights {job.adapter_dir}: the merge changed no weight in {job.dtype} (adapter too small "
+                         "for this precision, or zero); nothing written")
+    if unchanged_targets:
+        log(STAGE, f"warning: {len(unchanged_targets)} adapted weights are unchanged after rounding to {job.dtype} "
+                   f"(sampled; e.g. {unchanged_targets[0]})")
+
+
+def write_config(tmp: Path, job: MergeJob) -> dict:
+    """config.json with the output dtype (and the output head untied if the adapter saved one)."""
+    from utils.artifacts import write_json
+    from utils.convert import set_config_dtype
+
+    out_config = set_config_dtype(job.config, job.dtype)
+    if job.untie:
+        out_config["tie_word_embeddings"] = False
+    write_json(tmp / "config.json", out_config)
+    return out_config
+
+
+def copy_companions(tmp: Path, job: MergeJob, plan: dict) -> tuple:
+    """generation_config.json, the tokenizer and the template, from the fine-tune if it has them, else the source;
+    (the template record, the tokenizer record)."""
+    from utils.convert import carry_template, copy_tokenizer, eos_token, no_tokenizer_warning, tokenizer_source
+
+    source = job.source
+    extra = plan["adapter"] or plan["source"]
+    for name in ("generation_config.json",):
+        for folder in (extra, source):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tmp / name)
+                break
+    tok = tokenizer_source(extra, source)
+    tokenizer_files = copy_tokenizer(tok, tmp)
+    if not tokenizer_files:
+        no_tokenizer_warning(STAGE, {"--lora_weights": plan["lora"], "--base_model": source}
+                             if plan["lora"] != source else {"--lora_weights": source})
+    template = carry_template((extra / "template.json"), tmp, eos_token(tok), STAGE)
+    return template, {"files": tokenizer_files, "from": str(tok) if tok else None}
+
+
+def verify_export(out_config: dict, job: MergeJob, tmp: Path, allow_pickle: bool) -> dict:
+    """Check the written model's logits (see verify) and say so."""
+    from utils import forward
+    from utils.convert import log
+
+    adapter = job.adapter
+    verification = verify(out_config, job.source, job.weights, adapter, tmp, job.dtype, allow_pickle)
+    log(STAGE, f"verified: logits of the {'merged model' if adapter else 'output'} match "
+               f"{'base + adapter' if adapter else 'the source'} "
+               f"{forward.agreement(verification, verification['method'])}")
+    return verification
+
+
+def write_merged_meta(tmp: Path, a: dict, plan: dict, job: MergeJob, fingerprint: str, template, tokenizer: dict,
+                      verification: dict, hashes: dict) -> None:
+    """pipeline.json: the sources with their hashes, the verification result and the file hashes (written last)."""
+    from utils.artifacts import finish_meta, library_versions
+
+    adapter, adapter_dir = job.adapter, job.adapter_dir
+    meta = plan["meta"] or {}
+    finish_meta(tmp, {
+        "stage": STAGE,
+        "fingerprint": fingerprint,
+        "args": a,
+        "kind": "merged" if adapter else "resharded",
+        "dtype": job.dtype,
+        "base_model": {"path": os.path.abspath(job.source), "fingerprint": plan["fingerprints"]["base"]},
+        "lora_weights": ({"path": os.path.abspath(adapter_dir), "files": plan["fingerprints"]["lora_weights"],
+                          "peft_type": adapter.peft_type, "use_dora": adapter.use_dora,
+                          "use_rslora": bool(adapter.config.get("use_rslora")),
+                          "method": meta.get("method")} if adapter else None),
+        "source_finetune": ({"path": os.path.abspath(a["lora_weights"]), "fingerprint": meta.get("fingerprint")}
+                            if meta.get("stage") == "finetune" else None),
+        "template": template,
+        "tokenizer": tokenizer,
+        "verification": verification,
+        "versions": library_versions("torch", "safetensors"),
+    }, known_hashes=hashes)
 
 
 def code_of(weights, replacements, name: str) -> str:
@@ -429,7 +405,7 @@ def export_adapter(a: dict, plan: dict) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise SuiteError(f"--lora_weights {src}: non-finite values in {bad[:3]}")
-    fingerprint = settle(a, plan)
+    fingerprint = settle(a, plan, STAGE)
     with staged_dir(a["output_dir"]) as tmp:
         from safetensors.torch import save_file
 

@@ -174,7 +174,7 @@ class MergedSource:
         self.weights = ModelWeights(base, allow_pickle)
         self.adapter = None
         if lora:
-            from export_hf import resolve, settle
+            from utils.export_plan import resolve, settle
 
             check = {"lora_weights": lora, "base_model": base, "output_dir": "/nonexistent-check-only",
                      "max_shard_size": "2GB", "adapter_only": False, "allow_pickle_weights": allow_pickle,
@@ -183,7 +183,7 @@ class MergedSource:
             from utils.convert import Deferred
 
             plan["deferred"] = Deferred(plan["fingerprints_fn"], now=True)
-            settle(check, plan)
+            settle(check, plan, STAGE)
             self.adapter = load_adapter(plan["adapter"], allow_pickle)
             unknown = [n for n in list(self.adapter.targets) + list(self.adapter.replacements) if n not in self.weights]
             if unknown:

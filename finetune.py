@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from utils.cli import SuiteError, UsageError, run
 
@@ -179,35 +180,43 @@ def main(
 
 
 def validate_args(**a) -> None:
+    """Refuse bad arguments before any work, with every problem found reported at once."""
     from utils.model import check_model_dir
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     problems = check_model_dir(a["base_model"], a["allow_pickle_weights"])
-    if not a["data_path"]:
-        problems.append("--data_path: give data files or a prepare_data.py folder")
+    problems += data_problems(a)
+    problems += method_problems(a)
+    problems += batching_problems(a, world)
+    problems += parallelism_problems(a, world)
+    problems += evaluation_problems(a)
+    problems += tracking_problems(a)
+    problems += checkpoint_problems(a)
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
+def data_problems(a: dict) -> list[str]:
     from utils.data import missing_path_message
 
+    problems = []
+    if not a["data_path"]:
+        problems.append("--data_path: give data files or a prepare_data.py folder")
     for p in a["data_path"]:
         if not Path(p).exists():
             problems.append(missing_path_message("--data_path", p, "file or folder"))
     if len(a["data_path"]) > 1 and any(Path(p).is_dir() for p in a["data_path"]):
         problems.append("--data_path: a prepared folder must be given alone")
-    for name in ("batch_size", "micro_batch_size", "lora_r", "num_virtual_tokens"):
-        if a[name] < 1:
-            problems.append(f"--{name} must be >= 1, got {a[name]}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if a["batch_size"] % max(a["micro_batch_size"] * world, 1):
-        problems.append(f"--batch_size {a['batch_size']} must be a multiple of --micro_batch_size "
-                        f"{a['micro_batch_size']}" + (f" x {world} processes" if world > 1 else ""))
-    if a["max_steps"] < 0 or a["num_epochs"] < 1 and a["max_steps"] == 0:
-        problems.append("--max_steps must be >= 0 and --num_epochs >= 1")
     if not a["add_eos_token"]:
         problems.append("--add_eos_token False is not supported: every trained response ends with EOS")
-    if not 0 <= a["warmup_ratio"] < 1:
-        problems.append(f"--warmup_ratio must be in [0, 1), got {a['warmup_ratio']}")
+    return problems
+
+
+def method_problems(a: dict) -> list[str]:
+    """The method's own settings: LoRA, virtual tokens, qlora, packing."""
+    problems = [f"--{name} must be >= 1, got {a[name]}" for name in ("lora_r", "num_virtual_tokens") if a[name] < 1]
     if not 0 <= a["lora_dropout"] < 1:
         problems.append(f"--lora_dropout must be in [0, 1), got {a['lora_dropout']}")
-    if a["learning_rate"] <= 0:
-        problems.append(f"--learning_rate must be > 0, got {a['learning_rate']}")
     if a["qlora_bits"] not in (4, 8):
         problems.append(f"--qlora_bits must be 4 or 8, got {a['qlora_bits']}")
     if a["method"] == "qlora":
@@ -218,6 +227,27 @@ def validate_args(**a) -> None:
     if a["packing"] and a["method"] not in ("lora", "qlora", "full"):
         problems.append(f"--packing works with lora, qlora and full; --method {a['method']} puts virtual tokens "
                         "before each row, which packed examples cannot share")
+    return problems
+
+
+def batching_problems(a: dict, world: int) -> list[str]:
+    """Batch sizes over ``world`` processes, run length and the optimizer's schedule."""
+    problems = [f"--{name} must be >= 1, got {a[name]}" for name in ("batch_size", "micro_batch_size") if a[name] < 1]
+    if a["batch_size"] % max(a["micro_batch_size"] * world, 1):
+        problems.append(f"--batch_size {a['batch_size']} must be a multiple of --micro_batch_size "
+                        f"{a['micro_batch_size']}" + (f" x {world} processes" if world > 1 else ""))
+    if a["max_steps"] < 0 or a["num_epochs"] < 1 and a["max_steps"] == 0:
+        problems.append("--max_steps must be >= 0 and --num_epochs >= 1")
+    if not 0 <= a["warmup_ratio"] < 1:
+        problems.append(f"--warmup_ratio must be in [0, 1), got {a['warmup_ratio']}")
+    if a["learning_rate"] <= 0:
+        problems.append(f"--learning_rate must be > 0, got {a['learning_rate']}")
+    return problems
+
+
+def parallelism_problems(a: dict, world: int) -> list[str]:
+    """FSDP and DeepSpeed over ``world`` processes."""
+    problems = []
     if a["fsdp"] and (world < 2 or a["method"] not in ("lora", "full")):
         problems.append("--fsdp needs torchrun with 2 or more processes and --method lora or full")
     if a["deepspeed"] is not None:
@@ -231,6 +261,12 @@ def validate_args(**a) -> None:
             problems.append("--deepspeed needs the deepspeed package (pip install deepspeed)")
         if a["fsdp"] or a["method"] == "qlora":
             problems.append("--deepspeed cannot be combined with --fsdp or --method qlora")
+    return problems
+
+
+def evaluation_problems(a: dict) -> list[str]:
+    """Early stopping and best-model selection, which need evaluations to compare."""
+    problems = []
     if a["early_stopping_patience"] < 0:
         problems.append(f"--early_stopping_patience must be >= 0, got {a['early_stopping_patience']}")
     if (a["early_stopping_patience"] or a["load_best_model_at_end"]) and a["eval_steps"] < 1:
@@ -240,6 +276,12 @@ def validate_args(**a) -> None:
             and a["val_set_size"] <= 0:
         problems.append("--early_stopping_patience and --load_best_model_at_end need a validation split "
                         "(--val_set_size > 0)")
+    return problems
+
+
+def tracking_problems(a: dict) -> list[str]:
+    """Weights & Biases and TensorBoard: their flags and packages."""
+    problems = []
     if a["wandb_project"] or a["wandb_log_model"] or a["wandb_watch"] not in ("", "false"):
         if not a["wandb_project"]:
             problems.append("--wandb_watch / --wandb_log_model need --wandb_project")
@@ -253,6 +295,12 @@ def validate_args(**a) -> None:
         except ImportError:
             problems.append("--tensorboard needs the tensorboard package (pip install tensorboard), or pass "
                             "--notensorboard")
+    return problems
+
+
+def checkpoint_problems(a: dict) -> list[str]:
+    """Where the run starts from (resume, init_from) and where it writes."""
+    problems = []
     rc = a["resume_from_checkpoint"]
     if rc not in (None, "auto") and not Path(rc).is_dir():
         problems.append(f"--resume_from_checkpoint {rc}: no such folder (or use auto)")
@@ -263,8 +311,7 @@ def validate_args(**a) -> None:
             problems.append("--init_from starts a new run; it cannot be combined with --resume_from_checkpoint")
     if Path(a["output_dir"]).absolute() == Path(a["base_model"]).absolute():
         problems.append("--output_dir must not be the base model folder")
-    if problems:
-        raise UsageError("\n".join(problems))
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,16 +341,6 @@ def prepare(args: dict) -> Path:
     return folder
 
 
-def base_fingerprint(base_model: str) -> dict:
-    """What identifies the base model: its config and each weight file's size and hash."""
-    from utils.artifacts import sha256_file
-
-    base = Path(base_model)
-    weights = {f.name: [f.stat().st_size, sha256_file(f) if f.stat().st_size < 1 << 28 else None]
-               for f in sorted(base.glob("*.safetensors"))}
-    return {"config": sha256_file(base / "config.json"), "weights": weights}
-
-
 def fingerprint_of(args: dict, data_dir: Path, base: dict) -> str:
     from utils.artifacts import read_meta, sha256_file, sha256_json
     from utils.checkpoint import init_weights_file
@@ -318,15 +355,39 @@ def fingerprint_of(args: dict, data_dir: Path, base: dict) -> str:
     })
 
 
+class TrainingData(NamedTuple):
+    train: list  # (input_ids, labels) rows
+    val: list
+    lengths: list[int]  # of the train rows
+    pack_len: int  # tokens per packed row
+
+
+@dataclasses.dataclass
+class Training:
+    """What the steps of one run share: its settings, model, optimizer and data, and where it has got to."""
+    args: dict
+    dist: Any
+    out: Path
+    data: TrainingData
+    model: Any
+    params: list  # the trainable parameters
+    optimizer: Any
+    scheduler: Any
+    runner: Any  # what runs the forward pass: the model, or the DeepSpeed engine wrapping it
+    per_epoch: int
+    total_steps: int
+    n_virtual: int  # virtual tokens prepended to the logits
+    step: int = 0
+    state: dict = dataclasses.field(default_factory=lambda: {"best": None, "bad_evals": 0})
+    best_weights: Any = None
+    tracker: Any = None
+
+
 def train(args: dict, dist) -> None:
     import torch
-    from datasets import load_from_disk
 
-    from utils import checkpoint as ckpt
-    from utils.artifacts import read_meta
-    from utils.batches import epoch_steps, steps_per_epoch
-    from utils.model import check_packing, load_base_model, prepare_model
-    from utils.tracking import StepProgress, Tracker
+    from utils.artifacts import base_fingerprint
+    from utils.tracking import Tracker
 
     out = Path(args["output_dir"])
     data_dir = dist.on_main(prepare, args)
@@ -339,6 +400,32 @@ def train(args: dict, dist) -> None:
         return
 
     torch.manual_seed(args["seed"])
+    data = load_rows(args, data_dir)
+    model = build_model(args, dist)
+    # Same initial weights on every rank (seeded above); different dropout masks per rank from here.
+    torch.manual_seed(args["seed"] + dist.rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    if dist.main:
+        print(f"finetune: method {args['method']}, {n_trainable:,} trainable parameters, "
+              f"{len(data.train)} train / {len(data.val)} validation examples", file=sys.stderr)
+    run = build_optimizer(args, dist, out, data, model, params)
+    resume_or_refuse(run)
+    recorded = recorded_args(args, data_dir, dist.main)
+    run.tracker = Tracker(out, recorded, run.step, dist.main)
+    run.tracker.watch(model)
+    stopped_early = run_steps(run)
+    final_eval = final_evaluation(run)
+    summary = run_summary(run, final_eval, stopped_early, n_trainable)
+    finish(run, recorded, data_dir, fingerprint, base, summary)
+
+
+def load_rows(args: dict, data_dir: Path) -> TrainingData:
+    """The prepared train and validation rows, checked against what early stopping needs."""
+    from datasets import load_from_disk
+
+    from utils.artifacts import read_meta
+
     splits = load_from_disk(str(data_dir / "dataset"))
     train_rows = list(zip(splits["train"]["input_ids"], splits["train"]["labels"]))
     val_rows = list(zip(splits["validation"]["input_ids"], splits["validation"]["labels"])) if "validation" in splits else []
@@ -347,6 +434,13 @@ def train(args: dict, dist) -> None:
                          "--load_best_model_at_end need")
     lengths = [len(ids) for ids, _ in train_rows]
     pack_len = max(read_meta(data_dir)["args"]["cutoff_len"], max(lengths))
+    return TrainingData(train_rows, val_rows, lengths, pack_len)
+
+
+def build_model(args: dict, dist):
+    """The base model with the method's trainable parts, sharded under FSDP, from --init_from's weights."""
+    from utils import checkpoint as ckpt
+    from utils.model import check_packing, load_base_model, prepare_model
 
     model = load_base_model(args["base_model"], dtype=args["dtype"], trust_remote_code=args["trust_remote_code"],
                             allow_pickle_weights=args["allow_pickle_weights"], device=dist.device,
@@ -360,148 +454,228 @@ def train(args: dict, dist) -> None:
         dist.shard(model)
     if args["init_from"]:
         ckpt.init_weights(Path(args["init_from"]), model)
-    # Same initial weights on every rank (seeded above); different dropout masks per rank from here.
-    torch.manual_seed(args["seed"] + dist.rank)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    if dist.main:
-        print(f"finetune: method {args['method']}, {n_trainable:,} trainable parameters, "
-              f"{len(train_rows)} train / {len(val_rows)} validation examples", file=sys.stderr)
+    return model
 
-    per_epoch = steps_per_epoch(len(train_rows), args["batch_size"])
+
+def build_optimizer(args: dict, dist, out: Path, data: TrainingData, model, params: list) -> Training:
+    """The run's schedule, AdamW and its learning-rate schedule (inside a DeepSpeed engine with --deepspeed)."""
+    import torch
+
+    from utils.batches import steps_per_epoch
+
+    per_epoch = steps_per_epoch(len(data.train), args["batch_size"])
     total_steps = args["max_steps"] or per_epoch * args["num_epochs"]
     warmup = args["warmup_steps"] or int(args["warmup_ratio"] * total_steps)
     optimizer = torch.optim.AdamW(params, lr=args["learning_rate"], weight_decay=args["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args["lr_scheduler"], warmup, total_steps))
-    # What runs the forward pass: the model, or the DeepSpeed engine wrapping it.
     runner = model
     if args["deepspeed"]:
         runner = dist.deepspeed(model, optimizer, args["deepspeed"], args["micro_batch_size"], args["max_grad_norm"],
                                 bf16=args["dtype"] == "bf16")
+    n_virtual = args["num_virtual_tokens"] if args["method"] in PROMPT_METHODS else 0
+    return Training(args, dist, out, data, model, params, optimizer, scheduler, runner, per_epoch, total_steps,
+                    n_virtual)
 
-    step, state = 0, {"best": None, "bad_evals": 0}
-    best_weights = None
-    resume = dist.on_main(ckpt.find_resume, out, args["resume_from_checkpoint"])
+
+def resume_or_refuse(run: Training) -> None:
+    """Continue from the checkpoint --resume_from_checkpoint names; refuse to start over an unfinished run."""
+    from utils import checkpoint as ckpt
+
+    dist, out = run.dist, run.out
+    resume = dist.on_main(ckpt.find_resume, out, run.args["resume_from_checkpoint"])
     if resume is not None:
-        step, state, best_weights = ckpt.load(resume, model, optimizer, scheduler, dist)
+        run.step, run.state, run.best_weights = ckpt.load(resume, run.model, run.optimizer, run.scheduler, dist)
         if dist.main:
-            print(f"finetune: resumed from {resume} at step {step}", file=sys.stderr)
+            print(f"finetune: resumed from {resume} at step {run.step}", file=sys.stderr)
     elif dist.on_main(ckpt.checkpoint_dirs, out):
         raise SuiteError(f"--output_dir {out} holds checkpoints of an unfinished run; pass --resume_from_checkpoint "
                          "auto to continue it, or --overwrite to start again")
-    recorded = recorded_args(args, data_dir, dist.main)
-    tracker = Tracker(out, recorded, step, dist.main)
-    tracker.watch(model)
 
+
+def run_steps(run: Training) -> bool:
+    """The optimizer steps from run.step on; True if early stopping ended them. On SIGTERM / Ctrl-C it saves a
+    checkpoint and exits (130 / 143)."""
+    from utils.batches import epoch_steps
+    from utils.tracking import StepProgress
+
+    args, dist = run.args, run.dist
     stop = StopFlag()
-    progress = StepProgress(total_steps, step, args["logging_steps"], dist.main)
+    progress = StepProgress(run.total_steps, run.step, args["logging_steps"], dist.main)
     stop.progress = progress
-    n_virtual = args["num_virtual_tokens"] if args["method"] in PROMPT_METHODS else 0
-    model.train()
+    run.model.train()
     t0, tokens_seen, cached_epoch, steps = time.perf_counter(), 0, None, []
     stopped_early = False
-    while step < total_steps:
-        epoch, index = divmod(step, per_epoch)
+    while run.step < run.total_steps:
+        epoch, index = divmod(run.step, run.per_epoch)
         if epoch != cached_epoch:
-            steps = epoch_steps(lengths, args["batch_size"], args["seed"], epoch, args["group_by_length"])
+            steps = epoch_steps(run.data.lengths, args["batch_size"], args["seed"], epoch, args["group_by_length"])
             cached_epoch = epoch
-        micro = step_micro_batches(steps[index], train_rows, lengths, args, dist, pack_len)
-        local_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
-        n_tokens = int(dist.all_reduce_(torch.tensor([local_tokens], dtype=torch.float64))[0])
-        # FSDP gathers weights in every forward: all ranks must run as many (empty ones if need be). Its
-        # gradient reduction averages over ranks, which the loss scale undoes.
-        n_micro = dist.most(len(micro)) if dist.sharded else len(micro)
-        scale = dist.world_size if dist.sharded else 1
-        loss_sum = 0.0
-        for i in range(n_micro):
-            m = micro[i] if i < len(micro) else empty_batch()
-            if dist.fsdp:
-                model.set_requires_gradient_sync(i == n_micro - 1)
-            loss = token_loss_sum(runner, m, n_virtual, dist.device) / max(n_tokens, 1)
-            if dist.engine is not None:
-                dist.engine.backward(loss * scale, scale_wrt_gas=False)
-            else:
-                (loss * scale).backward()
-            loss_sum += loss.item()
-            tokens_seen += m["real_tokens"]
-        dist.all_reduce_grads(params)
-        # One collective for the logged loss and for agreeing to stop on a signal at this step.
-        totals = dist.all_reduce_(torch.tensor([loss_sum, 1.0 if stop.requested else 0.0], dtype=torch.float64))
-        loss_sum, interrupted = float(totals[0]), bool(totals[1] > 0)
-        if dist.engine is not None:
-            dist.engine.step()  # clips (gradient_clipping), steps and zeroes the gradients
-        else:
-            if args["max_grad_norm"] > 0:
-                torch.nn.utils.clip_grad_norm_(params, args["max_grad_norm"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        record = {"step": step, "epoch": epoch, "loss": round(loss_sum, 6), "lr": scheduler.get_last_lr()[0],
+        loss_sum, n_tokens, real_tokens, interrupted = optimizer_step(run, steps[index], stop)
+        tokens_seen += real_tokens
+        run.step += 1
+        record = {"step": run.step, "epoch": epoch, "loss": round(loss_sum, 6), "lr": run.scheduler.get_last_lr()[0],
                   "trained_tokens": n_tokens}
-        tracker.log(record)
-        progress.update(step, loss_sum, record["lr"], tokens_seen * dist.world_size / (time.perf_counter() - t0))
-        if val_rows and args["eval_steps"] and step % args["eval_steps"] == 0 and step < total_steps:
-            result = evaluate(model, val_rows, args, n_virtual, dist)
-            tracker.log({"step": step, **result})
-            best_weights, stopped_early = track_best(result, step, state, best_weights, model, args, dist)
-            model.train()
-        last = step >= total_steps or stopped_early
-        if interrupted or (args["save_steps"] and step % args["save_steps"] == 0 and not last):
-            engine_dir = None
-            if dist.engine is not None:  # DeepSpeed writes its own sharded optimizer state, every rank
-                engine_dir = out / f".deepspeed-{step}"
-                dist.engine.save_checkpoint(str(engine_dir), tag="ds")
-                dist.barrier()
-            weights, optim = dist.trainable_state(model), dist.optimizer_state(model, optimizer)
-            dist.on_main(ckpt.save, out, step, weights, optim, scheduler, args["save_total_limit"],
-                         state, best_weights, ckpt.gather_rng(dist), engine_dir)
-            tracker.plot()  # beside metrics.jsonl, outside the checkpoint (its manifest is unchanged)
-            dist.barrier()
+        run.tracker.log(record)
+        progress.update(run.step, loss_sum, record["lr"], tokens_seen * dist.world_size / (time.perf_counter() - t0))
+        stopped_early = evaluate_if_due(run)
+        last = run.step >= run.total_steps or stopped_early
+        if interrupted or (args["save_steps"] and run.step % args["save_steps"] == 0 and not last):
+            save_checkpoint(run)
         if interrupted:
-            progress.close()
-            if dist.main:
-                print(f"finetune: interrupted ({stop.requested or 'by another rank'}); checkpoint at step {step} "
-                      "saved. Resume with --resume_from_checkpoint auto", file=sys.stderr)
-            tracker.close()
-            sys.exit(130 if stop.requested == "SIGINT" else 143)
+            exit_interrupted(run, stop, progress)
         if stopped_early:
             progress.close()
             if dist.main:
-                print(f"finetune: early stopping at step {step}: eval loss has not improved on "
-                      f"{state['best']['eval_loss']:.4f} (step {state['best']['step']}) for "
-                      f"{state['bad_evals']} evaluations", file=sys.stderr)
+                best = run.state["best"]
+                print(f"finetune: early stopping at step {run.step}: eval loss has not improved on "
+                      f"{best['eval_loss']:.4f} (step {best['step']}) for {run.state['bad_evals']} evaluations",
+                      file=sys.stderr)
             break
     progress.close()
     stop.restore()
+    return stopped_early
 
-    final_eval = evaluate(model, val_rows, args, n_virtual, dist) if val_rows else {}
+
+def optimizer_step(run: Training, step_rows: list[int], stop: StopFlag) -> tuple[float, int, int, bool]:
+    """One optimizer step over ``step_rows``, over all ranks: (loss, trained tokens over all ranks, this rank's
+    real tokens, whether some rank was asked to stop)."""
+    import torch
+
+    dist, data = run.dist, run.data
+    micro = step_micro_batches(step_rows, data.train, data.lengths, run.args, dist, data.pack_len)
+    local_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+    n_tokens = int(dist.all_reduce_(torch.tensor([local_tokens], dtype=torch.float64))[0])
+    loss_sum, real_tokens = accumulate_gradients(run, micro, n_tokens)
+    dist.all_reduce_grads(run.params)
+    # One collective for the logged loss and for agreeing to stop on a signal at this step.
+    totals = dist.all_reduce_(torch.tensor([loss_sum, 1.0 if stop.requested else 0.0], dtype=torch.float64))
+    loss_sum, interrupted = float(totals[0]), bool(totals[1] > 0)
+    apply_gradients(run)
+    run.scheduler.step()
+    return loss_sum, n_tokens, real_tokens, interrupted
+
+
+def accumulate_gradients(run: Training, micro: list[dict], n_tokens: int) -> tuple[float, int]:
+    """Forward and backward over this rank's micro-batches, the loss a mean over the step's ``n_tokens``:
+    (this rank's loss, its real tokens)."""
+    dist, model = run.dist, run.model
+    # FSDP gathers weights in every forward: all ranks must run as many (empty ones if need be). Its
+    # gradient reduction averages over ranks, which the loss scale undoes.
+    n_micro = dist.most(len(micro)) if dist.sharded else len(micro)
+    scale = dist.world_size if dist.sharded else 1
+    loss_sum, real_tokens = 0.0, 0
+    for i in range(n_micro):
+        m = micro[i] if i < len(micro) else empty_batch()
+        if dist.fsdp:
+            model.set_requires_gradient_sync(i == n_micro - 1)
+        loss = token_loss_sum(run.runner, m, run.n_virtual, dist.device) / max(n_tokens, 1)
+        if dist.engine is not None:
+            dist.engine.backward(loss * scale, scale_wrt_gas=False)
+        else:
+            (loss * scale).backward()
+        loss_sum += loss.item()
+        real_tokens += m["real_tokens"]
+    return loss_sum, real_tokens
+
+
+def apply_gradients(run: Training) -> None:
+    """Clip, step and zero the gradients (the DeepSpeed engine does all three itself)."""
+    import torch
+
+    if run.dist.engine is not None:
+        run.dist.engine.step()  # clips (gradient_clipping), steps and zeroes the gradients
+    else:
+        if run.args["max_grad_norm"] > 0:
+            torch.nn.utils.clip_grad_norm_(run.params, run.args["max_grad_norm"])
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+
+
+def evaluate_if_due(run: Training) -> bool:
+    """Evaluate every --eval_steps (not at the last step: the end evaluates); True if early stopping is due."""
+    args, data = run.args, run.data
+    if not (data.val and args["eval_steps"] and run.step % args["eval_steps"] == 0 and run.step < run.total_steps):
+        return False
+    result = evaluate(run.model, data.val, args, run.n_virtual, run.dist)
+    run.tracker.log({"step": run.step, **result})
+    run.best_weights, stopped_early = track_best(result, run.step, run.state, run.best_weights, run.model, args,
+                                                 run.dist)
+    run.model.train()
+    return stopped_early
+
+
+def save_checkpoint(run: Training) -> None:
+    """A resumable checkpoint of this step, written by rank 0 from every rank's state."""
+    from utils import checkpoint as ckpt
+
+    dist, out = run.dist, run.out
+    engine_dir = None
+    if dist.engine is not None:  # DeepSpeed writes its own sharded optimizer state, every rank
+        engine_dir = out / f".deepspeed-{run.step}"
+        dist.engine.save_checkpoint(str(engine_dir), tag="ds")
+        dist.barrier()
+    weights, optim = dist.trainable_state(run.model), dist.optimizer_state(run.model, run.optimizer)
+    dist.on_main(ckpt.save, out, run.step, weights, optim, run.scheduler, run.args["save_total_limit"],
+                 run.state, run.best_weights, ckpt.gather_rng(dist), engine_dir)
+    run.tracker.plot()  # beside metrics.jsonl, outside the checkpoint (its manifest is unchanged)
+    dist.barrier()
+
+
+def exit_interrupted(run: Training, stop: StopFlag, progress) -> None:
+    """After the interrupt's checkpoint: exit 130 on Ctrl-C, 143 on SIGTERM (or another rank's signal)."""
+    progress.close()
+    if run.dist.main:
+        print(f"finetune: interrupted ({stop.requested or 'by another rank'}); checkpoint at step {run.step} "
+              "saved. Resume with --resume_from_checkpoint auto", file=sys.stderr)
+    run.tracker.close()
+    sys.exit(130 if stop.requested == "SIGINT" else 143)
+
+
+def final_evaluation(run: Training) -> dict:
+    """The end-of-run evaluation ({} without a validation split), of the best weights with
+    --load_best_model_at_end; logged and reported."""
+    args, dist, model, val_rows, step = run.args, run.dist, run.model, run.data.val, run.step
+    final_eval = evaluate(model, val_rows, args, run.n_virtual, dist) if val_rows else {}
     if args["load_best_model_at_end"] and final_eval:
         # The last weights compete too (the loop does not evaluate at the last step).
-        best = state["best"]
+        best = run.state["best"]
         if best is None or final_eval["eval_loss"] < best["eval_loss"] or best["step"] == step:
-            state["best"] = {"step": step, "eval_loss": final_eval["eval_loss"]}
-        elif dist.broadcast(best_weights is not None):
-            dist.put_weights(model, best_weights)
-            final_eval = evaluate(model, val_rows, args, n_virtual, dist)
+            run.state["best"] = {"step": step, "eval_loss": final_eval["eval_loss"]}
+        elif dist.broadcast(run.best_weights is not None):
+            dist.put_weights(model, run.best_weights)
+            final_eval = evaluate(model, val_rows, args, run.n_virtual, dist)
             if dist.main:
                 print(f"finetune: keeping the best weights, from step {best['step']} (eval loss "
                       f"{best['eval_loss']:.4f})", file=sys.stderr)
     if final_eval:
-        tracker.log({"step": step, "final": True, **final_eval})
+        run.tracker.log({"step": step, "final": True, **final_eval})
         if dist.main:
             print(f"finetune: eval loss {final_eval['eval_loss']:.4f}, token accuracy "
                   f"{final_eval['eval_token_accuracy']:.4f}", file=sys.stderr)
-    summary = {"final_eval": final_eval, "steps": step, "stopped_early": stopped_early, "best": state["best"],
+    return final_eval
+
+
+def run_summary(run: Training, final_eval: dict, stopped_early: bool, n_trainable: int) -> dict:
+    """What pipeline.json records of how the run went."""
+    dist = run.dist
+    summary = {"final_eval": final_eval, "steps": run.step, "stopped_early": stopped_early, "best": run.state["best"],
                "trainable_parameters": n_trainable, "world_size": dist.world_size,
                "sharding": "fsdp" if dist.fsdp else f"deepspeed-zero{dist.zero_stage}" if dist.engine else None}
-    if quantization_of(args):
-        layers = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
-        summary["quantization"] = {**quantization_of(args), "quantized_layers": layers}
-    gathered = dist.trainable_state(model) if dist.sharded else None
-    plot = tracker.plot()  # before save_final: pipeline.json lists its hash with the other files
-    dist.on_main(ckpt.save_final, out, model, recorded, data_dir, fingerprint, base, summary, gathered)
-    tracker.finish(out if dist.main else None)
+    if quantization_of(run.args):
+        layers = sum(type(m).__module__.startswith("bitsandbytes") for m in run.model.modules())
+        summary["quantization"] = {**quantization_of(run.args), "quantized_layers": layers}
+    return summary
+
+
+def finish(run: Training, recorded: dict, data_dir: Path, fingerprint: str, base: dict, summary: dict) -> None:
+    """Write the final adapter (or model), the loss curve and pipeline.json; print the output folder."""
+    from utils import checkpoint as ckpt
+
+    dist, out = run.dist, run.out
+    gathered = dist.trainable_state(run.model) if dist.sharded else None
+    plot = run.tracker.plot()  # before save_final: pipeline.json lists its hash with the other files
+    dist.on_main(ckpt.save_final, out, run.model, recorded, data_dir, fingerprint, base, summary, gathered)
+    run.tracker.finish(out if dist.main else None)
     if dist.main:
         if plot is not None:
             print(f"finetune: loss curve {plot.absolute()}", file=sys.stderr)

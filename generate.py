@@ -555,11 +555,11 @@ def _lines(path: str, lines: list[int], limit: int = 10) -> str:
 def check_bad_fraction(path: str, total: int, bad: dict[str, list[int]], max_bad_fraction: float) -> None:
     """prepare_data.py's rule: more than ``max_bad_fraction`` of the rows malformed fails before anything is
     written, with the counts and line numbers by reason."""
-    n_bad = sum(len(v) for v in bad.values())
-    if total and n_bad / total > max_bad_fraction:
-        summary = "; ".join(f"{reason}: {len(v)} (first at {_lines(path, v, 3)})" for reason, v in bad.items())
-        raise SuiteError(f"{n_bad} of {total} rows are malformed ({n_bad / total:.2%} > --max_bad_fraction "
-                         f"{max_bad_fraction:.2%}); nothing written. Malformed: {summary}.")
+    from utils.data import bad_fraction_error
+
+    summary = "; ".join(f"{reason}: {len(v)} (first at {_lines(path, v, 3)})" for reason, v in bad.items())
+    if message := bad_fraction_error(sum(map(len, bad.values())), total, max_bad_fraction, f"Malformed: {summary}."):
+        raise SuiteError(message)
 
 
 def batch(a: dict, settings) -> None:

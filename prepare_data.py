@@ -377,9 +377,7 @@ def build_report(sources, examples, encoded, errors, cutoff_len) -> dict:
 
 
 def check_quality(report, errors, max_bad_fraction) -> None:
-    from utils.data import DataError
-
-    from utils.data import POLICY_DROPS
+    from utils.data import POLICY_DROPS, DataError, bad_fraction_error
 
     t = report["totals"]
 
@@ -404,11 +402,8 @@ def check_quality(report, errors, max_bad_fraction) -> None:
     summary = " ".join(parts)
     if t["kept"] == 0:
         raise DataError(f"no usable example in {t['rows']} rows; nothing written. {summary}")
-    if t["bad_fraction"] > max_bad_fraction:
-        raise DataError(
-            f"{t['bad']} of {t['rows']} rows are malformed ({t['bad_fraction']:.2%} > --max_bad_fraction "
-            f"{max_bad_fraction:.2%}); nothing written. {summary}"
-        )
+    if message := bad_fraction_error(t["bad"], t["rows"], max_bad_fraction, summary):
+        raise DataError(message)
 
 
 def write_output(output_dir, args, sources, base_model, tokenizer, template, encoded, report, val_set_size, seed,

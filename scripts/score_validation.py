@@ -56,11 +56,11 @@ def main(
         raise UsageError("\n".join(problems))
 
     import finetune
-    from utils.artifacts import read_meta, sha256_json, write_json
+    from utils.artifacts import base_fingerprint, read_meta, sha256_json, write_json
 
     # finetune.py's own check: a complete prepared folder, tokenized with this model's tokenizer.
     data_dir = finetune.prepare({"data_path": [data_path], "base_model": model})
-    scored = {"model": finetune.base_fingerprint(model), "data": read_meta(data_dir)["fingerprint"]}
+    scored = {"model": base_fingerprint(model), "data": read_meta(data_dir)["fingerprint"]}
     fingerprint = sha256_json(scored)
     out = Path(output_file)
     previous = read_existing(out)

@@ -112,3 +112,20 @@ def prepare_gsm8k(root: Path, rows: list[dict], *flags: str) -> Path:
 
 def gsm8k_rows(n: int) -> list[dict]:
     return json.loads(Path(REAL_SETS["alpaca"]).read_text(encoding="utf-8"))[:n]
+
+
+def interrupt_finetune(cmd: list[str], out: Path, steps: int, signum: int, env: dict,
+                       wait: float = 180) -> tuple[int, str]:
+    """Start finetune.py ``cmd`` as a subprocess, send ``signum`` once ``out/metrics.jsonl`` holds ``steps``
+    lines (as a user pressing Ctrl-C or a scheduler sending SIGTERM mid-run), and return (exit code, stderr)."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + wait
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < steps):
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err.decode()

@@ -63,7 +63,7 @@ def perturbed_copy(src: Path, dst: Path) -> Path:
 def finetune_like(base: Path, out: Path) -> Path:
     """A folder as finetune.py leaves it: a LoRA adapter with the tokenizer and a complete pipeline.json that
     records the base's path and fingerprint (what export_hf reads from a fine-tune)."""
-    from finetune import base_fingerprint
+    from utils.artifacts import base_fingerprint
     from utils.artifacts import finish_meta
 
     make_adapter(base, out, target_modules=["q_proj", "v_proj"])

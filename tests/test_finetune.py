@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REAL_SETS, REPO, STORIES, gsm8k_rows, prepare_gsm8k
+from conftest import REAL_SETS, REPO, STORIES, gsm8k_rows, interrupt_finetune, prepare_gsm8k
 from utils.cli import run
 
 COMMON = ["--batch_size", "16", "--micro_batch_size", "8", "--logging_steps", "0", "--seed", "3"]
@@ -154,14 +153,8 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, prepared):
     subprocess.run(_cmd(ref, prepared), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
 
     out = tmp_path / "int"
-    proc = subprocess.Popen(_cmd(out, prepared), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err.decode()[-2000:]
+    code, err = interrupt_finetune(_cmd(out, prepared), out, 5, signal.SIGTERM, env, wait=120)
+    assert code == 143, err[-2000:]
     ckpts = list(out.glob("checkpoint-*"))
     assert len(ckpts) == 1 and 5 <= int(ckpts[0].name.split("-")[1]) < 20
     assert not (out / "adapter_model.safetensors").exists()

@@ -15,13 +15,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REAL_SETS, REPO, STORIES, gsm8k_rows, prepare_gsm8k, read_jsonl
+from conftest import REAL_SETS, REPO, STORIES, gsm8k_rows, interrupt_finetune, prepare_gsm8k, read_jsonl
 from utils.cli import run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -117,15 +116,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, prepared):
     from utils.checkpoint import MANIFEST, complete_checkpoints
 
     out = tmp_path / "int"
-    proc = subprocess.Popen(_cmd(out, prepared), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    err = err.decode()
-    assert proc.returncode == 130, err[-2000:]
+    code, err = interrupt_finetune(_cmd(out, prepared), out, 3, signal.SIGINT, ENV)
+    assert code == 130, err[-2000:]
     assert "SIGINT received" in err and "Resume with --resume_from_checkpoint auto" in err and "Traceback" not in err
     ckpts = complete_checkpoints(out)
     assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 40

@@ -51,6 +51,15 @@ def tokenizer_fingerprint(model_dir: str | Path) -> dict[str, str]:
     return {name: sha256_file(model_dir / name) for name in TOKENIZER_FILES if (model_dir / name).is_file()}
 
 
+def base_fingerprint(base_model: str | Path) -> dict:
+    """What identifies a base model (recorded by finetune.py, checked by the loader and export_hf.py): its
+    config and each weight file's size and hash (files of 256 MiB or more by size only)."""
+    base = Path(base_model)
+    weights = {f.name: [f.stat().st_size, sha256_file(f) if f.stat().st_size < 1 << 28 else None]
+               for f in sorted(base.glob("*.safetensors"))}
+    return {"config": sha256_file(base / "config.json"), "weights": weights}
+
+
 def read_meta(folder: str | Path) -> dict | None:
     """The folder's ``pipeline.json``, or None if it has none (or it cannot be read)."""
     path = Path(folder) / META_FILE

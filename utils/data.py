@@ -50,6 +50,15 @@ POLICY_DROPS = {
 }
 
 
+def bad_fraction_error(n_bad: int, total: int, max_bad_fraction: float, details: str) -> str | None:
+    """The suite's one rule for malformed input rows (prepare_data.py, batch generation): more than
+    ``max_bad_fraction`` of ``total`` rows bad fails before anything is written. The message, or None."""
+    if not total or n_bad / total <= max_bad_fraction:
+        return None
+    return (f"{n_bad} of {total} rows are malformed ({n_bad / total:.2%} > --max_bad_fraction "
+            f"{max_bad_fraction:.2%}); nothing written. {details}")
+
+
 def missing_path_message(flag: str, path: str, what: str) -> str:
     """The problem line for a data path that does not exist. One spelled like a Hugging Face Hub dataset id
     (tatsu-lab/alpaca) gets the reason: this suite reads local files only and never downloads anything."""

@@ -210,7 +210,7 @@ def check_adapter(source: Source, allow_pickle_weights: bool = False, allow_base
                 "through a broken state_dict override); re-export it"]
     recorded = (source.meta or {}).get("base_model", {}).get("fingerprint")
     if recorded and source.meta.get("method") != "full":
-        from finetune import base_fingerprint  # the same fingerprint finetune.py records
+        from utils.artifacts import base_fingerprint  # the same fingerprint finetune.py records
 
         try:
             actual = base_fingerprint(source.base)
