@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from utils.cli import SuiteError, UsageError, run
+from utils.errors import SuiteError, UsageError
+from utils.cli import run
 
 STAGES = {"make": "make_delta", "apply": "apply_delta"}
 
@@ -59,9 +60,10 @@ def main(
         overwrite: Replace an output folder that holds a different result.
     """
     args = dict(locals())
-    from utils.convert import check_destination, log, sweep_stale
-    from utils.model import check_model_dir
-    from utils.shards import parse_size
+    from utils.artifacts import sweep_stale
+    from utils.weights.convert import check_destination, log
+    from utils.weights.folders import check_model_dir
+    from utils.cli import parse_size
 
     stage = STAGES[command]
     inputs = {"--base_model_path": base_model_path}
@@ -69,7 +71,7 @@ def main(
         target_model_path if command == "make" else delta_path
     output = delta_path if command == "make" else target_model_path
     out_flag = "--delta_path" if command == "make" else "--target_model_path"
-    from utils.model import missing_folder
+    from utils.weights.folders import missing_folder
 
     problems, bad_inputs = [], []  # a path that is not there is a bad argument (2); an incomplete folder bad input (1)
     for flag, path in inputs.items():
@@ -86,7 +88,7 @@ def main(
         bad_inputs += check_model_dir(path, allow_pickle_weights, flag)
     if bad_inputs:
         raise SuiteError("\n".join(bad_inputs))
-    from utils.convert import check_config, read_config
+    from utils.weights.config import check_config, read_config
 
     # The config written with the output is the target's (make) or the delta's (apply); the base's is not read.
     config_flag = "--target_model_path" if command == "make" else "--delta_path"
@@ -96,7 +98,7 @@ def main(
     claim_output_dir(output, stage, overwrite, flag=out_flag)  # before any work (hashing the inputs included)
 
     from utils.artifacts import check_output_dir, sha256_json
-    from utils.convert import Deferred, quick_hashes, weight_hashes
+    from utils.weights.convert import Deferred, quick_hashes, weight_hashes
 
     def fingerprint_of(hashes: dict) -> str:
         return sha256_json({"stage": stage, "inputs": hashes, "args": {
@@ -128,7 +130,7 @@ def main(
             print(os.path.abspath(output))
             return
     args["fingerprint_of"] = fingerprint_of
-    from utils.shards import conversion_setup
+    from utils.weights.shards import conversion_setup
 
     started = time.time()
     with conversion_setup():
@@ -184,7 +186,7 @@ def _progress(names: list[str], desc: str):
 
 def _open_pair(a: dict, other_flag: str):
     """The base and the other input (target or delta) as ModelWeights, and how each tensor relates to the base."""
-    from utils.shards import ModelWeights
+    from utils.weights.shards import ModelWeights
 
     base = ModelWeights(a["base_model_path"], a["allow_pickle_weights"], "--base_model_path")
     other = ModelWeights(a[other_flag.lstrip("-")], a["allow_pickle_weights"], other_flag)
@@ -192,7 +194,7 @@ def _open_pair(a: dict, other_flag: str):
 
 
 def _require_floating(weights, names: list[str], flag: str, why: str) -> None:
-    from utils.convert import floating
+    from utils.weights.convert import floating
 
     nonfloat = [n for n in names if not floating(weights.entries[n].dtype)]
     if nonfloat:
@@ -210,7 +212,8 @@ def _grown_rows(base, other, kinds: dict[str, str]) -> dict[str, list[int]]:
 
 def _write_shards(folder: Path, plan: list, max_shard_size: str, write_tensors) -> dict[str, str]:
     """Stream every planned tensor (``write_tensors(writer)``) into safetensors shards; the files' sha256."""
-    from utils.shards import ShardWriter, parse_size
+    from utils.weights.shards import ShardWriter
+    from utils.cli import parse_size
 
     writer = ShardWriter(folder, plan, parse_size(max_shard_size))
     try:
@@ -223,7 +226,7 @@ def _write_shards(folder: Path, plan: list, max_shard_size: str, write_tensors) 
 def _write_model_files(folder: Path, config: dict, source: str, source_flag: str, stage: str) -> list[str]:
     """config.json, and the source's generation config and tokenizer; the tokenizer files copied."""
     from utils.artifacts import write_json
-    from utils.convert import copy_tokenizer, no_tokenizer_warning
+    from utils.weights.convert import copy_tokenizer, no_tokenizer_warning
 
     write_json(folder / "config.json", config)
     if (Path(source) / "generation_config.json").is_file():
@@ -263,7 +266,7 @@ def _exact_delta(b, t):
 
 def make(a: dict, deferred) -> None:
     from utils.artifacts import staged_dir
-    from utils.convert import config_dtype, read_config
+    from utils.weights.config import config_dtype, read_config
 
     base, target, kinds = _open_pair(a, "--target_model_path")
     names = target.names()
@@ -291,8 +294,8 @@ def _fp64_tensors(base, target, names: list[str], kinds: dict[str, str]) -> set[
     """First pass, a chunk at a time: which tensors need an fp64 delta (the plan needs every dtype up front)."""
     import torch
 
-    from utils.convert import log
-    from utils.shards import row_chunks
+    from utils.weights.convert import log
+    from utils.weights.shards import row_chunks
 
     wide = set()
     for name in _progress(names, "check"):
@@ -323,7 +326,7 @@ def _write_deltas(base, target, names, kinds, wide, writer, base_hashes: dict, t
 def _write_delta_tensor(base, target, name: str, kind: str, out_dtype, writer) -> tuple[str, str | None]:
     """Stream one tensor's target - base into ``writer`` a chunk at a time; the sha256 of its target and base
     values (None for a tensor the base lacks)."""
-    from utils.shards import row_chunks
+    from utils.weights.shards import row_chunks
 
     te = target.entries[name]
     ht = hashlib.sha256()
@@ -354,8 +357,9 @@ def apply(a: dict, deferred) -> None:
     import torch
 
     from utils.artifacts import read_meta, staged_dir
-    from utils.convert import log, read_config, set_config_dtype
-    from utils.shards import dtype_code
+    from utils.weights.convert import log
+    from utils.weights.config import read_config, set_config_dtype
+    from utils.dtypes import dtype_code
 
     base, delta, kinds = _open_pair(a, "--delta_path")
     meta = read_meta(a["delta_path"]) or {}
@@ -391,15 +395,16 @@ def apply(a: dict, deferred) -> None:
 
 def _output_dtypes(dtype: str, recorded: dict, config: dict, delta) -> dict[str, str]:
     """Each rebuilt tensor's dtype: --dtype, else the target's as the delta records it, else its config's."""
-    from utils.convert import DTYPES, config_dtype
+    from utils.dtypes import CONFIG_NAMES
+    from utils.weights.config import config_dtype
 
     if dtype != "auto":
-        return {n: DTYPES[dtype] for n in delta.entries}
+        return {n: CONFIG_NAMES[dtype] for n in delta.entries}
     if recorded.get("dtypes"):
-        from utils.shards import torch_dtype
+        from utils.dtypes import torch_dtype
 
         return {n: str(torch_dtype(c)).replace("torch.", "") for n, c in recorded["dtypes"].items()}
-    return {n: DTYPES[config_dtype(config)] for n in delta.entries}
+    return {n: CONFIG_NAMES[config_dtype(config)] for n in delta.entries}
 
 
 class _RebuildCheck:
@@ -422,7 +427,7 @@ class _RebuildCheck:
             self.base_checked = True
 
     def check(self) -> None:
-        from utils.shards import HASHES
+        from utils.weights.shards import HASHES
 
         HASHES.drain()
         for name, hb, ho in self.pending:
@@ -446,7 +451,7 @@ def _write_rebuilt(base, delta, names, kinds, out_dtypes, writer, check: _Rebuil
     """Write base + delta for every tensor, queueing each for ``check``."""
     import torch
 
-    from utils.shards import Scratch
+    from utils.weights.shards import Scratch
 
     scratch = Scratch(), Scratch()  # the delta's, the base's
     for name in _progress(names, "apply"):
@@ -460,7 +465,7 @@ def _rebuild_tensor(base, delta, name: str, kind: str, want, writer, scratch, ha
     hashing queue) of the base rows used (if ``hash_base``) and of the result."""
     import torch
 
-    from utils.shards import HASHES, row_chunks
+    from utils.weights.shards import HASHES, row_chunks
 
     delta_scratch, base_scratch = scratch
     de = delta.entries[name]

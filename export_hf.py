@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from utils.cli import SuiteError, run
-from utils.export_plan import check_base, resolve, settle
+from utils.errors import SuiteError
+from utils.cli import run
+from utils.weights.export_plan import check_base, plan_export, settle
 
 STAGE = "export_hf"
 
@@ -67,12 +68,13 @@ def main(
         overwrite: Replace an output_dir that holds a different export.
     """
     args = dict(locals())
-    plan = resolve(args)
+    plan = plan_export(args)
     from utils.artifacts import check_output_dir, claim_output_dir
 
     claim_output_dir(output_dir, STAGE, overwrite)  # before any work (hashing the inputs included)
     check_base(plan)  # a wrong base is refused before the merge, not after it
-    from utils.convert import Deferred, log, sweep_stale
+    from utils.artifacts import sweep_stale
+    from utils.weights.convert import Deferred, log
 
     sweep_stale(output_dir)
     # With no destination yet there is nothing to compare the fingerprint with before the work: the inputs
@@ -86,7 +88,7 @@ def main(
             print(os.path.abspath(output_dir))
             return
     started = time.time()
-    from utils.shards import conversion_setup
+    from utils.weights.shards import conversion_setup
 
     with conversion_setup():
         if adapter_only:
@@ -105,8 +107,8 @@ class MergeJob:
     adapter_dir: Path | None
     config: dict
     dtype: str
-    weights: object  # utils.shards.ModelWeights
-    adapter: object  # utils.merge's loaded adapter, or None to re-shard
+    weights: object  # utils.weights.shards.ModelWeights
+    adapter: object  # utils.weights.merge's loaded adapter, or None to re-shard
     targets: dict
     replacements: dict
     untie: bool
@@ -119,7 +121,7 @@ def export_merged(a: dict, plan: dict) -> None:
     """Merge the adapter (if any) into the source tensor by tensor, write the model folder, verify it, and put
     it in place."""
     from utils.artifacts import staged_dir
-    from utils.shards import parse_size
+    from utils.cli import parse_size
 
     job = plan_merge(a, plan)
     with staged_dir(a["output_dir"]) as tmp:
@@ -138,14 +140,16 @@ def plan_merge(a: dict, plan: dict) -> MergeJob:
     """Open the source and the adapter, check that the adapter fits the source, and lay out the output tensors."""
     import torch
 
-    from utils.convert import DTYPES, config_dtype, floating, log, read_config
-    from utils.merge import load_adapter
-    from utils.shards import ModelWeights
+    from utils.dtypes import CONFIG_NAMES
+    from utils.weights.config import config_dtype, read_config
+    from utils.weights.convert import floating, log
+    from utils.weights.merge import load_adapter
+    from utils.weights.shards import ModelWeights
 
     source, adapter_dir = plan["source"], plan["adapter"]
     config = read_config(source, "--base_model")
     dtype = config_dtype(config) if a["dtype"] == "auto" else a["dtype"]
-    out_dtype = getattr(torch, DTYPES[dtype])
+    out_dtype = getattr(torch, CONFIG_NAMES[dtype])
     weights = ModelWeights(source, a["allow_pickle_weights"])
     adapter = load_adapter(adapter_dir, a["allow_pickle_weights"]) if adapter_dir else None
     targets = dict(adapter.targets) if adapter else {}
@@ -192,8 +196,9 @@ def write_tensors(tmp: Path, job: MergeJob, limit: int) -> tuple[dict, int, list
     adapted weights unchanged after rounding)."""
     from tqdm import tqdm
 
-    from utils.merge import merge_bias
-    from utils.shards import COPY_SCRATCH, Scratch, ShardWriter, copy_tensor, torch_dtype
+    from utils.weights.merge import merge_bias
+    from utils.weights.shards import COPY_SCRATCH, Scratch, ShardWriter, copy_tensor
+    from utils.dtypes import torch_dtype
 
     weights, targets, replacements = job.weights, job.targets, job.replacements
     changed, unchanged_targets = 0, []
@@ -229,7 +234,7 @@ def write_merged_target(name: str, job: MergeJob, writer, scratch, want) -> bool
     """Merge the adapter into one adapted weight and write it; whether the merge changed it."""
     import torch
 
-    from utils.merge import merge_weight
+    from utils.weights.merge import merge_weight
 
     base_w = job.weights.get(name, scratch=scratch)
     # Whether the merge changed the weight, from a strided sample (a full copy would double
@@ -245,7 +250,7 @@ def write_merged_target(name: str, job: MergeJob, writer, scratch, want) -> bool
 
 def check_merge_changed(job: MergeJob, changed: int, unchanged_targets: list) -> None:
     """Refuse a merge that changed nothing; warn about adapted weights lost to rounding."""
-    from utils.convert import log
+    from utils.weights.convert import log
 
     if job.adapter and changed == 0:
         raise SuiteError(f"--lora_weights {job.adapter_dir}: the merge changed no weight in {job.dtype} (adapter too small "
@@ -258,7 +263,7 @@ def check_merge_changed(job: MergeJob, changed: int, unchanged_targets: list) ->
 def write_config(tmp: Path, job: MergeJob) -> dict:
     """config.json with the output dtype (and the output head untied if the adapter saved one)."""
     from utils.artifacts import write_json
-    from utils.convert import set_config_dtype
+    from utils.weights.config import set_config_dtype
 
     out_config = set_config_dtype(job.config, job.dtype)
     if job.untie:
@@ -270,7 +275,7 @@ def write_config(tmp: Path, job: MergeJob) -> dict:
 def copy_companions(tmp: Path, job: MergeJob, plan: dict) -> tuple:
     """generation_config.json, the tokenizer and the template, from the fine-tune if it has them, else the source;
     (the template record, the tokenizer record)."""
-    from utils.convert import carry_template, copy_tokenizer, eos_token, no_tokenizer_warning, tokenizer_source
+    from utils.weights.convert import (carry_template, copy_tokenizer, eos_token, no_tokenizer_warning, tokenizer_source)
 
     source = job.source
     extra = plan["adapter"] or plan["source"]
@@ -290,8 +295,8 @@ def copy_companions(tmp: Path, job: MergeJob, plan: dict) -> tuple:
 
 def verify_export(out_config: dict, job: MergeJob, tmp: Path, allow_pickle: bool) -> dict:
     """Check the written model's logits (see verify) and say so."""
-    from utils import forward
-    from utils.convert import log
+    from utils.weights import forward
+    from utils.weights.convert import log
 
     adapter = job.adapter
     verification = verify(out_config, job.source, job.weights, adapter, tmp, job.dtype, allow_pickle)
@@ -335,7 +340,7 @@ def code_of(weights, replacements, name: str) -> str:
 
 
 def dtype_code_of(dtype) -> str:
-    from utils.shards import dtype_code
+    from utils.dtypes import dtype_code
 
     return dtype_code(dtype)
 
@@ -343,24 +348,24 @@ def dtype_code_of(dtype) -> str:
 def verify(config: dict, source: Path, weights, adapter, out_dir: Path, dtype: str, allow_pickle: bool) -> dict:
     """Logits of the written model vs the source (+ adapter, unmerged) on a fixed prompt.
 
-    Bounded memory: for the architectures ``utils.forward`` covers, both forward passes read each weight
+    Bounded memory: for the architectures ``utils.weights.forward`` covers, both forward passes read each weight
     from disk when its layer runs, so the check never holds more than one weight matrix (loading two
     models, or even importing transformers' model code, would cost more than the whole conversion).
     Other architectures are checked through transformers, loading the models whole.
     """
-    from utils import forward
-    from utils.shards import ModelWeights
+    from utils.weights import forward
+    from utils.weights.shards import ModelWeights
 
     ids = forward.probe_ids(config)
     if forward.supported(config):
-        ref = forward.logits(config, forward.Source(weights, adapter), ids)
-        got = forward.logits(config, forward.Source(ModelWeights(out_dir)), ids)
+        ref = forward.logits(config, forward.WeightSource(weights, adapter), ids)
+        got = forward.logits(config, forward.WeightSource(ModelWeights(out_dir)), ids)
         method = "layer-by-layer from disk"
     else:
         ref, got = verify_with_transformers(source, adapter.folder if adapter else None, out_dir, ids, allow_pickle)
         method = "transformers (whole models)"
     result = forward.compare(ref, got)
-    forward.check(result, dtype, "output vs " + ("base + adapter" if adapter else "source"))
+    forward.check_agreement(result, dtype, "output vs " + ("base + adapter" if adapter else "source"))
     return {**result, "prompt_ids": ids, "method": method}
 
 
@@ -394,8 +399,8 @@ def export_adapter(a: dict, plan: dict) -> None:
     import torch
 
     from utils.artifacts import finish_meta, library_versions, staged_dir
-    from utils.convert import carry_template, copy_tokenizer, eos_token, tokenizer_source
-    from utils.merge import adapter_weights_file, load_state, read_adapter_config
+    from utils.weights.convert import carry_template, copy_tokenizer, eos_token, tokenizer_source
+    from utils.weights.merge import adapter_weights_file, load_state, read_adapter_config
 
     src = plan["adapter"]
     config = read_adapter_config(src)

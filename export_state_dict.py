@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from utils.cli import SuiteError, UsageError, run
+from utils.errors import SuiteError, UsageError
+from utils.cli import run
 
 STAGE = "export_state_dict"
 
@@ -71,8 +72,9 @@ def main(
     """
     args = dict(locals())
     from utils.artifacts import check_output_dir, sha256_file, sha256_json
-    from utils.convert import check_destination, log, sweep_stale, weight_hashes
-    from utils.model import looks_like_hub_id, missing_folder
+    from utils.artifacts import sweep_stale
+    from utils.weights.convert import check_destination, log, weight_hashes
+    from utils.weights.folders import looks_like_hub_id, missing_folder
 
     src = Path(base_model)
     kind = ("llama2c" if src.is_file() else "meta" if (src / "params.json").is_file() else
@@ -92,7 +94,7 @@ def main(
         problems.append(f"--base_model {base_model}: consolidated .pth files are not safetensors; pass "
                         "--allow_pickle_weights to read them with torch.load(weights_only=True)")
     try:
-        from utils.shards import parse_size
+        from utils.cli import parse_size
 
         parse_size(max_shard_size)
     except SuiteError as exc:
@@ -123,7 +125,7 @@ def main(
         log(STAGE, f"{output_dir} already holds this conversion (fingerprint {fingerprint[:12]}); nothing to do")
         print(os.path.abspath(output_dir))
         return
-    from utils.shards import conversion_setup
+    from utils.weights.shards import conversion_setup
 
     started = time.time()
     meta = {"stage": STAGE, "fingerprint": fingerprint, "args": args, "inputs": inputs}
@@ -138,7 +140,7 @@ def main(
 
 def check_inputs(src: Path, kind: str | None, lora_weights: str | None, allow_pickle: bool) -> None:
     """Refuse incomplete inputs before any work (exit 1, naming the folder and what is missing)."""
-    from utils.model import check_model_dir
+    from utils.weights.folders import check_model_dir
 
     if kind is None:
         raise SuiteError(f"--base_model {src}: neither a Hugging Face model folder (no config.json) nor a consolidated "
@@ -149,11 +151,11 @@ def check_inputs(src: Path, kind: str | None, lora_weights: str | None, allow_pi
         problems = check_model_dir(str(src), allow_pickle, "--base_model")
         if problems:
             raise SuiteError("\n".join(problems))
-        from utils.convert import check_config, read_config
+        from utils.weights.config import check_config, read_config
 
         check_config(read_config(src, "--base_model"), src, "--base_model")
     if lora_weights:
-        from utils.merge import check_adapter_dir
+        from utils.weights.merge import check_adapter_dir
 
         check_adapter_dir(lora_weights, allow_pickle)
 
@@ -166,21 +168,21 @@ class MergedSource:
     """The base's tensors by Hugging Face name, with the adapter merged in, read one at a time."""
 
     def __init__(self, base: str, lora: str | None, allow_pickle: bool):
-        from utils.convert import read_config
-        from utils.merge import load_adapter
-        from utils.shards import ModelWeights
+        from utils.weights.config import read_config
+        from utils.weights.merge import load_adapter
+        from utils.weights.shards import ModelWeights
 
         self.config = read_config(base, "--base_model")
         self.weights = ModelWeights(base, allow_pickle)
         self.adapter = None
         if lora:
-            from utils.export_plan import resolve, settle
+            from utils.weights.export_plan import plan_export, settle
 
             check = {"lora_weights": lora, "base_model": base, "output_dir": "/nonexistent-check-only",
                      "max_shard_size": "2GB", "adapter_only": False, "allow_pickle_weights": allow_pickle,
                      "overwrite": False, "dtype": "auto"}
-            plan = resolve(check)  # the same checks as export_hf: adapter kind, and the base it was trained on
-            from utils.convert import Deferred
+            plan = plan_export(check)  # the same checks as export_hf: adapter kind, and the base it was trained on
+            from utils.weights.convert import Deferred
 
             plan["deferred"] = Deferred(plan["fingerprints_fn"], now=True)
             settle(check, plan, STAGE)
@@ -190,7 +192,7 @@ class MergedSource:
                 raise SuiteError(f"--lora_weights {lora}: adapts tensors the base does not have: {unknown[:3]}")
 
     def get(self, name: str):
-        from utils.merge import merge_weight
+        from utils.weights.merge import merge_weight
 
         if self.adapter and name in self.adapter.targets:
             return merge_weight(self.adapter.targets[name], self.weights.get(name), self.adapter.fan_in_fan_out)
@@ -201,7 +203,7 @@ class MergedSource:
 
 def meta_tensor(src: MergedSource, d: dict, meta_name: str):
     """One Meta-format tensor (full, not split): renamed, q/k rows interleaved."""
-    from utils.convert import meta_to_hf_name, to_interleaved
+    from utils.weights.formats import meta_to_hf_name, to_interleaved
 
     hf = meta_to_hf_name(meta_name)
     if hf == "lm_head.weight" and hf not in src.weights:
@@ -215,7 +217,7 @@ def meta_tensor(src: MergedSource, d: dict, meta_name: str):
 
 
 def meta_names(d: dict) -> list[str]:
-    from utils.convert import META_LAYER
+    from utils.weights.formats import META_LAYER
 
     names = ["tok_embeddings.weight"]
     for i in range(d["n_layers"]):
@@ -226,10 +228,12 @@ def meta_names(d: dict) -> list[str]:
 def export(a: dict, meta: dict) -> None:
     import torch
 
-    from utils import forward
+    from utils.weights import forward
     from utils.artifacts import finish_meta, library_versions, staged_dir, write_json
-    from utils.convert import (DTYPES, config_dtype, copy_tokenizer, hf_to_meta_name, llama_dims, log, meta_params,
-                               meta_split_dim, no_tokenizer_warning, sentencepiece_source, tokenizer_source)
+    from utils.dtypes import CONFIG_NAMES
+    from utils.weights.config import config_dtype
+    from utils.weights.convert import (copy_tokenizer, log, no_tokenizer_warning, sentencepiece_source, tokenizer_source)
+    from utils.weights.formats import hf_to_meta_name, llama_dims, meta_params, meta_split_dim
 
     src = MergedSource(a["base_model"], a["lora_weights"], a["allow_pickle_weights"])
     d = llama_dims(src.config, f"--base_model {a['base_model']}")
@@ -237,7 +241,7 @@ def export(a: dict, meta: dict) -> None:
     if extra:
         raise SuiteError(f"--base_model {a['base_model']}: tensors with no place in Meta's format: {extra[:3]}")
     dtype = "fp32" if a["format"] == "llama2c" else (config_dtype(src.config) if a["dtype"] == "auto" else a["dtype"])
-    want = getattr(torch, DTYPES[dtype])
+    want = getattr(torch, CONFIG_NAMES[dtype])
     n = a["num_shards"]
     if a["format"] == "meta":
         bad = [k for k in ("n_heads", "n_kv_heads", "hidden", "vocab_size", "dim") if d[k] % n]
@@ -303,7 +307,7 @@ def write_llama2c(path: Path, src: MergedSource, d: dict) -> None:
     """Stream the tensors into llama2.c's version-0 layout, one at a time."""
     import torch
 
-    from utils.convert import llama2c_layout, rope_tables
+    from utils.weights.formats import llama2c_layout, rope_tables
 
     tied = d["tied"] or ("lm_head.weight" in src.weights and torch.equal(
         src.get("lm_head.weight"), src.get("model.embed_tokens.weight")))
@@ -322,17 +326,17 @@ def write_llama2c(path: Path, src: MergedSource, d: dict) -> None:
 
 def verify_export(folder: Path, fmt: str, src: MergedSource, d: dict) -> dict:
     """Logits of the written checkpoint (read back through the import path) vs the source (+ adapter unmerged)."""
-    from utils import forward
-    from utils.convert import hf_llama_config
+    from utils.weights import forward
+    from utils.weights.formats import hf_llama_config
 
     reader = MetaReader(folder) if fmt == "meta" else Llama2cReader(next(folder.glob("*.bin")))
     config = {**hf_llama_config(reader.dims, "fp32"), "bos_token_id": src.config.get("bos_token_id")}
     ids = forward.probe_ids(config)
-    ref = forward.logits(src.config, forward.Source(src.weights, src.adapter), ids)
-    got = forward.logits(config, forward.Source(reader.weights()), ids)
+    ref = forward.logits(src.config, forward.WeightSource(src.weights, src.adapter), ids)
+    got = forward.logits(config, forward.WeightSource(reader.weights()), ids)
     result = forward.compare(ref, got)
     dtype = reader.dtype
-    forward.check(result, dtype, f"{fmt} checkpoint vs source")
+    forward.check_agreement(result, dtype, f"{fmt} checkpoint vs source")
     return {**result, "prompt_ids": ids}
 
 
@@ -342,7 +346,7 @@ def verify_export(folder: Path, fmt: str, src: MergedSource, d: dict) -> dict:
 
 def meta_to_rotate_half(meta_name: str, t, dims: dict):
     """A Meta-layout tensor with its q/k rows put back in Hugging Face's rotate-half order."""
-    from utils.convert import to_rotate_half
+    from utils.weights.formats import to_rotate_half
 
     if meta_name.endswith("attention.wq.weight"):
         return to_rotate_half(t, dims["n_heads"])
@@ -357,7 +361,7 @@ class MetaReader:
     def __init__(self, folder: Path):
         import torch
 
-        from utils.convert import META_ROPE_THETA, meta_hidden_dim
+        from utils.weights.formats import META_ROPE_THETA, meta_hidden_dim
 
         self.folder = Path(folder)
         paths = sorted(self.folder.glob("consolidated.*.pth"))
@@ -395,7 +399,7 @@ class MetaReader:
     def tensor(self, meta_name: str):
         import torch
 
-        from utils.convert import meta_split_dim
+        from utils.weights.formats import meta_split_dim
 
         parts = [s[meta_name] for s in self.shards]
         dim = meta_split_dim(meta_name)
@@ -405,13 +409,14 @@ class MetaReader:
         return meta_to_rotate_half(meta_name, t, self.dims)
 
     def hf_items(self) -> list[tuple[str, str]]:
-        from utils.convert import meta_to_hf_name
+        from utils.weights.formats import meta_to_hf_name
 
         return [(meta_to_hf_name(m), m) for m in meta_names(self.dims)]
 
     def weights(self):
         """A lazy ModelWeights view by Hugging Face names (the verification forward reads it)."""
-        from utils.shards import Entry, ModelWeights, dtype_code
+        from utils.weights.shards import Entry, ModelWeights
+        from utils.dtypes import dtype_code
 
         entries = {}
         for hf, m in self.hf_items():
@@ -421,7 +426,7 @@ class MetaReader:
         return ModelWeights.from_entries(self.folder, entries)
 
     def _shape(self, m, proto):
-        from utils.convert import meta_split_dim
+        from utils.weights.formats import meta_split_dim
 
         dim = self.embed_dim if m == "tok_embeddings.weight" else meta_split_dim(m)
         shape = list(proto.shape)
@@ -434,7 +439,7 @@ class Llama2cReader:
     """A llama2.c version-0 checkpoint as Hugging Face tensors (q/k rows back to rotate-half)."""
 
     def __init__(self, path: Path):
-        from utils.convert import llama2c_layout, read_llama2c_header
+        from utils.weights.formats import llama2c_layout, read_llama2c_header
 
         self.path = Path(path)
         self.dims = read_llama2c_header(self.path)
@@ -453,7 +458,7 @@ class Llama2cReader:
         return meta_to_rotate_half(meta_name, self.tensor_raw(meta_name), self.dims)
 
     def hf_items(self) -> list[tuple[str, str]]:
-        from utils.convert import meta_to_hf_name
+        from utils.weights.formats import meta_to_hf_name
 
         names = meta_names(self.dims)
         if self.dims["tied"]:
@@ -461,7 +466,7 @@ class Llama2cReader:
         return [(meta_to_hf_name(m), m) for m in names]
 
     def weights(self):
-        from utils.shards import Entry, ModelWeights
+        from utils.weights.shards import Entry, ModelWeights
 
         entries = {hf: Entry(hf, "F32", self.offsets[m][1], self.path, pickled=lambda m=m: self.tensor(m))
                    for hf, m in self.hf_items()}
@@ -471,14 +476,14 @@ class Llama2cReader:
         """Whether the file's RoPE tables are the standard ones for its shape (theta 10000)."""
         import torch
 
-        from utils.convert import rope_tables
+        from utils.weights.formats import rope_tables
 
         cos, sin = rope_tables(self.dims)
         got = [self.tensor_raw(n) for n in ("rope.cos", "rope.sin")]
         return bool(torch.allclose(got[0], cos, atol=1e-5) and torch.allclose(got[1], sin, atol=1e-5))
 
     def tensor_raw(self, name: str):
-        from utils.shards import Entry, read_entry
+        from utils.weights.shards import Entry, read_entry
 
         start, shape = self.offsets[name]
         n = 1
@@ -491,15 +496,19 @@ def import_to_hf(a: dict, kind: str, meta: dict) -> None:
     import torch
 
     from utils.artifacts import finish_meta, library_versions, read_meta, staged_dir, write_json
-    from utils.convert import DTYPES, copy_tokenizer, hf_llama_config, log, no_tokenizer_warning, tokenizer_source
-    from utils.shards import ShardWriter, dtype_code, parse_size
+    from utils.dtypes import CONFIG_NAMES
+    from utils.weights.convert import copy_tokenizer, log, no_tokenizer_warning, tokenizer_source
+    from utils.weights.formats import hf_llama_config
+    from utils.weights.shards import ShardWriter
+    from utils.dtypes import dtype_code
+    from utils.cli import parse_size
 
     src = Path(a["base_model"])
     reader = MetaReader(src) if kind == "meta" else Llama2cReader(src)
     if kind == "llama2c" and not reader.check_rope():
         raise SuiteError(f"--base_model {src}: its RoPE tables are not theta 10000's; cannot tell the model's rope theta")
     dtype = reader.dtype if a["dtype"] == "auto" else a["dtype"]
-    want = getattr(torch, DTYPES[dtype])
+    want = getattr(torch, CONFIG_NAMES[dtype])
     items = reader.hf_items()
     view = reader.weights()
     d = dict(reader.dims)
@@ -511,7 +520,7 @@ def import_to_hf(a: dict, kind: str, meta: dict) -> None:
     recorded = read_meta(folder) if kind == "meta" else None
     config = hf_llama_config(d, dtype)
     if recorded and recorded.get("stage") == STAGE and recorded.get("hf_config"):
-        config = {**recorded["hf_config"], "dtype": DTYPES[dtype]}  # the exact config this was exported from
+        config = {**recorded["hf_config"], "dtype": CONFIG_NAMES[dtype]}  # the exact config this was exported from
         config.pop("torch_dtype", None)
     plan = [(h, dtype_code(want), view.entries[h].shape) for h, _ in items]
     log(STAGE, f"importing {kind} checkpoint {src} ({len(items)} tensors) -> Hugging Face Llama ({dtype})")
@@ -529,10 +538,10 @@ def import_to_hf(a: dict, kind: str, meta: dict) -> None:
         if not tok_files:
             no_tokenizer_warning(STAGE, {"--tokenizer": a["tokenizer"]} if a["tokenizer"] else {"--base_model": folder},
                                  " (give --tokenizer DIR: a folder with the model's tokenizer files)")
-        from utils import forward
-        from utils.shards import ModelWeights
+        from utils.weights import forward
+        from utils.weights.shards import ModelWeights
 
-        logits = forward.logits(config, forward.Source(ModelWeights(tmp)), forward.probe_ids(config))
+        logits = forward.logits(config, forward.WeightSource(ModelWeights(tmp)), forward.probe_ids(config))
         if not torch.isfinite(logits).all():
             raise SuiteError("the imported model gives non-finite logits; nothing written")
         finish_meta(tmp, {**meta, "direction": "import", "format": kind, "dtype": dtype, "tokenizer": tok_files,

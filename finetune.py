@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from utils.cli import SuiteError, UsageError, run
+from utils.errors import SuiteError, UsageError
+from utils.cli import run
 
 PROMPT_METHODS = ("prompt", "ptuning")  # peft prepends virtual tokens to the inputs (and logits)
 
@@ -166,10 +167,10 @@ def main(
     args = dict(locals())
     args["lora_target_modules"] = list(lora_target_modules)
     validate_args(**args)
-    from utils.checkpoint import RunFolder, sigterm_exits
+    from utils.training.checkpoint import RunFolder, sigterm_exits
     from utils.distributed import from_env
 
-    dist = from_env()
+    dist = from_env("finetune")
     with contextlib.ExitStack() as stack:
         stack.callback(dist.close)
         stack.enter_context(sigterm_exits())  # so that the folder's lock is released on SIGTERM too
@@ -181,7 +182,7 @@ def main(
 
 def validate_args(**a) -> None:
     """Refuse bad arguments before any work, with every problem found reported at once."""
-    from utils.model import check_model_dir
+    from utils.weights.folders import check_model_dir
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     problems = check_model_dir(a["base_model"], a["allow_pickle_weights"])
@@ -197,7 +198,7 @@ def validate_args(**a) -> None:
 
 
 def data_problems(a: dict) -> list[str]:
-    from utils.data import missing_path_message
+    from utils.data.records import missing_path_message
 
     problems = []
     if not a["data_path"]:
@@ -343,7 +344,7 @@ def prepare(args: dict) -> Path:
 
 def fingerprint_of(args: dict, data_dir: Path, base: dict) -> str:
     from utils.artifacts import read_meta, sha256_file, sha256_json
-    from utils.checkpoint import init_weights_file
+    from utils.training.checkpoint import init_weights_file
 
     ignore = ("output_dir", "resume_from_checkpoint", "overwrite", "data_path", "base_model", "logging_steps",
               "init_from", "tensorboard", "wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model")
@@ -387,7 +388,7 @@ def train(args: dict, dist) -> None:
     import torch
 
     from utils.artifacts import base_fingerprint
-    from utils.tracking import Tracker
+    from utils.training.tracking import Tracker
 
     out = Path(args["output_dir"])
     data_dir = dist.on_main(prepare, args)
@@ -439,8 +440,9 @@ def load_rows(args: dict, data_dir: Path) -> TrainingData:
 
 def build_model(args: dict, dist):
     """The base model with the method's trainable parts, sharded under FSDP, from --init_from's weights."""
-    from utils import checkpoint as ckpt
-    from utils.model import check_packing, load_base_model, prepare_model
+    from utils.training import checkpoint as ckpt
+    from utils.training.methods import check_packing, prepare_model
+    from utils.weights.pretrained import load_base_model
 
     model = load_base_model(args["base_model"], dtype=args["dtype"], trust_remote_code=args["trust_remote_code"],
                             allow_pickle_weights=args["allow_pickle_weights"], device=dist.device,
@@ -461,7 +463,7 @@ def build_optimizer(args: dict, dist, out: Path, data: TrainingData, model, para
     """The run's schedule, AdamW and its learning-rate schedule (inside a DeepSpeed engine with --deepspeed)."""
     import torch
 
-    from utils.batches import steps_per_epoch
+    from utils.training.batches import steps_per_epoch
 
     per_epoch = steps_per_epoch(len(data.train), args["batch_size"])
     total_steps = args["max_steps"] or per_epoch * args["num_epochs"]
@@ -479,12 +481,12 @@ def build_optimizer(args: dict, dist, out: Path, data: TrainingData, model, para
 
 def resume_or_refuse(run: Training) -> None:
     """Continue from the checkpoint --resume_from_checkpoint names; refuse to start over an unfinished run."""
-    from utils import checkpoint as ckpt
+    from utils.training import checkpoint as ckpt
 
     dist, out = run.dist, run.out
     resume = dist.on_main(ckpt.find_resume, out, run.args["resume_from_checkpoint"])
     if resume is not None:
-        run.step, run.state, run.best_weights = ckpt.load(resume, run.model, run.optimizer, run.scheduler, dist)
+        run.step, run.state, run.best_weights = ckpt.load_checkpoint(resume, run.model, run.optimizer, run.scheduler, dist)
         if dist.main:
             print(f"finetune: resumed from {resume} at step {run.step}", file=sys.stderr)
     elif dist.on_main(ckpt.checkpoint_dirs, out):
@@ -495,8 +497,8 @@ def resume_or_refuse(run: Training) -> None:
 def run_steps(run: Training) -> bool:
     """The optimizer steps from run.step on; True if early stopping ended them. On SIGTERM / Ctrl-C it saves a
     checkpoint and exits (130 / 143)."""
-    from utils.batches import epoch_steps
-    from utils.tracking import StepProgress
+    from utils.training.batches import epoch_steps
+    from utils.training.tracking import StepProgress
 
     args, dist = run.args, run.dist
     stop = StopFlag()
@@ -606,7 +608,7 @@ def evaluate_if_due(run: Training) -> bool:
 
 def save_checkpoint(run: Training) -> None:
     """A resumable checkpoint of this step, written by rank 0 from every rank's state."""
-    from utils import checkpoint as ckpt
+    from utils.training import checkpoint as ckpt
 
     dist, out = run.dist, run.out
     engine_dir = None
@@ -615,7 +617,7 @@ def save_checkpoint(run: Training) -> None:
         dist.engine.save_checkpoint(str(engine_dir), tag="ds")
         dist.barrier()
     weights, optim = dist.trainable_state(run.model), dist.optimizer_state(run.model, run.optimizer)
-    dist.on_main(ckpt.save, out, run.step, weights, optim, run.scheduler, run.args["save_total_limit"],
+    dist.on_main(ckpt.save_checkpoint, out, run.step, weights, optim, run.scheduler, run.args["save_total_limit"],
                  run.state, run.best_weights, ckpt.gather_rng(dist), engine_dir)
     run.tracker.plot()  # beside metrics.jsonl, outside the checkpoint (its manifest is unchanged)
     dist.barrier()
@@ -669,7 +671,7 @@ def run_summary(run: Training, final_eval: dict, stopped_early: bool, n_trainabl
 
 def finish(run: Training, recorded: dict, data_dir: Path, fingerprint: str, base: dict, summary: dict) -> None:
     """Write the final adapter (or model), the loss curve and pipeline.json; print the output folder."""
-    from utils import checkpoint as ckpt
+    from utils.training import checkpoint as ckpt
 
     dist, out = run.dist, run.out
     gathered = dist.trainable_state(run.model) if dist.sharded else None
@@ -725,7 +727,7 @@ def quantization_of(args: dict) -> dict | None:
 def step_micro_batches(step_rows: list[int], rows, lengths, args: dict, dist, pack_len: int) -> list[dict]:
     """This rank's micro-batches of one optimizer step: its share of the step's rows, sorted by length,
     then padded in groups of micro_batch_size or packed into rows of pack_len tokens."""
-    from utils.batches import collate, collate_packed, micro_batches, pack, rank_rows
+    from utils.training.batches import collate, collate_packed, micro_batches, pack, rank_rows
 
     mine = rank_rows(step_rows, lengths, dist.rank, dist.world_size)
     mb = args["micro_batch_size"]
@@ -757,7 +759,7 @@ def track_best(result: dict, step: int, state: dict, best_weights, model, args: 
 def check_output_dir_for_run(out: Path, fingerprint: str, args: dict) -> bool:
     """True if ``out`` already holds this finished run. A different finished run needs --overwrite, which
     removes that run's own files (those its pipeline.json lists, checkpoints, metrics) and nothing else."""
-    from utils import checkpoint as ckpt
+    from utils.training import checkpoint as ckpt
     from utils.artifacts import check_output_dir, read_meta, remove_recorded
 
     if check_output_dir(out, "finetune", fingerprint, args["overwrite"], resumable=ckpt.unfinished_run):
@@ -835,7 +837,7 @@ def evaluate(model, rows, args, n_virtual: int, dist=None) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from utils.batches import collate
+    from utils.training.batches import collate
 
     rank, world, device = (dist.rank, dist.world_size, dist.device) if dist else (0, 1, "cpu")
     model.eval()

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from utils.cli import SuiteError, UsageError, run
+from utils.errors import SuiteError, UsageError
+from utils.cli import run
 
 EXIT_WORDS = ("exit", "stop", "quit")
 CLEAR_WORDS = ("clear", "reset")
@@ -147,7 +148,7 @@ def main(
 
 
 def generation_settings(a: dict):
-    from utils.generation import Settings
+    from utils.inference.generation import Settings
 
     return Settings(max_new_tokens=a["max_new_tokens"], min_new_tokens=a["min_new_tokens"],
                     temperature=a["temperature"], top_p=a["top_p"], top_k=a["top_k"], num_beams=a["num_beams"],
@@ -169,7 +170,7 @@ def validate(a: dict):
         problems.append("--input goes with --instruction")
     if (a["input_file"] is None) != (a["output_file"] is None):
         problems.append("--input_file and --output_file go together")
-    from utils.loading import template_problems
+    from utils.inference.loading import template_problems
 
     problems += template_problems(a["prompt_template"])
     if not 0 <= a["max_bad_fraction"] <= 1:
@@ -188,9 +189,9 @@ def validate(a: dict):
 
 
 def plan_loading(a: dict, raw: bool = False):
-    """Check the model arguments and load tokenizer and template, without reading weights (utils.loading.prepare).
+    """Check the model arguments and load tokenizer and template, without reading weights (utils.inference.loading.prepare).
     A raw ``--prompt`` has no template; otherwise a model that carries none gets alpaca."""
-    from utils.loading import prepare
+    from utils.inference.loading import prepare
 
     plan = prepare(a["base_model"] or None, a["lora_weights"] or None, prompt_template=a["prompt_template"] or None,
                    dtype=a["dtype"], device=a["device"], load_8bit=a["load_8bit"], load_4bit=a["load_4bit"],
@@ -200,7 +201,7 @@ def plan_loading(a: dict, raw: bool = False):
         plan.template = None  # sent as is: EOS and --stop end it, never a template's stop strings
         plan.info["template"] = None
     elif plan.template is None:
-        from utils.templates import load_template
+        from utils.data.templates import load_template
 
         plan.template = load_template("alpaca")
         plan.info["template"] = "alpaca"
@@ -211,8 +212,8 @@ def plan_loading(a: dict, raw: bool = False):
 
 def build_engine(a: dict, log=None, plan=None, raw: bool = False):
     """(Engine, Loaded) for the arguments; ``plan`` from ``plan_loading`` when the checks already ran."""
-    from utils.generation import Engine
-    from utils.loading import load_model
+    from utils.inference.generation import Engine
+    from utils.inference.loading import load_model
 
     loaded = load_model(plan or plan_loading(a, raw=raw), log=log)
     fast = {"auto": None, "on": True, "off": False}[a["fast"]]
@@ -244,7 +245,7 @@ def fitted_ids(engine, text: str, special: bool, a: dict, what: str) -> list[int
 
 
 def one_shot(engine, loaded, a: dict, settings) -> None:
-    from utils.templates import Message
+    from utils.data.templates import Message
 
     if a["prompt"] is not None:
         text, special, what = a["prompt"], True, "--prompt"
@@ -272,7 +273,7 @@ def one_shot(engine, loaded, a: dict, settings) -> None:
 
 def chat(engine, loaded, a: dict, settings, stdin=None, stdout=None, stderr=None) -> None:
     """Multi-turn chat: stdin lines in, streamed answers on stdout, prompts and notes on stderr."""
-    from utils.templates import Message
+    from utils.data.templates import Message
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     template = loaded.template
@@ -348,7 +349,7 @@ def read_rows(path: str, a: dict) -> tuple[list[dict], dict]:
     Raises:
         SuiteError: an unreadable or empty file, no usable row, or (with --strict) the first bad row.
     """
-    from utils.templates import Message
+    from utils.data.templates import Message
 
     p = Path(path)
     try:
@@ -555,7 +556,7 @@ def _lines(path: str, lines: list[int], limit: int = 10) -> str:
 def check_bad_fraction(path: str, total: int, bad: dict[str, list[int]], max_bad_fraction: float) -> None:
     """prepare_data.py's rule: more than ``max_bad_fraction`` of the rows malformed fails before anything is
     written, with the counts and line numbers by reason."""
-    from utils.data import bad_fraction_error
+    from utils.data.records import bad_fraction_error
 
     summary = "; ".join(f"{reason}: {len(v)} (first at {_lines(path, v, 3)})" for reason, v in bad.items())
     if message := bad_fraction_error(sum(map(len, bad.values())), total, max_bad_fraction, f"Malformed: {summary}."):
@@ -563,7 +564,7 @@ def check_bad_fraction(path: str, total: int, bad: dict[str, list[int]], max_bad
 
 
 def batch(a: dict, settings) -> None:
-    from utils.templates import TemplateError
+    from utils.data.templates import TemplateError
 
     rank, world, local, token = _dist()
     if world > 1 and a["device"] == "auto":

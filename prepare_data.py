@@ -31,7 +31,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-from utils.cli import SuiteError, UsageError, run
+from utils.errors import SuiteError, UsageError
+from utils.cli import run
 
 FORMAT_TEMPLATE = {"alpaca": "alpaca", "moss": "moss", "pair": "chatglm"}  # sharegpt/openai: see resolve_template
 BATCH = 512
@@ -182,8 +183,8 @@ def warn_context_length(base_model: str, cutoff_len: int) -> None:
 
 def validate_args(**a) -> None:
     """Collect every problem with the arguments and raise once."""
-    from utils.data import missing_path_message
-    from utils.model import missing_folder, tokenizer_problems
+    from utils.data.records import missing_path_message
+    from utils.weights.folders import missing_folder, tokenizer_problems
 
     problems = []
     base = Path(a["base_model"])
@@ -239,7 +240,7 @@ def load_tokenizer(base_model: str, trust_remote_code: bool):
 
 def read_sources(paths, data_format, prompt_column, response_column, history_column):
     from utils.artifacts import sha256_file
-    from utils.data import Columns, load_examples
+    from utils.data.records import Columns, load_examples
 
     columns = Columns(prompt_column, response_column, history_column)
     sources, examples = [], []
@@ -252,7 +253,7 @@ def read_sources(paths, data_format, prompt_column, response_column, history_col
 
 
 def resolve_template(name: str, formats: list[str], paths: list[str], tokenizer):
-    from utils.templates import load_template
+    from utils.data.templates import load_template
 
     if name != "auto":
         return load_template(name, tokenizer)
@@ -285,9 +286,9 @@ def encode_all(examples, tokenizer, template, cutoff_len, on_overlength, mode, s
     """Encode every parsed row. Returns (encoded rows, row errors) in input order."""
     from tqdm import tqdm
 
-    from utils.data import POLICY_DROPS, DataError, RowError
-    from utils.encode import Encoder
-    from utils.tracking import on_terminal
+    from utils.data.records import POLICY_DROPS, DataError, RowError
+    from utils.data.encode import Encoder
+    from utils.training.tracking import on_terminal
 
     encoder = Encoder(tokenizer, template, cutoff_len=cutoff_len, on_overlength=on_overlength, mask_mode=mode)
     flat = [(src, row) for src, rows in enumerate(examples) for row in rows]
@@ -321,7 +322,7 @@ def encode_all(examples, tokenizer, template, cutoff_len, on_overlength, mode, s
 def build_report(sources, examples, encoded, errors, cutoff_len) -> dict:
     import numpy as np
 
-    from utils.data import POLICY_DROPS, ROW_ERRORS
+    from utils.data.records import POLICY_DROPS, ROW_ERRORS
 
     per = [{**s, "kept": 0, "bad": Counter(), "dropped": Counter(), "truncated": 0, "tokens": 0,
             "trained_tokens": 0, "notes": Counter()} for s in sources]
@@ -377,7 +378,7 @@ def build_report(sources, examples, encoded, errors, cutoff_len) -> dict:
 
 
 def check_quality(report, errors, max_bad_fraction) -> None:
-    from utils.data import POLICY_DROPS, DataError, bad_fraction_error
+    from utils.data.records import POLICY_DROPS, DataError, bad_fraction_error
 
     t = report["totals"]
 
@@ -475,7 +476,7 @@ def show_examples(output_dir: str, n: int) -> None:
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from utils.encode import IGNORE_INDEX
+    from utils.data.encode import IGNORE_INDEX
 
     root = Path(output_dir)
     data = load_from_disk(str(root / "dataset"))["train"]

@@ -108,7 +108,7 @@ def measure(cmd: list[str], out: Path) -> tuple[float, float]:
 
 def compare(a: Path, b: Path) -> float:
     sys.path.insert(0, str(REPO))
-    from utils.shards import ModelWeights
+    from utils.weights.shards import ModelWeights
 
     wa, wb = ModelWeights(a), ModelWeights(b)
     assert set(wa.entries) == set(wb.entries), (a, b)

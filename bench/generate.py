@@ -98,7 +98,7 @@ def bench_model(name: str, model, tok, prompts: list[str], new: int, batch_size:
 
     import torch
 
-    from utils.generation import Engine, Settings
+    from utils.inference.generation import Engine, Settings
 
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padded HF batches need one (alpaca-lora sets pad id 0)
@@ -206,7 +206,7 @@ def main(prompts: int = 64, new_tokens: int = 128, batch_size: int = 16, per_pro
     if threads > 0:
         torch.set_num_threads(threads)
 
-    from utils.templates import load_template
+    from utils.data.templates import load_template
 
     template = load_template("alpaca")
     with open(SHARED / "data" / "vicuna_question_80.jsonl", encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""Benchmark: label construction speed of utils/encode.py against the seed projects' recipes.
+"""Benchmark: label construction speed of utils/data/encode.py against the seed projects' recipes.
 
 Baselines, run in the same process on the same rendered text and tokenizer (stories260K's):
 * alpaca-lora (finetune.py): per example, tokenize prompt+output and the prompt alone (unbatched
@@ -45,9 +45,9 @@ def encode_in_batches(encoder, examples, size: int = 512):
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from utils.data import Columns, Example, load_examples
-    from utils.encode import Encoder
-    from utils.templates import load_template
+    from utils.data.records import Columns, Example, load_examples
+    from utils.data.encode import Encoder
+    from utils.data.templates import load_template
 
     tok = AutoTokenizer.from_pretrained(str(SHARED / "models/stories260K/hf"), local_files_only=True)
     results = {}

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.cli import SuiteError, run  # noqa: E402
+from utils.errors import SuiteError
+from utils.cli import run  # noqa: E402
 
 
 def main(

@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.cli import SuiteError, UsageError, run  # noqa: E402
+from utils.errors import SuiteError, UsageError
+from utils.cli import run  # noqa: E402
 
 STAGE = "score_validation"
 
@@ -43,7 +44,7 @@ def main(
         micro_batch_size: Rows per forward pass (the scores do not depend on it beyond float rounding).
         overwrite: Replace an output_file that holds other scores or was not written by this script.
     """
-    from utils.model import check_model_dir
+    from utils.weights.folders import check_model_dir
 
     problems = check_model_dir(model, flag="--model")
     if not Path(data_path).is_dir():
@@ -75,7 +76,7 @@ def main(
 
     from datasets import load_from_disk
 
-    from utils.model import load_base_model
+    from utils.weights.pretrained import load_base_model
 
     splits = load_from_disk(str(data_dir / "dataset"))
     if "validation" not in splits or len(splits["validation"]) == 0:

@@ -18,8 +18,8 @@ from typing import Literal
 import pytest
 
 from conftest import REPO, STORIES
-from utils.cli import (SHORT_FLAGS, SuiteError, UsageError, bind_args, coerce, is_destructive, quiet_known_warnings,
-                       run)
+from utils.cli import SHORT_FLAGS, bind_args, coerce, is_destructive, quiet_known_warnings, run
+from utils.errors import SuiteError, UsageError
 
 
 def toy(

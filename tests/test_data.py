@@ -1,4 +1,4 @@
-"""Tests of utils/data.py (reading, parsing, format detection) and of prepare_data's handling of bad rows.
+"""Tests of utils/data/records.py (reading, parsing, format detection) and of prepare_data's handling of bad rows.
 
 Real data is read in place from ``SHARED``; everything else is written under pytest's tmp paths.
 """
@@ -15,21 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import DATA, REAL_SETS, STORIES
-from utils.data import (
-    FORMATS,
-    MOSS_FIELDS,
-    ROW_ERRORS,
-    Columns,
-    DataError,
-    Example,
-    Record,
-    RowError,
-    detect_format,
-    load_examples,
-    parse_record,
-    read_records,
-)
-from utils.templates import ROLES, Message
+from utils.data.records import (FORMATS, MOSS_FIELDS, ROW_ERRORS, Columns, DataError, Example, Record, RowError, detect_format, load_examples, parse_record, read_records)
+from utils.data.templates import ROLES, Message
 
 MOSS_FILE = DATA / "moss" / "moss_sft_sample.jsonl"
 REAL_COUNTS = {"alpaca": 7473, "moss": 1120, "pair": 100, "sharegpt": 140}

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, STORIES
 from test_export import build_model, call, hf_logits
-from utils.cli import SuiteError
+from utils.errors import SuiteError
 
 
 def delta(*argv: str) -> None:
@@ -22,7 +22,7 @@ def delta(*argv: str) -> None:
 
 
 def tensors(folder: Path) -> dict:
-    from utils.shards import ModelWeights
+    from utils.weights.shards import ModelWeights
 
     w = ModelWeights(folder)
     return {n: w.get(n) for n in w.names()}

@@ -8,9 +8,9 @@ import re
 import pytest
 
 from conftest import DATA, REAL_SETS
-from utils.data import Columns, Example, RowError, load_examples
-from utils.encode import IGNORE_INDEX, Encoded, Encoder
-from utils.templates import MODEL_ROLES, Message, load_template
+from utils.data.records import Columns, Example, RowError, load_examples
+from utils.data.encode import IGNORE_INDEX, Encoded, Encoder
+from utils.data.templates import MODEL_ROLES, Message, load_template
 
 BIG = 1_000_000
 
@@ -276,7 +276,7 @@ def test_slow_tokenizer_is_refused():
         is_fast = False
         eos_token_id = 2
 
-    from utils.templates import TemplateError
+    from utils.data.templates import TemplateError
 
     with pytest.raises(TemplateError, match="fast tokenizer"):
         Encoder(Slow(), load_template("alpaca"), cutoff_len=10, on_overlength="truncate", mask_mode="assistant")

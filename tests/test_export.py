@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, STORIES, gsm8k_rows, prepare_gsm8k
-from utils.cli import SuiteError, run
+from utils.errors import SuiteError
+from utils.cli import run
 
 PROMPT = [[1, 17, 250, 3, 99, 411, 7]]
 
@@ -135,7 +136,7 @@ def test_merge_matches_peft_base_plus_adapter(tmp_path, models, kind, lora):
     ref, merged, plain = peft_logits(base, adapter), hf_logits(out), base_logits(base)
     scale = float(ref.abs().max())
     assert float((merged - ref).abs().max()) <= 1e-5 * max(scale, 1.0)
-    assert float((plain - ref).abs().max()) > 1e-3  # the adapter matters, so the check above means something
+    assert float((plain - ref).abs().max()) > 1e-3  # the adapter matters, so the check_jinja above means something
     names = {p.name for p in out.iterdir()}
     assert "model.safetensors.index.json" in names and len(list(out.glob("model-*.safetensors"))) > 1
     assert {"config.json", "pipeline.json"} <= names and (names & {"tokenizer.json", "vocab.json"})
@@ -149,16 +150,16 @@ def test_merge_matches_peft_base_plus_adapter(tmp_path, models, kind, lora):
 
 def test_layerwise_forward_equals_transformers(tmp_path, models):
     """The bounded verification's forward pass is the models' own forward (llama GQA, qwen2, gpt2, stories260K)."""
-    from utils import forward
-    from utils.convert import read_config
-    from utils.shards import ModelWeights
+    from utils.weights import forward
+    from utils.weights.config import read_config
+    from utils.weights.shards import ModelWeights
 
     llama31 = build_model("llama", tmp_path / "llama31", STORIES, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16})
     for folder in [*models.values(), STORIES, llama31]:
         config = read_config(folder, "x")
-        got = forward.logits(config, forward.Source(ModelWeights(folder)), PROMPT[0])
+        got = forward.logits(config, forward.WeightSource(ModelWeights(folder)), PROMPT[0])
         ref = base_logits(folder)
         assert float((got - ref).abs().max()) <= 1e-4 * max(float(ref.abs().max()), 1.0), folder
 
@@ -182,7 +183,7 @@ def test_finetune_output_exports_with_base_from_metadata(tmp_path, tuned, capsys
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.templates import Message, load_template
+    from utils.data.templates import Message, load_template
 
     out = tmp_path / "merged"
     export("--lora_weights", str(tuned), "--output_dir", str(out), "--dtype", "bf16")
@@ -258,7 +259,7 @@ def test_full_model_is_resharded_and_retyped(tmp_path, models):
 
     out = tmp_path / "bf16"
     export("--base_model", str(models["qwen2"]), "--output_dir", str(out), "--dtype", "bf16", "--max_shard_size", "30KB")
-    from utils.shards import ModelWeights
+    from utils.weights.shards import ModelWeights
 
     src, dst = ModelWeights(models["qwen2"]), ModelWeights(out)
     assert set(src.entries) == set(dst.entries) and len(dst.files) > 1
@@ -348,7 +349,7 @@ def test_pickle_base_needs_opt_in(tmp_path, models):
 
     import torch
 
-    from utils.shards import ModelWeights
+    from utils.weights.shards import ModelWeights
 
     base = tmp_path / "pickled"
     base.mkdir()
@@ -366,7 +367,7 @@ def test_shard_writer_and_reader_agree_with_safetensors(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from utils.shards import ModelWeights, ShardWriter, read_header
+    from utils.weights.shards import ModelWeights, ShardWriter, read_header
 
     tensors = {"a": torch.randn(5, 3), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).to(torch.bfloat16),
                "d": torch.zeros(0, 3), "e": torch.tensor(2.5)}
@@ -384,7 +385,7 @@ def test_shard_writer_and_reader_agree_with_safetensors(tmp_path):
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], tensors[n]) for n in tensors)
     save_file(tensors, str(tmp_path / "lib.safetensors"))
     entries, _ = read_header(tmp_path / "lib.safetensors")
-    from utils.shards import read_entry
+    from utils.weights.shards import read_entry
 
     assert all(torch.equal(read_entry(entries[n]), tensors[n]) for n in tensors)
     # Damaged files give a clear error, never a crash.
@@ -397,11 +398,11 @@ def test_shard_writer_and_reader_agree_with_safetensors(tmp_path):
 
 
 def test_every_builtin_template_becomes_an_equivalent_chat_template():
-    from utils.chat_template import check, to_jinja
-    from utils.templates import available_templates, load_template
+    from utils.data.chat_template import check_jinja, to_jinja
+    from utils.data.templates import available_templates, load_template
 
     for name in available_templates():
         if name == "tokenizer":
             continue
         template = load_template(name)
-        assert check(template, to_jinja(template)) is None, name
+        assert check_jinja(template, to_jinja(template)) is None, name

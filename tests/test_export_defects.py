@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO, STORIES
 from test_export import build_model, call, export, hf_logits, make_adapter
-from utils.cli import SuiteError, UsageError
+from utils.errors import SuiteError, UsageError
 
 SPM = STORIES.parent / "tok512.model"  # stories260K's SentencePiece model (its hf folder has no tokenizer.model)
 
@@ -42,7 +42,7 @@ def stage(script: str, *argv: str) -> subprocess.CompletedProcess:
 
 
 def tensors(folder: Path) -> dict:
-    from utils.shards import ModelWeights
+    from utils.weights.shards import ModelWeights
 
     w = ModelWeights(folder)
     return {n: w.get(n) for n in w.names()}
@@ -79,16 +79,16 @@ def finetune_like(base: Path, out: Path) -> Path:
 
 
 def test_wrong_base_with_the_same_config_is_refused_before_any_merge_work(tmp_path, monkeypatch, capsys):
-    import utils.shards
+    import utils.weights.shards
 
     tuned = finetune_like(STORIES, tmp_path / "tuned")
     wrong = perturbed_copy(STORIES, tmp_path / "wrong")  # same config.json: only the weights tell them apart
 
-    class NoWriting(utils.shards.ShardWriter):
+    class NoWriting(utils.weights.shards.ShardWriter):
         def __init__(self, *a, **k):
             raise AssertionError("the merge started before the base was checked")
 
-    monkeypatch.setattr(utils.shards, "ShardWriter", NoWriting)
+    monkeypatch.setattr(utils.weights.shards, "ShardWriter", NoWriting)
     out = tmp_path / "merged"
     with pytest.raises(SuiteError, match="not the model .* was trained on"):
         export("--lora_weights", str(tuned), "--base_model", str(wrong), "--output_dir", str(out))
@@ -99,13 +99,13 @@ def test_wrong_base_with_the_same_config_is_refused_before_any_merge_work(tmp_pa
 
 def test_the_recorded_base_changed_since_training_is_refused_first(tmp_path, monkeypatch):
     """No --base_model: the base recorded in pipeline.json is used, and checked against its recorded weights."""
-    import utils.shards
+    import utils.weights.shards
 
     base = perturbed_copy(STORIES, tmp_path / "base")
     tuned = finetune_like(base, tmp_path / "tuned")
     perturbed_copy(STORIES, tmp_path / "other")
     shutil.copyfile(STORIES / "model.safetensors", base / "model.safetensors")  # the base changed after training
-    monkeypatch.setattr(utils.shards, "ShardWriter", None)  # any merge work would fail with a TypeError
+    monkeypatch.setattr(utils.weights.shards, "ShardWriter", None)  # any merge work would fail with a TypeError
     with pytest.raises(SuiteError, match="not the model"):
         export("--lora_weights", str(tuned), "--output_dir", str(tmp_path / "merged"))
 

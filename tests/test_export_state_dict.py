@@ -10,7 +10,7 @@ import pytest
 
 from conftest import STORIES
 from test_export import build_model, call, export, hf_logits, make_adapter, peft_logits
-from utils.cli import SuiteError
+from utils.errors import SuiteError
 
 LLAMA2C = STORIES.parent / "llama2c_stories260K.bin"
 
@@ -22,7 +22,7 @@ def sd(*argv: str) -> None:
 
 
 def tensors(folder: Path) -> dict:
-    from utils.shards import ModelWeights
+    from utils.weights.shards import ModelWeights
 
     w = ModelWeights(folder)
     return {n: w.get(n) for n in w.names()}

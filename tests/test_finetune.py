@@ -130,11 +130,11 @@ def test_bad_inputs_fail_before_training(tmp_path, prepared, capsys):
 
 
 def test_second_run_on_same_folder_is_refused(tmp_path, prepared, capsys):
-    from utils.checkpoint import RunLock
+    from utils.artifacts import Lock
 
     out = tmp_path / "busy"
     out.mkdir()
-    with RunLock(out):
+    with Lock(out / ".lock", "busy"):
         with pytest.raises(SystemExit) as exc:
             finetune(out, prepared, "--max_steps", "1")
     assert exc.value.code == 1 and "in use by another run" in capsys.readouterr().err
@@ -176,7 +176,7 @@ def test_damaged_checkpoint_is_skipped(tmp_path, prepared, capsys):
     finetune(out, prepared, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5")
     (out / "pipeline.json").unlink()  # pretend the run stopped before finishing
     (out / "checkpoint-2" / "trainable.safetensors").write_bytes(b"torn")
-    from utils.checkpoint import complete_checkpoints
+    from utils.training.checkpoint import complete_checkpoints
 
     capsys.readouterr()
     assert [p.name for p in complete_checkpoints(out, report=True)] == []

@@ -65,7 +65,7 @@ def gsm8k_lengths(stories_tokenizer) -> list[int]:
 
 def padding_fraction(steps: list[list[int]], lengths: list[int], micro_batch_size: int) -> float:
     """Pad tokens over all tokens when each step is cut into micro-batches as finetune.py cuts them."""
-    from utils.batches import micro_batches, rank_rows
+    from utils.training.batches import micro_batches, rank_rows
 
     pad = real = 0
     for step in steps:
@@ -79,7 +79,7 @@ def padding_fraction(steps: list[list[int]], lengths: list[int], micro_batch_siz
 @pytest.mark.parametrize("batch_size,micro", [(16, 4), (8, 8)])
 def test_group_by_length_cuts_padding_and_keeps_the_epoch(gsm8k_lengths, batch_size, micro):
     """README: rows of similar length share a step; the loss is unchanged in expectation, the padding falls."""
-    from utils.batches import epoch_steps
+    from utils.training.batches import epoch_steps
 
     lengths = gsm8k_lengths
     plain = epoch_steps(lengths, batch_size, 42, 0, False)
@@ -113,7 +113,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, prepared):
     """README: SIGTERM or Ctrl-C saves a checkpoint at the next step boundary (143 / 130); loss.png is drawn
     beside metrics.jsonl at that checkpoint without entering its hash manifest. (Resuming such a checkpoint
     is tested after SIGTERM in test_finetune.py.)"""
-    from utils.checkpoint import MANIFEST, complete_checkpoints
+    from utils.training.checkpoint import MANIFEST, complete_checkpoints
 
     out = tmp_path / "int"
     code, err = interrupt_finetune(_cmd(out, prepared), out, 3, signal.SIGINT, ENV)
@@ -238,7 +238,7 @@ def test_loss_png_is_drawn_and_hashed(tmp_path, prepared, capsys):
     from PIL import Image
 
     from utils.artifacts import sha256_file
-    from utils.checkpoint import complete_checkpoints
+    from utils.training.checkpoint import complete_checkpoints
 
     out = finetune(tmp_path / "plot", prepared, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2")
     png = out / "loss.png"
@@ -254,7 +254,7 @@ def test_loss_png_is_replaced_atomically(tmp_path, monkeypatch):
     """A failure while drawing leaves the previous loss.png as it was and no temporary file."""
     from matplotlib.figure import Figure
 
-    from utils.tracking import plot_losses
+    from utils.training.tracking import plot_losses
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "loss": 5 - s / 10}) + "\n" for s in range(1, 6))
@@ -278,7 +278,7 @@ def test_loss_png_is_replaced_atomically(tmp_path, monkeypatch):
 def test_terminal_decision_follows_isatty():
     import pty
 
-    from utils.tracking import on_terminal
+    from utils.training.tracking import on_terminal
 
     leader, follower = pty.openpty()
     try:
@@ -294,7 +294,7 @@ def test_terminal_decision_follows_isatty():
 
 
 def test_step_progress_bar_or_lines():
-    from utils.tracking import StepProgress
+    from utils.training.tracking import StepProgress
 
     bar_out = io.StringIO()
     bar = StepProgress(total=4, start=0, logging_steps=2, stream=bar_out, tty=True)
@@ -316,9 +316,9 @@ def test_step_progress_bar_or_lines():
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_finetune_shows_a_bar_only_on_a_terminal(tmp_path, prepared, capsys, monkeypatch, tty):
-    import utils.tracking
+    import utils.training.tracking
 
-    monkeypatch.setattr(utils.tracking, "on_terminal", lambda stream=None: tty)
+    monkeypatch.setattr(utils.training.tracking, "on_terminal", lambda stream=None: tty)
     run(__import__("finetune").main, ["--base_model", str(STORIES), "--data_path", str(prepared), "--output_dir",
                                       str(tmp_path / "p"), *COMMON[:4], "--notensorboard", "--max_steps", "3",
                                       "--logging_steps", "1"])
@@ -331,9 +331,9 @@ def test_finetune_shows_a_bar_only_on_a_terminal(tmp_path, prepared, capsys, mon
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_prepare_data_shows_a_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch, tty):
-    import utils.tracking
+    import utils.training.tracking
 
-    monkeypatch.setattr(utils.tracking, "on_terminal", lambda stream=None: tty)
+    monkeypatch.setattr(utils.training.tracking, "on_terminal", lambda stream=None: tty)
     prepare_gsm8k(tmp_path, gsm8k_rows(30), "--val_set_size", "0")
     err = capsys.readouterr().err
     assert ("tokenizing: 100%" in err and "30/30" in err) is tty

@@ -21,8 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import STORIES, gsm8k_rows, prepare_gsm8k, read_jsonl
-from utils.batches import collate, collate_packed, pack
-from utils.cli import SuiteError, run
+from utils.training.batches import collate, collate_packed, pack
+from utils.errors import SuiteError
+from utils.cli import run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -115,7 +116,7 @@ def test_packed_loss_equals_padded_loss(kind):
     from transformers import AutoModelForCausalLM
 
     import finetune as ft
-    from utils.model import check_packing
+    from utils.training.methods import check_packing
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_tiny_config(kind)).eval()  # eval: GPT-2 has dropout
@@ -185,7 +186,7 @@ class _TokenModel(torch.nn.Module):
 
 
 def test_check_packing_refuses_leaky_architecture():
-    from utils.model import check_packing
+    from utils.training.methods import check_packing
 
     check_packing(_TokenModel(leaky=False))  # no cross-token mixing at all: fine
     model = _TokenModel(leaky=True).train()
@@ -198,7 +199,7 @@ def test_check_packing_refuses_leaky_architecture():
 @pytest.fixture(scope="module")
 def packed(prepared, plain, tmp_path_factory):
     """The plain run with --packing; also how many examples each packed row held."""
-    import utils.batches as batches
+    import utils.training.batches as batches
 
     real, per_row = batches.collate_packed, []
 

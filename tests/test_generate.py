@@ -1,4 +1,4 @@
-"""generate.py and utils/loading.py: every artifact finetune.py writes, one-shot / chat / batch modes, resume,
+"""generate.py and utils/inference/loading.py: every artifact finetune.py writes, one-shot / chat / batch modes, resume,
 bad input, adapter-base mismatch, device-map planning."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import DATA, REPO, STORIES, gsm8k_rows, prepare_gsm8k, read_jsonl
-from utils.cli import SuiteError, run
+from utils.errors import SuiteError
+from utils.cli import run
 
 QUESTIONS = ["Tom has 3 apples and buys 2 more. How many apples does he have?",
              "A train goes 60 miles in an hour. How far does it go in 3 hours?",
@@ -42,7 +43,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def greedy_ids(loaded, question: str, n: int = 24) -> list[int]:
-    from utils.templates import Message
+    from utils.data.templates import Message
 
     prompt = loaded.template.render([Message("user", question)], add_generation_prompt=True).text
     ids = loaded.tokenizer(prompt)["input_ids"]
@@ -54,8 +55,8 @@ def greedy_ids(loaded, question: str, n: int = 24) -> list[int]:
 
 
 def engine_ids(loaded, questions, n: int = 24, batch_size: int = 3) -> list[list[int]]:
-    from utils.generation import Engine, Settings
-    from utils.templates import Message
+    from utils.inference.generation import Engine, Settings
+    from utils.data.templates import Message
 
     engine = Engine(loaded.model, loaded.tokenizer, loaded.template)
     prompts = [engine.encode(loaded.template.render([Message("user", q)], add_generation_prompt=True).text)
@@ -64,23 +65,23 @@ def engine_ids(loaded, questions, n: int = 24, batch_size: int = 3) -> list[list
 
 
 def test_finetune_folder_loads_with_base_adapter_and_template_from_metadata(runs):
-    from utils.loading import load, resolve
+    from utils.inference.loading import load_for_inference, resolve_source
 
-    src = resolve(None, str(runs["lora"]))
+    src = resolve_source(None, str(runs["lora"]))
     assert Path(src.base).resolve() == STORIES.resolve() and src.method == "lora"
     assert src.template_file.endswith("template.json")
-    assert resolve(str(runs["lora"]), None).adapter == str(runs["lora"])  # the folder given as --base_model
-    loaded = load(lora_weights=str(runs["lora"]), log=lambda m: None)
+    assert resolve_source(str(runs["lora"]), None).adapter == str(runs["lora"])  # the folder given as --base_model
+    loaded = load_for_inference(lora_weights=str(runs["lora"]), log=lambda m: None)
     assert loaded.template.name == "alpaca" and loaded.info["method"] == "lora"
 
 
 def test_lora_unmerged_equals_merged_and_differs_from_base(runs):
-    from utils.loading import load
+    from utils.inference.loading import load_for_inference
 
-    loaded = load(lora_weights=str(runs["lora"]), log=lambda m: None)
+    loaded = load_for_inference(lora_weights=str(runs["lora"]), log=lambda m: None)
     assert type(loaded.model).__name__ == "PeftModelForCausalLM"
     unmerged = engine_ids(loaded, QUESTIONS)
-    base = load(str(STORIES), prompt_template="alpaca", log=lambda m: None)
+    base = load_for_inference(str(STORIES), prompt_template="alpaca", log=lambda m: None)
     assert unmerged != engine_ids(base, QUESTIONS)  # the adapter is in effect
     loaded.model = loaded.model.merge_and_unload()
     assert engine_ids(loaded, QUESTIONS) == unmerged
@@ -88,9 +89,9 @@ def test_lora_unmerged_equals_merged_and_differs_from_base(runs):
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_prefix_and_prompt_adapters_generate_as_peft_does(runs, method):
-    from utils.loading import load
+    from utils.inference.loading import load_for_inference
 
-    loaded = load(lora_weights=str(runs[method]), log=lambda m: None)
+    loaded = load_for_inference(lora_weights=str(runs[method]), log=lambda m: None)
     assert loaded.info["method"] == {"prefix": "prefix_tuning", "prompt": "prompt_tuning"}[method]
     ours = engine_ids(loaded, QUESTIONS, batch_size=3)
     assert ours == [greedy_ids(loaded, q) for q in QUESTIONS]
@@ -98,14 +99,14 @@ def test_prefix_and_prompt_adapters_generate_as_peft_does(runs, method):
 
 
 def test_full_finetune_folder_is_a_model_with_its_template(runs):
-    from utils.loading import load
+    from utils.inference.loading import load_for_inference
 
-    loaded = load(str(runs["full"]), log=lambda m: None)
+    loaded = load_for_inference(str(runs["full"]), log=lambda m: None)
     assert loaded.template.name == "alpaca" and loaded.info["adapter"] is None
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
     tuned = engine_ids(loaded, QUESTIONS)
     assert tuned == [greedy_ids(loaded, q) for q in QUESTIONS]
-    assert tuned != engine_ids(load(str(STORIES), prompt_template="alpaca", log=lambda m: None), QUESTIONS)
+    assert tuned != engine_ids(load_for_inference(str(STORIES), prompt_template="alpaca", log=lambda m: None), QUESTIONS)
 
 
 def _gen(*argv: str) -> None:
@@ -115,13 +116,13 @@ def _gen(*argv: str) -> None:
 
 
 def test_one_shot_prints_only_the_response(runs):
-    from utils.loading import load
+    from utils.inference.loading import load_for_inference
 
     proc = subprocess.run([sys.executable, "generate.py", "--lora_weights", str(runs["lora"]), "--instruction",
                            QUESTIONS[0], "--max_new_tokens", "24"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded = load(lora_weights=str(runs["lora"]), log=lambda m: None)
+    loaded = load_for_inference(lora_weights=str(runs["lora"]), log=lambda m: None)
     expected = loaded.tokenizer.decode(greedy_ids(loaded, QUESTIONS[0]), skip_special_tokens=True)
     assert proc.stdout == expected + "\n"
     assert "tokens/s" in proc.stderr
@@ -177,13 +178,13 @@ class Interrupting(io.StringIO):
 
 def test_chat_ctrl_c_stops_the_answer_not_the_program_and_old_turns_are_dropped(runs):
     import generate
-    from utils.generation import Settings
-    from utils.loading import load
+    from utils.inference.generation import Settings
+    from utils.inference.loading import load_for_inference
 
-    loaded = load(lora_weights=str(runs["lora"]), prompt_template="vicuna_v1.1", log=lambda m: None)
-    from utils.generation import Engine
+    loaded = load_for_inference(lora_weights=str(runs["lora"]), prompt_template="vicuna_v1.1", log=lambda m: None)
+    from utils.inference.generation import Engine
 
-    from utils.templates import Message
+    from utils.data.templates import Message
 
     engine = Engine(loaded.model, loaded.tokenizer, loaded.template)
     question = "Tell me a story about a cat and a dog who are friends."
@@ -230,10 +231,10 @@ def test_batch_output_order_fields_bad_rows_and_batch_size_independence(runs, tm
     assert first["output"] == rows[0]["output"] and first["finish_reason"] in ("eos", "stop", "length")
     assert first["generation"]["settings"]["max_new_tokens"] == 24 and first["model_id"] == "lora"
     assert first["generation"]["model"]["adapter"] == str(runs["lora"].resolve())
-    from utils.loading import load
-    from utils.templates import cut_at_stop
+    from utils.inference.loading import load_for_inference
+    from utils.data.templates import cut_at_stop
 
-    loaded = load(lora_weights=str(runs["lora"]), log=lambda m: None)
+    loaded = load_for_inference(lora_weights=str(runs["lora"]), log=lambda m: None)
     hf = loaded.tokenizer.decode(greedy_ids(loaded, rows[0]["instruction"]), skip_special_tokens=True)
     assert first["response"] == cut_at_stop(hf, loaded.template.stop)
     with pytest.raises(SuiteError, match=r"q.jsonl:5: not valid JSON \(--strict\)"):
@@ -318,11 +319,11 @@ def _tiny_llama(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
 
 
 def test_adapter_on_the_wrong_base_fails_before_generating(runs, tmp_path):
-    from utils.loading import load
+    from utils.inference.loading import load_for_inference
 
     other = _tiny_llama(tmp_path / "other")
     with pytest.raises(SuiteError, match="different model.*--allow_base_mismatch") as exc:
-        load(str(other), str(runs["lora"]), log=lambda m: None)
+        load_for_inference(str(other), str(runs["lora"]), log=lambda m: None)
     assert "does not fit" in str(exc.value) and "model.layers.0." in str(exc.value)  # shapes checked too
     # Same shapes, other weights: only the recorded fingerprint tells.
     twin = tmp_path / "twin"
@@ -333,42 +334,42 @@ def test_adapter_on_the_wrong_base_fails_before_generating(runs, tmp_path):
     state["model.norm.weight"] = state["model.norm.weight"] * 2
     save_file(state, str(twin / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(SuiteError, match="different model"):
-        load(str(twin), str(runs["lora"]), log=lambda m: None)
-    assert load(str(twin), str(runs["lora"]), allow_base_mismatch=True, log=lambda m: None).model is not None
+        load_for_inference(str(twin), str(runs["lora"]), log=lambda m: None)
+    assert load_for_inference(str(twin), str(runs["lora"]), allow_base_mismatch=True, log=lambda m: None).model is not None
     # An adapter folder without finetune metadata: shapes alone.
     bare = tmp_path / "bare"
     shutil.copytree(runs["lora"], bare)
     (bare / "pipeline.json").unlink()
     with pytest.raises(SuiteError, match="does not fit"):
-        load(str(other), str(bare), log=lambda m: None)
+        load_for_inference(str(other), str(bare), log=lambda m: None)
 
 
 def test_unsafe_or_empty_adapters_and_remote_code_are_refused(runs, tmp_path):
     from safetensors.torch import save_file
 
-    from utils.loading import load
+    from utils.inference.loading import load_for_inference
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     shutil.copy(runs["lora"] / "adapter_config.json", pickled)
     torch.save({}, pickled / "adapter_model.bin")
     with pytest.raises(SuiteError, match="only pickle weights.*--allow_pickle_weights"):
-        load(str(STORIES), str(pickled), log=lambda m: None)
+        load_for_inference(str(STORIES), str(pickled), log=lambda m: None)
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(runs["lora"] / "adapter_config.json", empty)
     save_file({}, str(empty / "adapter_model.safetensors"))
     with pytest.raises(SuiteError, match="holds no tensors"):
-        load(str(STORIES), str(empty), log=lambda m: None)
+        load_for_inference(str(STORIES), str(empty), log=lambda m: None)
     remote = tmp_path / "remote"
     shutil.copytree(STORIES, remote)
     cfg = json.loads((remote / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
     (remote / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SuiteError, match="--trust_remote_code"):
-        load(str(remote), log=lambda m: None)
+        load_for_inference(str(remote), log=lambda m: None)
     with pytest.raises(SuiteError, match="fp16 on CPU"):
-        load(str(STORIES), dtype="fp16", device="cpu", log=lambda m: None)
+        load_for_inference(str(STORIES), dtype="fp16", device="cpu", log=lambda m: None)
 
 
 def mean_nll(loaded, texts: list[str]) -> float:
@@ -387,13 +388,13 @@ def test_bf16_8bit_and_4bit_loading_generate_and_keep_the_loss_of_fp32(capsys, t
     stays within a stated bound of fp32's (measured on stories260K: fp32 1.251, bf16 +0.0003, 8-bit -0.001,
     4-bit NF4 +0.098 nats; a model loaded wrongly is near ln(512) = 6.2). The bounds leave room for other kernels:
     bf16 0.01, 8-bit (LLM.int8, near lossless) 0.02, 4-bit 0.25 nats; 4-bit must differ from fp32 at all."""
-    from utils.loading import load
+    from utils.inference.loading import load_for_inference
 
     texts = [json.loads(line)["text"] for line in (DATA / "tinystories" / "valid_sample.jsonl").read_text(
         encoding="utf-8").splitlines()[:4]]
-    fp32 = mean_nll(load(str(STORIES), log=lambda m: None), texts)
+    fp32 = mean_nll(load_for_inference(str(STORIES), log=lambda m: None), texts)
     assert 1.0 < fp32 < 1.5
-    bf16 = load(str(STORIES), dtype="bf16", log=lambda m: None)
+    bf16 = load_for_inference(str(STORIES), dtype="bf16", log=lambda m: None)
     assert bf16.model.dtype == torch.bfloat16 and abs(mean_nll(bf16, texts) - fp32) < 0.01
     _gen("--base_model", str(STORIES), "--prompt", "Once upon a time", "--max_new_tokens", "8", "--dtype", "bf16")
     assert capsys.readouterr().out.strip()
@@ -401,18 +402,18 @@ def test_bf16_8bit_and_4bit_loading_generate_and_keep_the_loss_of_fp32(capsys, t
     _gen("--base_model", str(STORIES), "--prompt", "Once upon a time", "--max_new_tokens", "8", "--load_8bit")
     captured = capsys.readouterr()
     assert captured.out.strip() and "decoding with the hf path" in captured.err
-    int8 = load(str(STORIES), load_8bit=True, log=lambda m: None)
+    int8 = load_for_inference(str(STORIES), load_8bit=True, log=lambda m: None)
     assert type(int8.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
     assert abs(mean_nll(int8, texts) - fp32) < 0.02
-    from utils.generation import Engine, Settings
+    from utils.inference.generation import Engine, Settings
 
-    loaded = load(str(_tiny_llama(tmp_path / "tiny64", hidden=64)), load_4bit=True, log=lambda m: None)
+    loaded = load_for_inference(str(_tiny_llama(tmp_path / "tiny64", hidden=64)), load_4bit=True, log=lambda m: None)
     assert type(loaded.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     c = Engine(loaded.model, loaded.tokenizer).generate([[1, 50, 60]], Settings(max_new_tokens=6))[0]
     assert len(c.token_ids) == 6
     # stories260K's 172-wide MLP: bitsandbytes' packed CPU kernel (AVX512-BF16 machines) cannot take it, so
     # the loader keeps those layers on the generic 4-bit path (toolchain.md's "N must be divisible by block_n").
-    loaded = load(str(STORIES), load_4bit=True, log=lambda m: None)
+    loaded = load_for_inference(str(STORIES), load_4bit=True, log=lambda m: None)
     assert type(loaded.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     nf4 = mean_nll(loaded, texts)
     assert 1e-3 < abs(nf4 - fp32) < 0.25
@@ -421,7 +422,7 @@ def test_bf16_8bit_and_4bit_loading_generate_and_keep_the_loss_of_fp32(capsys, t
 
 
 def test_device_map_planning_balances_layers_by_size():
-    from utils.loading import model_units, parse_max_memory, plan_device_map
+    from utils.inference.loading import model_units, parse_max_memory, plan_device_map
 
     # ChatGLM-6B's shape: 28 equal layers; embeddings and final norm + head about one layer each.
     units = [("transformer.word_embeddings", 100)] + [(f"transformer.layers.{i}", 100) for i in range(28)] + \
@@ -485,18 +486,18 @@ def test_device_map_planning_balances_layers_by_size():
 
 
 def test_device_map_loading_runs_where_there_is_only_a_cpu():
-    from utils.generation import Engine, Settings
-    from utils.loading import load
+    from utils.inference.generation import Engine, Settings
+    from utils.inference.loading import load_for_inference
 
-    plain = load(str(STORIES), log=lambda m: None)
-    mapped = load(str(STORIES), device_map="sequential", max_memory="cpu=1GiB", log=lambda m: None)
+    plain = load_for_inference(str(STORIES), log=lambda m: None)
+    mapped = load_for_inference(str(STORIES), device_map="sequential", max_memory="cpu=1GiB", log=lambda m: None)
     prompt = plain.tokenizer("Once upon a time")["input_ids"]
     a, b = (Engine(x.model, x.tokenizer).generate([prompt], Settings(max_new_tokens=16))[0] for x in (plain, mapped))
     assert a.token_ids == b.token_ids
     with pytest.raises(SuiteError, match="does not fit"):
-        load(str(STORIES), device_map="balanced", max_memory="cpu=1KB", log=lambda m: None)
+        load_for_inference(str(STORIES), device_map="balanced", max_memory="cpu=1KB", log=lambda m: None)
     with pytest.raises(SuiteError, match="--max_memory needs --device_map"):
-        load(str(STORIES), max_memory="cpu=1GiB", log=lambda m: None)
+        load_for_inference(str(STORIES), max_memory="cpu=1GiB", log=lambda m: None)
 
 
 def test_data_parallel_batch_under_torchrun_matches_one_process(runs, tmp_path):

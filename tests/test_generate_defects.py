@@ -1,4 +1,4 @@
-"""generate.py and the shared loader (utils/loading.py) on the defects of issue 11: incomplete model and adapter
+"""generate.py and the shared loader (utils/inference/loading.py) on the defects of issue 11: incomplete model and adapter
 folders, a mistyped template, the bad-row limit, SIGTERM during batch generation, no-op re-runs, answers made by
 another model, and raw prompts that must not get a template's stop strings."""
 
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SHARED, STORIES, read_jsonl
-from utils.cli import SuiteError, run
+from utils.errors import SuiteError
+from utils.cli import run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -116,11 +117,11 @@ def test_incomplete_adapter_folders_fail_before_loading(tmp_path, adapter, case)
 
 
 def test_the_shared_loader_refuses_incomplete_folders_without_reading_weights(tmp_path, adapter, monkeypatch):
-    """The same checks for every stage that loads through utils.loading (serving, evaluation): prepare() fails,
+    """The same checks for every stage that loads through utils.inference.loading (serving, evaluation): prepare() fails,
     and nothing reaches from_pretrained."""
     import transformers
 
-    from utils.loading import load, prepare
+    from utils.inference.loading import load_for_inference, prepare
 
     def no_loading(*a, **k):
         raise AssertionError("weights were read")
@@ -128,7 +129,7 @@ def test_the_shared_loader_refuses_incomplete_folders_without_reading_weights(tm
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
     notok = _model_copy(tmp_path, "notok", ("tokenizer.json", "tokenizer_config.json"))
     with pytest.raises(SuiteError, match=f"{notok}: no tokenizer files"):
-        load(str(notok), log=lambda m: None)
+        load_for_inference(str(notok), log=lambda m: None)
     bare = tmp_path / "bare"
     shutil.copytree(adapter, bare)
     (bare / "adapter_model.safetensors").unlink()

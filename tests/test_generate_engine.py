@@ -1,4 +1,4 @@
-"""The decoding engine (utils/generation.py, utils/runners.py): equality with Hugging Face generate on the real
+"""The decoding engine (utils/inference/generation.py, utils/inference/runners.py): equality with Hugging Face generate on the real
 stories260K model, batching, stop strings, streaming of multi-byte text, logits processing."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from conftest import STORIES
-from utils.generation import (Detokenizer, Engine, Settings, StopText, filter_top_k_top_p_, penalize_repetition_,
-                              sanitize_)
+from utils.inference.generation import (Detokenizer, Engine, Settings, StopText, filter_top_k_top_p_, penalize_repetition_, sanitize_)
 
 PROMPTS = [
     "Once upon a time",

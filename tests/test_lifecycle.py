@@ -1,4 +1,4 @@
-"""The output-folder life cycle every stage shares (utils/artifacts.py, utils/checkpoint.py): a folder this
+"""The output-folder life cycle every stage shares (utils/artifacts.py, utils/training/checkpoint.py): a folder this
 suite did not write is refused before any work and, with --overwrite, only the stage's own files are
 replaced; a failed fine-tune leaves no folder it created and no lock; the lock never outlives its run;
 output files and folders get the user's umask."""
@@ -192,7 +192,7 @@ def test_another_stages_output_is_never_replaced(tmp_path, prepared, pair, adapt
     import shutil
 
     import export_hf
-    from utils.cli import SuiteError
+    from utils.errors import SuiteError
 
     prepared = Path(shutil.copytree(prepared, tmp_path / "prepared"))  # the module's copy stays safe if this fails
     before = {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
@@ -231,8 +231,8 @@ def test_failed_finetune_leaves_no_folder_and_no_lock(tmp_path, raw, prepared, p
 def test_interrupted_finetune_stays_resumable_and_holds_no_lock(tmp_path, prepared, monkeypatch, capsys):
     import export_hf
     import finetune as ft
-    from utils import checkpoint as ckpt
-    from utils.cli import SuiteError
+    from utils.training import checkpoint as ckpt
+    from utils.errors import SuiteError
 
     out = tmp_path / "run"
     argv = ["--base_model", str(STORIES), "--data_path", str(prepared), "--output_dir", str(out), *FT,
@@ -281,8 +281,11 @@ def test_checkpoints_without_a_mark_are_still_resumable(tmp_path, prepared, caps
 
 
 def test_lock_file_lives_only_as_long_as_the_lock(tmp_path):
-    from utils.checkpoint import RunLock
-    from utils.cli import SuiteError
+    from utils.artifacts import Lock
+    from utils.errors import SuiteError
+
+    def RunLock(folder):
+        return Lock(folder / ".lock", f"--output_dir {folder}")
 
     with RunLock(tmp_path) as first:
         assert (tmp_path / ".lock").is_file()
@@ -303,7 +306,7 @@ def test_lock_file_lives_only_as_long_as_the_lock(tmp_path):
 def test_sigterm_releases_the_lock_outside_training(tmp_path):
     """SIGTERM before training (data preparation, model loading) still removes the lock: it raises
     SystemExit(143) there, so the run folder's cleanup runs."""
-    from utils.checkpoint import RunFolder, sigterm_exits
+    from utils.training.checkpoint import RunFolder, sigterm_exits
 
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGTERM)

@@ -12,7 +12,7 @@ import prepare_data
 from conftest import DATA, REAL_SETS, STORIES
 from utils.artifacts import META_FILE, read_meta, sha256_file
 from utils.cli import run
-from utils.encode import IGNORE_INDEX
+from utils.data.encode import IGNORE_INDEX
 
 
 def prepare(out: Path, *extra: str, data=None, base=STORIES) -> None:

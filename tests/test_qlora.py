@@ -68,7 +68,7 @@ def test_qlora_quantizes_the_base_and_learns(tmp_path, base64, data, flags, laye
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from utils.model import load_base_model
+    from utils.weights.pretrained import load_base_model
 
     out = tmp_path / "q"
     meta = _train(base64, data, out, *flags)
@@ -136,7 +136,7 @@ def stories_lora(tmp_path_factory, data) -> dict:
 def test_qlora_on_real_stories260k_tracks_fp32(tmp_path, data, stories_lora, bits, base_rel_bound):
     """stories260K's MLP is 172 wide (not a multiple of 64); through its 4-bit or 8-bit base, the loss stays
     close to fp32's before training, and QLoRA learns as much as fp32 LoRA with the same seed."""
-    from utils.model import load_base_model
+    from utils.weights.pretrained import load_base_model
 
     quant = {"bits": bits, "quant_type": "nf4", "double_quant": True, "compute_dtype": "fp32"}
     fp32, qbase = load_base_model(str(STORIES)).eval(), load_base_model(str(STORIES), quantization=quant).eval()
@@ -162,7 +162,7 @@ def test_4bit_layers_of_odd_widths_stay_off_the_packed_cpu_kernel():
     eval-mode forward without gradients (what evaluation and generation run) works on stories260K."""
     import torch
 
-    from utils.model import BNB_CPU_BLOCK_N, load_base_model
+    from utils.weights.pretrained import BNB_CPU_BLOCK_N, load_base_model
 
     model = load_base_model(str(STORIES), quantization={"bits": 4, "quant_type": "nf4", "double_quant": True,
                                                         "compute_dtype": "fp32"}).eval()

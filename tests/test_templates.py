@@ -1,4 +1,4 @@
-"""Tests for prompt / conversation templates (``utils/templates.py`` and ``templates/*.json``).
+"""Tests for prompt / conversation templates (``utils/data/templates.py`` and ``templates/*.json``).
 
 Golden strings are those of the reference projects (alpaca-lora, Vigogne, FastChat vicuna_v1.1,
 LLMZoo Phoenix, ChatGLM-6B's chat(), Llama-2-chat, ChatML, MOSS); MOSS is checked against every row
@@ -10,15 +10,7 @@ import json
 import pytest
 
 from conftest import DATA, REPO, SHARED, read_jsonl
-from utils.templates import (
-    TEMPLATE_DIR,
-    Message,
-    Rendered,
-    TemplateError,
-    available_templates,
-    load_template,
-    template_from_dict,
-)
+from utils.data.templates import (TEMPLATE_DIR, Message, Rendered, TemplateError, available_templates, load_template, template_from_dict)
 
 M = Message
 BUILTIN = sorted(p.stem for p in (REPO / "templates").glob("*.json"))
@@ -212,7 +204,7 @@ def _moss_expected(obj: dict) -> str:
 
 
 def _moss_render(lineno: int, obj: dict) -> str:
-    from utils.data import Columns, Record, parse_moss
+    from utils.data.records import Columns, Record, parse_moss
 
     example = parse_moss(Record(str(DATA / "moss" / "moss_sft_sample.jsonl"), lineno, obj), Columns())
     return load_template("moss").render(example.messages).text

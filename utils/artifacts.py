@@ -10,6 +10,7 @@ of every file in the folder. The next stage needs only the folder's path.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -18,10 +19,11 @@ import shutil
 import sys
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from utils.cli import SuiteError
+from utils.errors import SuiteError
 
 META_FILE = "pipeline.json"
 META_VERSION = 1
@@ -81,9 +83,9 @@ def write_json(path: str | Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-# Names inside an output folder that say nothing about whose folder it is: our lock (a killed run may leave
-# it) and the temporary names of our atomic writes (``.NAME.xxxxxxxx.tmp``, ``.NAME.tmp-…``).
-_TRANSIENT = re.compile(r"^\.(lock|.+\.tmp(-.*)?)$")
+# Names inside an output folder that say nothing about whose folder it is: our locks (``.lock``, ``.NAME.lock``:
+# a killed run may leave one) and the temporary names of our atomic writes (``.NAME.xxxxxxxx.tmp``, ``.NAME.tmp-…``).
+_TRANSIENT = re.compile(r"^\.((.+\.)?lock|.+\.tmp(-.*)?)$")
 # How a refusal names the output a stage writes, where the stage's name does not read well.
 _NOUNS = {"finetune": "fine-tune"}
 
@@ -343,6 +345,12 @@ def finish_meta(folder: Path, meta: dict, known_hashes: dict[str, str] | None = 
         if path.is_file() and path.name != META_FILE:
             rel = path.relative_to(folder).as_posix()
             files[rel] = known[rel] if rel in known else sha256_file(path)
+    return write_meta(folder, meta, files)
+
+
+def write_meta(folder: Path, meta: dict, files: dict[str, str]) -> dict:
+    """Write a complete ``pipeline.json`` into ``folder``: the stage's ``meta`` (stage, fingerprint, args,
+    inputs, ...) in the one envelope every stage uses (format version, when, which Python, file hashes)."""
     meta = {
         "meta_version": META_VERSION,
         **meta,
@@ -351,7 +359,7 @@ def finish_meta(folder: Path, meta: dict, known_hashes: dict[str, str] | None = 
         "files": files,
         "complete": True,
     }
-    write_json(folder / META_FILE, meta)
+    write_json(Path(folder) / META_FILE, meta)
     return meta
 
 
@@ -365,3 +373,160 @@ def library_versions(*names: str) -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+# -- reading an output folder ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """What a stage's ``pipeline.json`` says about its folder (the one typed reader of it)."""
+
+    folder: Path
+    stage: str
+    complete: bool
+    fingerprint: str | None
+    args: dict
+    files: dict
+    raw: dict
+
+    @property
+    def base_model(self) -> dict:
+        """The base a fine-tune was trained on: ``{"path": ..., "fingerprint": ...}`` (empty if none recorded)."""
+        base = self.raw.get("base_model")
+        return base if isinstance(base, dict) else {}
+
+
+def read_output(folder: str | Path) -> OutputInfo | None:
+    """The folder's ``pipeline.json`` as an ``OutputInfo``, or None if it has none this suite can read."""
+    meta = read_meta(folder)
+    if not isinstance(meta, dict) or not isinstance(meta.get("stage"), str):
+        return None
+    return OutputInfo(folder=Path(folder), stage=meta["stage"], complete=bool(meta.get("complete")),
+                      fingerprint=meta.get("fingerprint"), args=meta.get("args") or {},
+                      files=meta.get("files") or {}, raw=meta)
+
+
+def finished_output(folder: str | Path, stage: str, flag: str) -> OutputInfo | None:
+    """The folder's record if it is an output of ``stage``; refused if that output did not finish."""
+    info = read_output(folder)
+    if info is None or info.stage != stage:
+        return None
+    if not info.complete:
+        raise SuiteError(f"{flag} {folder}: an unfinished {stage} run (its {META_FILE} is not complete)")
+    return info
+
+
+# -- the stage life cycle --------------------------------------------------------------------------
+
+
+class Lock:
+    """An exclusive lock on a destination: a second run on it at the same time is refused.
+
+    The lock file lives only as long as the lock: the holder removes it before unlocking. A run that had
+    opened the file before that removal, and then gets the lock, finds that the path is no longer its
+    file and tries again, so two runs never both hold it.
+    """
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what, self.fd = Path(path), what, None
+
+    def __enter__(self):
+        for _ in range(100):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise SuiteError(f"{self.what} is in use by another run") from None
+            try:
+                mine = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                mine = False
+            if mine:
+                self.fd = fd
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
+                return self
+            os.close(fd)
+        raise SuiteError(f"{self.what}: could not lock {self.path}")
+
+    def __exit__(self, *exc):
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: see the class docstring
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def sweep_stale(output_dir: str | Path) -> None:
+    """Remove staging folders (``.NAME.tmp-PID-xxxxxx``) whose process is gone (a killed earlier run)."""
+    out = Path(output_dir).absolute()
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError, IndexError):
+            continue
+
+
+@dataclass
+class Staging:
+    """The hidden folder a stage writes into. ``meta``: what its pipeline.json records besides the stage and
+    fingerprint; ``known_hashes``: sha256 of files already hashed while written (not read again)."""
+
+    dir: Path
+    meta: dict = field(default_factory=dict)
+    known_hashes: dict = field(default_factory=dict)
+
+
+class Output:
+    """One stage's destination folder, from the claim (before any work) to the rename of its finished files.
+
+    The life cycle every stage follows::
+
+        out = Output(output_dir, STAGE, overwrite)     # refuse a foreign / another stage's folder, now
+        ...validate, compute the fingerprint...
+        if out.up_to_date(fingerprint):                # an identical re-run is a no-op
+            return
+        with out.produce(fingerprint) as st:           # lock, stage in a hidden sibling
+            ...write files into st.dir, record in st.meta...
+        # pipeline.json written last, then renamed into place (or installed into a kept folder)
+
+    finetune.py's run folder is the one output written in place (it resumes); it uses the same claim and
+    lock (``utils.training.checkpoint.RunFolder``).
+    """
+
+    def __init__(self, path: str | Path, stage: str, overwrite: bool, *, flag: str = "--output_dir",
+                 resumable: Callable[[Path], bool] | None = None):
+        self.path, self.stage, self.overwrite, self.flag, self.resumable = Path(path), stage, overwrite, flag, resumable
+        self.state = claim_output_dir(self.path, stage, overwrite, flag=flag, resumable=resumable)
+
+    def up_to_date(self, fingerprint: str) -> bool:
+        """Whether the destination already holds this exact output (refused: a different one, without
+        --overwrite)."""
+        return check_output_dir(self.path, self.stage, fingerprint, self.overwrite, flag=self.flag,
+                                resumable=self.resumable)
+
+    def lock(self) -> Lock:
+        """The destination's lock: a sibling file (the destination itself may not exist yet)."""
+        path = self.path.absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Lock(path.with_name(f".{path.name}.lock"), f"{self.flag} {self.path}")
+
+    @contextmanager
+    def produce(self, fingerprint: str, **meta: Any) -> Iterator[Staging]:
+        sweep_stale(self.path)
+        with self.lock():
+            self.up_to_date(fingerprint)  # again under the lock: another run may have changed the folder
+            with staged_dir(self.path) as tmp:
+                st = Staging(tmp, dict(meta))
+                yield st
+                finish_meta(tmp, {"stage": self.stage, "fingerprint": fingerprint, **st.meta}, st.known_hashes)

@@ -31,20 +31,10 @@ import typing
 import warnings
 from typing import Any, Callable, Literal
 
-__all__ = ["SuiteError", "UsageError", "run", "bind_args", "coerce", "help_text", "SHORT_FLAGS",
+
+from utils.errors import SuiteError, UsageError
+__all__ = ["run", "parse_size", "bind_args", "coerce", "help_text", "SHORT_FLAGS",
            "DESTRUCTIVE_FLAG", "is_destructive", "QUIET_WARNINGS", "quiet_known_warnings"]
-
-
-class SuiteError(Exception):
-    """An error the user can fix (bad input, bad flag, missing file). Printed without a traceback."""
-
-    exit_code = 1
-
-
-class UsageError(SuiteError):
-    """Bad command-line arguments. Exit code 2, like argparse."""
-
-    exit_code = 2
 
 
 #: The suite's short flags: each means the same in every stage, and each is listed in every ``--help``.
@@ -440,3 +430,16 @@ def run(main: Callable, argv: list[str] | None = None) -> None:
         except SuiteError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
+
+
+def parse_size(text: str | int, flag: str = "--max_shard_size") -> int:
+    """``200MB`` / ``2GB`` (decimal, as Hugging Face) / ``1GiB`` / a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(text), re.I)
+    if not m or float(m.group(1)) <= 0:
+        raise SuiteError(f"{flag} must look like 200MB, 2GB or 1GiB; got {text!r}")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.cli import SuiteError
+from utils.errors import SuiteError
 
 
 @dataclass
@@ -145,7 +145,7 @@ class Dist:
 
     def put_weights(self, model, weights: dict) -> None:
         """Copy whole weights (held by rank 0 at least) into the model, whatever its sharding."""
-        from utils.checkpoint import copy_weights
+        from utils.training.checkpoint import copy_weights
 
         if self.fsdp:
             self.load_state(model, None, weights if self.main else {}, None)
@@ -158,7 +158,7 @@ class Dist:
         """The trained parameters as whole CPU tensors. Under FSDP this is a collective: every rank must
         call it; rank 0 gets the tensors, the others an empty dict."""
         if not self.fsdp:
-            from utils.checkpoint import trainable_copy
+            from utils.training.checkpoint import trainable_copy
 
             with self._gathered(model):
                 return trainable_copy(model) if self.main or self.zero_stage != 3 else {}
@@ -219,8 +219,9 @@ class Dist:
                 td.destroy_process_group()
 
 
-def from_env() -> Dist:
-    """The process's place in a ``torchrun`` job (one process when not launched by torchrun)."""
+def from_env(stage: str) -> Dist:
+    """The process's place in a ``torchrun`` job (one process when not launched by torchrun); ``stage`` names
+    who reports the process group."""
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -236,5 +237,5 @@ def from_env() -> Dist:
         if not td.is_initialized():
             td.init_process_group("nccl" if cuda else "gloo")
         if rank == 0:
-            print(f"finetune: data parallel over {world} processes ({'nccl' if cuda else 'gloo'})", file=sys.stderr)
+            print(f"{stage}: data parallel over {world} processes ({'nccl' if cuda else 'gloo'})", file=sys.stderr)
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)

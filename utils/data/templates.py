@@ -17,7 +17,7 @@ the working directory), or any JSON file the user names. Three kinds:
 
 ``render(messages)`` returns the text and, for every message, its character span, the span of its
 content and the span that is trained on by default. Token labels are derived from these spans with
-one tokenization of the full text (see ``utils/encode.py``), so they are exactly what the model sees.
+one tokenization of the full text (see ``utils/data/encode.py``), so they are exactly what the model sees.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.cli import SuiteError
+from utils.errors import SuiteError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
 
 ROLES = ("system", "user", "assistant", "thought", "command", "result")
 # Roles whose text the model produces; the default loss is on these and nothing else.

@@ -1,7 +1,7 @@
 """A training template (templates/*.json) written as a Jinja ``chat_template``, so a merged or converted
 model carries the exact format it was trained on to tools that only read the tokenizer.
 
-``to_jinja(template)`` builds the Jinja text; ``check(template, jinja, eos)`` renders sample
+``to_jinja(template)`` builds the Jinja text; ``check_jinja(template, jinja, eos)`` renders sample
 conversations both ways and returns None if they agree, else what differs (the exporters then leave the
 tokenizer's chat template alone and say why). Instruction templates end the answer with EOS, as
 training does; conversation templates write exactly their formats.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import string
 
-from utils.templates import Message, Template
+from utils.data.templates import Message, Template
 
 
 def _lit(text: str) -> str:
@@ -101,7 +101,7 @@ def render_jinja(jinja: str, messages: list[dict], add_generation_prompt: bool, 
                                          eos_token=eos, bos_token=bos)
 
 
-def check(template: Template, jinja: str, eos: str = "</s>") -> str | None:
+def check_jinja(template: Template, jinja: str, eos: str = "</s>") -> str | None:
     """None if the Jinja text renders the sample conversations exactly as ``template`` does."""
     kind = template.kind
     if kind == "jinja":

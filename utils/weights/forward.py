@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 
-from utils.cli import SuiteError
+from utils.errors import SuiteError
+from utils.weights.config import rope_params
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
@@ -29,19 +30,11 @@ def supported(config: dict) -> bool:
     return True
 
 
-def rope_params(config: dict) -> dict:
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    if "type" in rope and "rope_type" not in rope:
-        rope["rope_type"] = rope["type"]
-    return rope
-
-
-class Source:
+class WeightSource:
     """Weights by name from a ``ModelWeights``, with an optional adapter applied unmerged."""
 
     def __init__(self, weights, adapter=None):
-        from utils.shards import Scratch
+        from utils.weights.shards import Scratch
 
         self.w, self.adapter = weights, adapter
         self.replace = adapter.replacements if adapter else {}
@@ -70,7 +63,7 @@ class Source:
             out = out + self.get(module + ".bias")
         t = self.target(module + ".weight")
         if t is not None:
-            from utils.merge import lora_forward_extra
+            from utils.weights.merge import lora_forward_extra
 
             out = lora_forward_extra(t, x, w_oi, out)
         return out
@@ -83,7 +76,7 @@ class Source:
         if t is None:
             return rows
         if "m" in t.parts:  # DoRA on an embedding needs the norm over the whole vocabulary
-            from utils.merge import merge_weight
+            from utils.weights.merge import merge_weight
 
             return merge_weight(t, self.get(name), False)[ids]
         ea = t.parts["EA"].T[ids]  # [T, r]
@@ -93,7 +86,7 @@ class Source:
         """h @ W_head.T, reading the (possibly vocabulary-sized) head in row chunks."""
         import torch
 
-        from utils.shards import row_chunks
+        from utils.weights.shards import row_chunks
 
         if self.target(name) is not None or name in self.replace:
             return self.linear(name[: -len(".weight")], h)
@@ -125,7 +118,7 @@ def _attention(q, k, v, scale):
     return out.transpose(0, 1).reshape(T, -1)
 
 
-def llama_logits(config: dict, src: Source, ids: list[int]):
+def llama_logits(config: dict, src: WeightSource, ids: list[int]):
     import torch
 
     hidden = config["hidden_size"]
@@ -170,7 +163,7 @@ def llama_logits(config: dict, src: Source, ids: list[int]):
     return src.head(head, h)
 
 
-def gpt2_logits(config: dict, src: Source, ids: list[int]):
+def gpt2_logits(config: dict, src: WeightSource, ids: list[int]):
     import torch.nn.functional as F
 
     n_heads, hidden = config["n_head"], config["n_embd"]
@@ -204,7 +197,7 @@ def gpt2_logits(config: dict, src: Source, ids: list[int]):
     return src.head(head, h)
 
 
-def logits(config: dict, src: Source, ids: list[int]):
+def logits(config: dict, src: WeightSource, ids: list[int]):
     import torch
 
     with torch.no_grad():
@@ -242,7 +235,7 @@ def agreement(result: dict, how: str | None = None) -> str:
     return f"within {result['rel_diff']:.2g} of their scale ({'; '.join(notes + ([how] if how else []))})"
 
 
-def check(result: dict, dtype: str, what: str) -> None:
+def check_agreement(result: dict, dtype: str, what: str) -> None:
     tol = TOLERANCE[dtype]
     result["tolerance"] = tol
     if not math.isfinite(result["rel_diff"]) or result["rel_diff"] > tol:

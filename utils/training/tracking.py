@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from utils.checkpoint import append_metrics, truncate_metrics
+from utils.training.checkpoint import append_metrics, truncate_metrics
 
 EVAL_KEYS = ("eval_loss", "eval_token_accuracy", "eval_tokens")
 LOSS_PLOT = "loss.png"  # beside metrics.jsonl: train and eval loss against step

@@ -21,22 +21,16 @@ import hashlib
 import json
 import math
 import os
-import re
 import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from utils.cli import SuiteError
+from utils.errors import SuiteError
+from utils.dtypes import SAFETENSORS_DTYPES, dtype_code, dtype_size, torch_dtype
 
 MAX_HEADER = 100 << 20  # the safetensors library's own limit
 CHUNK_BYTES = 4 << 20  # row chunk for tensors processed piecewise
-
-_DTYPES = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
-}
 
 
 def return_freed_memory() -> None:
@@ -141,37 +135,6 @@ def conversion_setup():
         torch.set_num_threads(before)
 
 
-def torch_dtype(code: str):
-    import torch
-
-    return getattr(torch, _DTYPES[code][0])
-
-
-def dtype_code(dtype) -> str:
-    name = str(dtype).replace("torch.", "")
-    for code, (n, _) in _DTYPES.items():
-        if n == name:
-            return code
-    raise SuiteError(f"dtype {dtype} cannot be stored in safetensors")
-
-
-def dtype_size(code: str) -> int:
-    return _DTYPES[code][1]
-
-
-def parse_size(text: str | int, flag: str = "--max_shard_size") -> int:
-    """``200MB`` / ``2GB`` (decimal, as Hugging Face) / ``1GiB`` / a byte count -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(text), re.I)
-    if not m or float(m.group(1)) <= 0:
-        raise SuiteError(f"{flag} must look like 200MB, 2GB or 1GiB; got {text!r}")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
-
-
 class Entry:
     """One stored tensor: where it lives and what it is."""
 
@@ -234,7 +197,7 @@ def read_header(path: str | Path, flag: str | None = None) -> tuple[dict[str, En
             code, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise bad(f"entry {name!r} lacks dtype, shape or data_offsets") from None
-        if code not in _DTYPES:
+        if code not in SAFETENSORS_DTYPES:
             raise bad(f"tensor {name!r} has unsupported dtype {code!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise bad(f"tensor {name!r} has a bad shape {shape!r}")

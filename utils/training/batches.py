@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from utils.encode import IGNORE_INDEX
+from utils.data.encode import IGNORE_INDEX
 
 MEGABATCH_STEPS = 50  # --group_by_length sorts rows by length within windows of this many steps
 

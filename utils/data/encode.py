@@ -26,8 +26,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from utils.data import Example, RowError
-from utils.templates import Rendered, Template, TemplateError
+from utils.data.records import Example, RowError
+from utils.data.templates import Rendered, Template, TemplateError
 
 IGNORE_INDEX = -100
 MaskMode = Literal["assistant", "moss", "all"]

@@ -9,7 +9,6 @@ optimizer state is a tensor-only ``torch.save`` read back with ``weights_only=Tr
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -17,9 +16,9 @@ import sys
 import uuid
 from pathlib import Path
 
-from utils.artifacts import (META_FILE, apply_umask, install, library_versions, read_meta, sha256_file,
-                             write_json)
-from utils.cli import SuiteError
+from utils.artifacts import (META_FILE, META_VERSION, Lock, apply_umask, install, library_versions, read_meta,
+                             sha256_file, write_json, write_meta)
+from utils.errors import SuiteError
 
 MANIFEST = "manifest.json"
 
@@ -47,52 +46,10 @@ def mark_unfinished(out: Path) -> None:
     import datetime as dt
 
     write_json(Path(out) / META_FILE, {
-        "meta_version": 1, "stage": "finetune", "complete": False, "files": {},
+        "meta_version": META_VERSION, "stage": "finetune", "complete": False, "files": {},
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
 
-
-class RunLock:
-    """An exclusive lock on the output folder: a second run on it at the same time is refused.
-
-    The lock file (``.lock``) lives only as long as the lock: the holder removes it before unlocking. A
-    run that had opened the file before that removal, and then gets the lock, finds that the path is no
-    longer its file and tries again, so two runs never both hold it.
-    """
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / ".lock"
-        self.fd = None
-
-    def __enter__(self):
-        for _ in range(100):
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise SuiteError(f"--output_dir {self.path.parent} is in use by another run") from None
-            try:
-                mine = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                mine = False
-            if mine:
-                self.fd = fd
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
-                return self
-            os.close(fd)
-        raise SuiteError(f"--output_dir {self.path.parent}: could not lock {self.path}")
-
-    def __exit__(self, *exc):
-        if self.fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)  # while still locked: see the class docstring
-        finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
 
 
 class RunFolder:
@@ -118,7 +75,7 @@ class RunFolder:
         self.created = [p for p in [here, *here.parents] if not p.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
         try:
-            self.lock = RunLock(self.out).__enter__()
+            self.lock = Lock(self.out / ".lock", f"--output_dir {self.out}").__enter__()
             # Again under the lock: another run may have changed the folder since.
             state = claim_output_dir(self.out, "finetune", self.overwrite, resumable=unfinished_run)
             self.had_data = (self.out / "data").exists()
@@ -236,7 +193,7 @@ def find_resume(out: Path, resume: str | None) -> Path | None:
     return path
 
 
-def save(out: Path, step: int, weights: dict, optimizer_state: dict, scheduler, keep: int,
+def save_checkpoint(out: Path, step: int, weights: dict, optimizer_state: dict, scheduler, keep: int,
          state: dict | None = None, best_weights: dict | None = None, rng: list | None = None,
          engine_dir: Path | None = None) -> Path:
     """Write checkpoint-STEP atomically: trainable weights, optimizer, scheduler, RNG of every rank,
@@ -295,7 +252,7 @@ def gather_rng(dist) -> list:
 
 def trainable_copy(model) -> dict:
     """A CPU copy of the trained parameters by name."""
-    from utils.model import trainable_state
+    from utils.training.methods import trainable_state
 
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_state(model).items()}
 
@@ -309,7 +266,7 @@ def copy_weights(model, weights: dict) -> None:
             params[name].copy_(tensor)
 
 
-def load(folder: Path, model, optimizer, scheduler, dist=None) -> tuple[int, dict, dict | None]:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, dist=None) -> tuple[int, dict, dict | None]:
     """Restore a checkpoint; returns (step, early-stopping state, best weights or None)."""
     import torch
     from safetensors.torch import load_file
@@ -475,4 +432,4 @@ def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, b
     # Hash only this stage's own files: not checkpoints or the prepared data (which carry their own hashes),
     # nor anything else the folder holds (a later --overwrite removes exactly what is listed here).
     files = {name: sha256_file(out / name) for name in sorted({*written, *RUN_FILES}) if (out / name).is_file()}
-    write_json(out / META_FILE, {"meta_version": 1, **meta, "files": files, "complete": True})
+    write_meta(out, meta, files)

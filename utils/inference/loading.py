@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.cli import SuiteError
-from utils.model import (check_model_dir, missing_folder, needs_remote_code, safetensors_problem,
-                         tokenizer_problems)
+from utils.errors import SuiteError
+from utils.weights.folders import (check_model_dir, missing_folder, needs_remote_code, safetensors_problem, tokenizer_problems)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -54,12 +53,12 @@ DEVICE_MAPS = ("auto", "balanced", "sequential")
 class Loaded:
     model: Any
     tokenizer: Any
-    template: Any  # utils.templates.Template, or None when neither the artifact nor the caller names one
+    template: Any  # utils.data.templates.Template, or None when neither the artifact nor the caller names one
     info: dict = field(default_factory=dict)  # what was loaded, for records (paths, method, dtype, device)
 
 
 @dataclass
-class Source:
+class ModelSource:
     """What the arguments point at, resolved from folders and metadata (no weights read)."""
 
     base: str
@@ -87,7 +86,7 @@ def template_problems(name: str | None, flag: str = "--prompt_template") -> list
     is loaded: a bad argument, not bad input."""
     import difflib
 
-    from utils.templates import available_templates
+    from utils.data.templates import available_templates
 
     if not name:
         return []
@@ -105,7 +104,7 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def resolve(base_model: str | None, lora_weights: str | None) -> Source:
+def resolve_source(base_model: str | None, lora_weights: str | None) -> ModelSource:
     """Work out base, adapter, template and tokenizer from the two path arguments.
 
     Raises:
@@ -150,7 +149,7 @@ def resolve(base_model: str | None, lora_weights: str | None) -> Source:
             template_file = str(folder / "template.json")
             break
     tokenizer_dir = adapter if adapter and _has_tokenizer(Path(adapter)) else base_model
-    return Source(base=str(base_model), adapter=adapter, method=method, template_file=template_file,
+    return ModelSource(base=str(base_model), adapter=adapter, method=method, template_file=template_file,
                   tokenizer_dir=str(tokenizer_dir), meta=meta)
 
 
@@ -184,7 +183,7 @@ def safetensors_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_adapter(source: Source, allow_pickle_weights: bool = False, allow_base_mismatch: bool = False) -> list[str]:
+def check_adapter(source: ModelSource, allow_pickle_weights: bool = False, allow_base_mismatch: bool = False) -> list[str]:
     """Problems with loading ``source.adapter`` onto ``source.base`` (empty when it fits)."""
     if not source.adapter:
         return []
@@ -453,7 +452,7 @@ class Plan:
     """Everything ``load`` decides before reading a weight: the sources, checks passed, tokenizer, template and
     the record of what will be loaded (``info``, what batch outputs are keyed on)."""
 
-    source: Source
+    source: ModelSource
     tokenizer: Any
     template: Any
     info: dict
@@ -475,7 +474,7 @@ def prepare(base_model: str | None = None, lora_weights: str | None = None, *, p
     Raises:
         SuiteError: every problem found, at once.
     """
-    source = resolve(base_model, lora_weights)
+    source = resolve_source(base_model, lora_weights)
     device = pick_device(device)
     flag = "--base_model" if base_model else "base model"
     problems = check_model_dir(source.base, allow_pickle_weights, flag=flag)
@@ -510,7 +509,7 @@ def prepare(base_model: str | None = None, lora_weights: str | None = None, *, p
     dtype_name, torch_dtype = pick_dtype(dtype, device)
     kwargs: dict = {}
     if load_8bit or load_4bit:
-        from utils.model import bnb_config
+        from utils.weights.pretrained import bnb_config
 
         kwargs["quantization_config"] = bnb_config({"bits": 8 if load_8bit else 4, "quant_type": "nf4",
                                                     "double_quant": True}, torch_dtype)
@@ -568,7 +567,7 @@ def load_model(plan: Plan, log=None) -> Loaded:
     if "device_map" not in kwargs and device != "cpu":
         model.to(device)
     if info["quantization"] == "4bit":
-        from utils.model import keep_bnb_cpu_layout
+        from utils.weights.pretrained import keep_bnb_cpu_layout
 
         keep_bnb_cpu_layout(model)  # odd widths (stories260K's 172-wide MLP) would fail in the packed CPU kernel
     if source.adapter:
@@ -583,7 +582,8 @@ def load_model(plan: Plan, log=None) -> Loaded:
     return Loaded(model, plan.tokenizer, plan.template, dict(info))
 
 
-def load(base_model: str | None = None, lora_weights: str | None = None, *, prompt_template: str | None = None,
+def load_for_inference(base_model: str | None = None, lora_weights: str | None = None, *,
+                       prompt_template: str | None = None,
          dtype: str = "auto", device: str = "auto", load_8bit: bool = False, load_4bit: bool = False,
          device_map: str | None = None, max_memory: str | dict | None = None, trust_remote_code: bool = False,
          allow_pickle_weights: bool = False, allow_base_mismatch: bool = False, log=None) -> Loaded:
@@ -600,9 +600,9 @@ def load(base_model: str | None = None, lora_weights: str | None = None, *, prom
     return load_model(plan, log)
 
 
-def load_template_for(source: Source, prompt_template: str | None, tokenizer) -> Any:
+def load_template_for(source: ModelSource, prompt_template: str | None, tokenizer) -> Any:
     """The caller's template, else the one the artifact carries, else None."""
-    from utils.templates import load_template, template_from_dict
+    from utils.data.templates import load_template, template_from_dict
 
     if prompt_template:
         return load_template(prompt_template, tokenizer=tokenizer)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from utils.runners import make_runner
+from utils.inference.runners import make_runner
 
 
 @dataclass
@@ -199,7 +199,7 @@ class Engine:
     Args:
         model: a transformers causal LM, optionally PEFT-wrapped.
         tokenizer: its tokenizer.
-        template: a ``utils.templates.Template``; its stop strings apply to every request.
+        template: a ``utils.data.templates.Template``; its stop strings apply to every request.
         fast: use the lean Llama decode path: None (where it applies), True (required) or False (never).
         context_len: the model's context window (default: from its config).
     """

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils.cli import SuiteError, UsageError
+from utils.errors import SuiteError, UsageError
 
 
-def resolve(a: dict) -> dict:
+def plan_export(a: dict) -> dict:
     """Validate the flags and work out what is exported: {mode, base, adapter, source, meta, fingerprints}."""
     check_flags(a)
     lora, meta, is_adapter = check_lora(a)
@@ -29,8 +29,8 @@ def resolve(a: dict) -> dict:
 
 def check_flags(a: dict) -> None:
     """Every problem with the flags themselves, reported together."""
-    from utils.model import missing_folder
-    from utils.shards import parse_size
+    from utils.weights.folders import missing_folder
+    from utils.cli import parse_size
 
     problems = []
     if not a["output_dir"]:
@@ -60,7 +60,7 @@ def check_lora(a: dict) -> tuple[Path | None, dict | None, bool]:
     if lora is not None and not is_adapter and not (lora / "config.json").is_file():
         raise SuiteError(f"--lora_weights {lora}: neither a PEFT adapter (adapter_config.json) nor a model (config.json)")
     if is_adapter:
-        from utils.merge import check_adapter_dir
+        from utils.weights.merge import check_adapter_dir
 
         check_adapter_dir(lora, a["allow_pickle_weights"])
     if a["adapter_only"] and not is_adapter:
@@ -83,7 +83,7 @@ def find_base(a: dict, lora: Path | None, meta: dict | None, is_adapter: bool) -
 
 def find_source(a: dict, lora: Path | None, base: str | None, is_adapter: bool) -> Path:
     """The model whose weights are read: a full fine-tune itself, else the base; refuses an output_dir among them."""
-    from utils.convert import check_destination
+    from utils.weights.convert import check_destination
 
     source = lora if lora is not None and not is_adapter else Path(base)
     if not is_adapter and lora is not None and a["base_model"]:
@@ -96,8 +96,8 @@ def find_source(a: dict, lora: Path | None, base: str | None, is_adapter: bool) 
 
 def check_source(source: Path, lora: Path | None, allow_pickle: bool) -> None:
     """The source is a readable model folder with a config this suite can convert."""
-    from utils.convert import check_config, read_config
-    from utils.model import check_model_dir
+    from utils.weights.config import check_config, read_config
+    from utils.weights.folders import check_model_dir
 
     flag = "--base_model" if source != lora else "--lora_weights"
     problems = check_model_dir(str(source), allow_pickle, flag)
