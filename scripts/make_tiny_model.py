@@ -16,10 +16,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Scripts outside the repository root put it on the path (run as `python scripts/NAME.py` from anywhere).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.errors import SuiteError
+from utils.artifacts import Output, sha256_json, tokenizer_fingerprint  # noqa: E402
 from utils.cli import run  # noqa: E402
+from utils.errors import SuiteError  # noqa: E402
 
 
 def main(
@@ -63,11 +65,10 @@ def main(
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from utils.artifacts import check_output_dir, finish_meta, sha256_json, staged_dir, tokenizer_fingerprint
-
+    out = Output(output_dir, "make_tiny_model", overwrite)
     fingerprint = sha256_json({k: v for k, v in args.items() if k not in ("output_dir", "tokenizer", "overwrite")}
                               | {"tokenizer": tokenizer_fingerprint(tokenizer)})
-    if check_output_dir(output_dir, "make_tiny_model", fingerprint, overwrite):
+    if out.up_to_date(fingerprint):
         print(f"make_tiny_model: {output_dir} already holds this model; nothing to do", file=sys.stderr)
         print(Path(output_dir).absolute())
         return
@@ -81,10 +82,9 @@ def main(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    with staged_dir(output_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
-        finish_meta(tmp, {"stage": "make_tiny_model", "fingerprint": fingerprint, "args": args, "parameters": n_params})
+    with out.produce(fingerprint, args=args, parameters=n_params) as st:
+        model.save_pretrained(str(st.dir), safe_serialization=True)
+        tok.save_pretrained(str(st.dir))
     print(f"make_tiny_model: {n_params:,} parameters -> {output_dir}", file=sys.stderr)
     print(Path(output_dir).absolute())
 

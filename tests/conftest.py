@@ -129,3 +129,11 @@ def interrupt_finetune(cmd: list[str], out: Path, steps: int, signum: int, env: 
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err.decode()
+
+
+def pytest_configure(config):
+    # The two tiers: `make test-fast` runs what is not marked (the inner loop); `make test` and CI run everything.
+    config.addinivalue_line("markers", "slow: a test that trains, runs the demo or resumes a killed run (its "
+                                       "docstring says why it cannot be smaller); left out of make test-fast")
+    config.addinivalue_line("markers", "multiprocess: starts several processes (torchrun, gloo); left out of "
+                                       "make test-fast")

@@ -188,137 +188,164 @@ def bind_args(main: Callable, argv: list[str]) -> dict[str, Any]:
     Raises:
         UsageError: listing every problem found (unknown flags, missing required values, bad values).
     """
-    sig = inspect.signature(main)
-    hints = typing.get_type_hints(main)
-    params = sig.parameters
-    names = list(params)
-    is_bool = {n: _is_optional(hints.get(n, str))[1] is bool for n in names}
-    is_list = {n: _is_list(_is_optional(hints.get(n, str))[1]) for n in names}
+    return _Binder(main, argv).bind()
 
-    raw: dict[str, Any] = {}
-    positional: list[str] = []
-    after_switch: dict[int, str] = {}  # index in ``positional`` -> the bare switch just before that value
-    problems: list[str] = []
 
-    def resolve(token: str) -> str | None:
-        if SHORT_FLAGS.get(token, "")[2:] in params:
+def _is_flag(token: str) -> bool:
+    return token.startswith("-") and len(token) > 1 and not _looks_numeric(token)
+
+
+class _Binder:
+    """One reading of a command line: flags first, then positional values into the parameters left, then
+    coercion; every problem is collected (``problems``) and reported together."""
+
+    def __init__(self, main: Callable, argv: list[str]):
+        self.argv, self.i = argv, 0
+        self.params = inspect.signature(main).parameters
+        self.hints = typing.get_type_hints(main)
+        self.names = list(self.params)
+        self.is_bool = {n: _is_optional(self.hints.get(n, str))[1] is bool for n in self.names}
+        self.is_list = {n: _is_list(_is_optional(self.hints.get(n, str))[1]) for n in self.names}
+        self.raw: dict[str, Any] = {}
+        self.positional: list[str] = []
+        self.after_switch: dict[int, str] = {}  # index in ``positional`` -> the bare switch just before that value
+        self.problems: list[str] = []
+
+    def bind(self) -> dict[str, Any]:
+        self.read_tokens()
+        self.fill_positionals()
+        resolved = self.coerced()
+        if self.problems:
+            valid = " ".join(f"--{n}" for n in self.names)
+            raise UsageError("\n".join(f"  {p}" for p in self.problems) + f"\nvalid flags: {valid}\n(see --help)")
+        return resolved
+
+    def resolve(self, token: str) -> str | None:
+        """The parameter a flag names (``!name`` for ``--noNAME``), or None after recording why not."""
+        if SHORT_FLAGS.get(token, "")[2:] in self.params:
             return SHORT_FLAGS[token][2:]
         if not token.startswith("--"):
-            problems.append(_single_dash_problem(token, names))
+            self.problems.append(_single_dash_problem(token, self.names))
             return None
         key = token[2:].replace("-", "_")
-        if key in params:
+        if key in self.params:
             return key
-        if key.startswith("no") and key[2:] in params and is_bool[key[2:]]:
+        if key.startswith("no") and key[2:] in self.params and self.is_bool[key[2:]]:
             return "!" + key[2:]
-        close = difflib.get_close_matches(key, names, n=1)
+        close = difflib.get_close_matches(key, self.names, n=1)
         hint = f" (did you mean --{close[0]}?)" if close else ""
-        problems.append(f"unknown flag {token}{hint}")
+        self.problems.append(f"unknown flag {token}{hint}")
         return None
 
-    def is_flag(token: str) -> bool:
-        return token.startswith("-") and len(token) > 1 and not _looks_numeric(token)
+    def next_is(self, words: set[str]) -> bool:
+        return self.i < len(self.argv) and self.argv[self.i].strip().lower() in words
 
-    def next_is(words: set[str]) -> bool:
-        return i < len(argv) and argv[i].strip().lower() in words
+    def next_is_value(self) -> bool:
+        return self.i < len(self.argv) and not _is_flag(self.argv[self.i])
 
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        i += 1
-        if token == "--":
-            positional.extend(argv[i:])
-            break
-        if not is_flag(token):
-            positional.append(token)
-            continue
-        flag, eq, inline = token.partition("=")
-        name = resolve(flag)
-        if name is None:
-            # Skip a value that clearly belongs to the unknown flag, so it is not taken as positional.
-            if not eq and i < len(argv) and not is_flag(argv[i]):
-                i += 1
-            continue
-        if name.startswith("!"):
-            name = name[1:]
-            if eq or next_is(_SWITCH_WORDS):
-                value = inline if eq else argv[i]
-                i += 0 if eq else 1
-                problems.append(f"--no{name} takes no value (use --{name}={value})")
-            elif name in raw:
-                problems.append(f"--{name} given more than once")
-            raw[name] = "false"
-            continue
-        if name in raw:
-            problems.append(f"--{name} given more than once")
-        if eq:
-            raw[name] = inline
-        elif is_bool[name]:
-            if next_is(_SWITCH_WORDS):
-                # Fire's reading, which alpaca-lora's command lines rely on: --train_on_inputs False.
-                raw[name] = argv[i]
-                i += 1
-            elif next_is(_TRUE | _FALSE):
-                # --flag 1 / --flag no: a value or a positional? Neither guess is safe; ask for the = form.
-                problems.append(f"--{name} {argv[i]}: after a space a switch takes only true or false; "
-                                f"write --{name}={argv[i]}")
-                i += 1
+    def take(self) -> str:
+        self.i += 1
+        return self.argv[self.i - 1]
+
+    def read_tokens(self) -> None:
+        while self.i < len(self.argv):
+            token = self.take()
+            if token == "--":
+                self.positional.extend(self.argv[self.i:])
+                break
+            if not _is_flag(token):
+                self.positional.append(token)
+                continue
+            flag, eq, inline = token.partition("=")
+            name = self.resolve(flag)
+            if name is None:
+                # Skip a value that clearly belongs to the unknown flag, so it is not taken as positional.
+                if not eq and self.next_is_value():
+                    self.take()
+            elif name.startswith("!"):
+                self.read_negated(name[1:], eq, inline)
             else:
-                # A bare switch; what follows is not its value (a positional value may follow it).
-                raw[name] = "true"
-                if i < len(argv) and not is_flag(argv[i]):
-                    after_switch[len(positional)] = name
-        elif is_list[name]:
+                if name in self.raw:
+                    self.problems.append(f"--{name} given more than once")
+                self.read_value(name, eq, inline)
+
+    def read_negated(self, name: str, eq: str, inline: str) -> None:
+        if eq or self.next_is(_SWITCH_WORDS):
+            value = inline if eq else self.take()
+            self.problems.append(f"--no{name} takes no value (use --{name}={value})")
+        elif name in self.raw:
+            self.problems.append(f"--{name} given more than once")
+        self.raw[name] = "false"
+
+    def read_value(self, name: str, eq: str, inline: str) -> None:
+        if eq:
+            self.raw[name] = inline
+        elif self.is_bool[name]:
+            self.read_switch(name)
+        elif self.is_list[name]:
             values = []
-            while i < len(argv) and not is_flag(argv[i]):
-                values.append(argv[i])
-                i += 1
+            while self.next_is_value():
+                values.append(self.take())
             if not values:
-                problems.append(f"--{name} needs at least one value")
+                self.problems.append(f"--{name} needs at least one value")
             # One token may itself be a list ("a,b" or "[a,b]"); several tokens are taken as they are.
-            raw[name] = values[0] if len(values) == 1 else values
-        elif i < len(argv) and not is_flag(argv[i]):
-            raw[name] = argv[i]
-            i += 1
+            self.raw[name] = values[0] if len(values) == 1 else values
+        elif self.next_is_value():
+            self.raw[name] = self.take()
         else:
-            problems.append(f"--{name} needs a value")
+            self.problems.append(f"--{name} needs a value")
 
-    # Positional values fill the parameters that were not given as flags, in order; a flag that replaces
-    # data or lowers a safety check is never filled from a stray positional value.
-    free = [n for n in names if n not in raw and params[n].kind is not inspect.Parameter.KEYWORD_ONLY]
-    for k, (value, name) in enumerate(zip(positional, free)):
-        if is_destructive(name):
-            problems.append(f"--{name} must be given by name, not as the positional value {value!r}")
-            continue
-        if k in after_switch and params[name].default is not inspect.Parameter.empty:
-            # "--train_on_inputs maybe" must not quietly become an optional positional (output_dir="maybe");
-            # a required one may follow a bare switch ("--flag MODEL"): without it the command fails anyway.
-            switch = after_switch[k]
-            problems.append(f"--{switch} {value}: --{switch} is a switch (it takes no value, or true / false); "
-                            f"write --{name}={value} if {value!r} is meant for --{name}")
-            continue
-        raw[name] = value
-    if len(positional) > len(free):
-        extra = positional[len(free):]
-        switches = [after_switch[k] for k in range(len(free), len(positional)) if k in after_switch]
-        hint = "".join(f" (--{s} is a switch: it takes no value, or true / false)" for s in switches)
-        problems.append("unexpected positional arguments: " + " ".join(extra) + hint)
-
-    resolved: dict[str, Any] = {}
-    for name, param in params.items():
-        if name in raw:
-            try:
-                resolved[name] = coerce(raw[name], hints.get(name, str), f"--{name}")
-            except ValueError as exc:
-                problems.append(str(exc))
-        elif param.default is inspect.Parameter.empty:
-            problems.append(f"--{name} is required")
+    def read_switch(self, name: str) -> None:
+        if self.next_is(_SWITCH_WORDS):
+            # Fire's reading, which alpaca-lora's command lines rely on: --train_on_inputs False.
+            self.raw[name] = self.take()
+        elif self.next_is(_TRUE | _FALSE):
+            # --flag 1 / --flag no: a value or a positional? Neither guess is safe; ask for the = form.
+            value = self.take()
+            self.problems.append(f"--{name} {value}: after a space a switch takes only true or false; "
+                                 f"write --{name}={value}")
         else:
-            resolved[name] = param.default
-    if problems:
-        valid = " ".join(f"--{n}" for n in names)
-        raise UsageError("\n".join(f"  {p}" for p in problems) + f"\nvalid flags: {valid}\n(see --help)")
-    return resolved
+            # A bare switch; what follows is not its value (a positional value may follow it).
+            self.raw[name] = "true"
+            if self.next_is_value():
+                self.after_switch[len(self.positional)] = name
+
+    def fill_positionals(self) -> None:
+        """Positional values fill the parameters not given as flags, in order; a flag that replaces data or
+        lowers a safety check is never filled from a stray positional value."""
+        free = [n for n in self.names if n not in self.raw
+                and self.params[n].kind is not inspect.Parameter.KEYWORD_ONLY]
+        for k, (value, name) in enumerate(zip(self.positional, free)):
+            if is_destructive(name):
+                self.problems.append(f"--{name} must be given by name, not as the positional value {value!r}")
+                continue
+            if k in self.after_switch and self.params[name].default is not inspect.Parameter.empty:
+                # "--train_on_inputs maybe" must not quietly become an optional positional (output_dir="maybe");
+                # a required one may follow a bare switch ("--flag MODEL"): without it the command fails anyway.
+                switch = self.after_switch[k]
+                self.problems.append(f"--{switch} {value}: --{switch} is a switch (it takes no value, or true / "
+                                     f"false); write --{name}={value} if {value!r} is meant for --{name}")
+                continue
+            self.raw[name] = value
+        if len(self.positional) > len(free):
+            extra = self.positional[len(free):]
+            switches = [self.after_switch[k] for k in range(len(free), len(self.positional)) if k in self.after_switch]
+            hint = "".join(f" (--{s} is a switch: it takes no value, or true / false)" for s in switches)
+            self.problems.append("unexpected positional arguments: " + " ".join(extra) + hint)
+
+    def coerced(self) -> dict[str, Any]:
+        resolved: dict[str, Any] = {}
+        for name, param in self.params.items():
+            if name in self.raw:
+                try:
+                    resolved[name] = coerce(self.raw[name], self.hints.get(name, str), f"--{name}")
+                except ValueError as exc:
+                    self.problems.append(str(exc))
+            elif param.default is inspect.Parameter.empty:
+                self.problems.append(f"--{name} is required")
+            else:
+                resolved[name] = param.default
+        return resolved
 
 
 def _looks_numeric(token: str) -> bool:
