@@ -9,7 +9,7 @@ PYTHON ?= python3
 # terminal), so the first set-up shows where its minutes go.
 PIP := $(VENV)/bin/pip install --disable-pip-version-check
 
-.PHONY: pipeline test
+.PHONY: pipeline test test-fast
 
 $(VENV)/.installed: requirements.txt
 	@echo "== set-up 1/3: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -28,3 +28,7 @@ pipeline: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The inner loop while working (not the set-up command): everything but the slow and multi-process tiers.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow and not multiprocess" tests

@@ -26,13 +26,115 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
+from utils.args import Group, StageArgs, unfingerprinted
+from utils.artifacts import Output, OutputInfo, Staging, library_versions, read_output, sha256_json, write_json
+from utils.cli import parse_size, run
+from utils.dtypes import CONFIG_NAMES, dtype_code, torch_dtype
 from utils.errors import SuiteError, UsageError
-from utils.cli import run
+from utils.weights.config import check_config, config_dtype, read_config, set_config_dtype
+from utils.weights.convert import (Deferred, check_destination, copy_tokenizer, floating, log, no_tokenizer_warning,
+                                   quick_hashes, weight_hashes)
+from utils.weights.folders import check_model_dir, missing_folder
+from utils.weights.shards import HASHES, ModelWeights, Scratch, ShardWriter, conversion_setup, row_chunks
 
 STAGES = {"make": "make_delta", "apply": "apply_delta"}
+
+# -- flags -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Folders(Group):
+    """The command and its folders: ``make`` reads the base and the target and writes the delta; ``apply`` reads
+    the base and the delta and writes the target. An input counts by its files' hashes (the fingerprint's
+    ``inputs``), not by where it lies."""
+
+    command: Literal["apply", "make"]
+    base_model_path: str = unfingerprinted(why="an input: it counts by its files' hashes, not its path")
+    target_model_path: str = unfingerprinted(why="make: an input, counted by its hashes; apply: the destination")
+    delta_path: str = unfingerprinted(why="make: the destination; apply: an input, counted by its hashes")
+
+    @property
+    def other_flag(self) -> str:
+        """The input besides the base: the target (make) or the delta (apply); its config and tokenizer are
+        the output's."""
+        return "--target_model_path" if self.command == "make" else "--delta_path"
+
+    @property
+    def other(self) -> str:
+        return getattr(self, self.other_flag[2:])
+
+    @property
+    def output_flag(self) -> str:
+        return "--delta_path" if self.command == "make" else "--target_model_path"
+
+    @property
+    def output(self) -> str:
+        return getattr(self, self.output_flag[2:])
+
+    def inputs(self) -> dict[str, str]:
+        """flag -> path of each input folder."""
+        return {"--base_model_path": self.base_model_path, self.other_flag: self.other}
+
+
+@dataclass(frozen=True)
+class Writing(Group):
+    """How the output's weights are written."""
+
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    max_shard_size: str = "2GB"
+
+    def problems(self) -> list[str]:
+        try:
+            parse_size(self.max_shard_size)
+        except SuiteError as exc:
+            return [str(exc)]
+        return []
+
+
+@dataclass(frozen=True)
+class Permissions(Group):
+    """What may be read or replaced."""
+
+    allow_pickle_weights: bool = unfingerprinted(
+        False, why="only allows pickle inputs that are otherwise refused; their files' hashes count")
+    overwrite: bool = unfingerprinted(False, why="only allows replacing a different output")
+
+
+@dataclass(frozen=True)
+class ApplyDeltaArgs(StageArgs):
+    """apply_delta.py's flags. ``make`` and ``apply`` take the same ones; the command says which folders are
+    read and which is written."""
+
+    folders: Folders
+    writing: Writing
+    permissions: Permissions
+
+    @property
+    def stage(self) -> str:
+        return STAGES[self.folders.command]
+
+    def fingerprint_values(self) -> dict:
+        values = super().fingerprint_values()
+        if self.folders.command == "make":
+            # make ignores --dtype (a delta is fp32, for exactness): any value writes the same delta.
+            values["writing"] = {**values["writing"], "dtype": None}
+        return values
+
+
+Args = ApplyDeltaArgs
+
+
+def fingerprint(args: ApplyDeltaArgs, inputs: dict) -> str:
+    """The output's fingerprint: the stage, every flag value that counts, and ``inputs`` (what identifies each
+    input folder, by flag: ``identify_inputs``)."""
+    return sha256_json({"stage": args.stage, "inputs": inputs, "args": args.fingerprint_values()})
+
+
+# -- the command -----------------------------------------------------------------------------------
 
 
 def main(
@@ -59,87 +161,80 @@ def main(
         allow_pickle_weights: Accept pytorch_model.bin inputs (read with torch.load(weights_only=True)).
         overwrite: Replace an output folder that holds a different result.
     """
-    args = dict(locals())
-    from utils.artifacts import sweep_stale
-    from utils.weights.convert import check_destination, log
-    from utils.weights.folders import check_model_dir
-    from utils.cli import parse_size
-
-    stage = STAGES[command]
-    inputs = {"--base_model_path": base_model_path}
-    inputs["--target_model_path" if command == "make" else "--delta_path"] = \
-        target_model_path if command == "make" else delta_path
-    output = delta_path if command == "make" else target_model_path
-    out_flag = "--delta_path" if command == "make" else "--target_model_path"
-    from utils.weights.folders import missing_folder
-
-    problems, bad_inputs = [], []  # a path that is not there is a bad argument (2); an incomplete folder bad input (1)
-    for flag, path in inputs.items():
-        if not Path(path).is_dir():
-            problems.append(missing_folder(path, flag))
-    try:
-        parse_size(max_shard_size)
-    except SuiteError as exc:
-        problems.append(str(exc))
-    problems += [p.replace("--output_dir", out_flag) for p in check_destination(output, inputs)]
-    if problems:
-        raise UsageError("\n".join(problems))
-    for flag, path in inputs.items():
-        bad_inputs += check_model_dir(path, allow_pickle_weights, flag)
-    if bad_inputs:
-        raise SuiteError("\n".join(bad_inputs))
-    from utils.weights.config import check_config, read_config
-
-    # The config written with the output is the target's (make) or the delta's (apply); the base's is not read.
-    config_flag = "--target_model_path" if command == "make" else "--delta_path"
-    check_config(read_config(inputs[config_flag], config_flag), inputs[config_flag], config_flag)
-    from utils.artifacts import claim_output_dir
-
-    claim_output_dir(output, stage, overwrite, flag=out_flag)  # before any work (hashing the inputs included)
-
-    from utils.artifacts import check_output_dir, sha256_json
-    from utils.weights.convert import Deferred, quick_hashes, weight_hashes
-
-    def fingerprint_of(hashes: dict) -> str:
-        return sha256_json({"stage": stage, "inputs": hashes, "args": {
-            "dtype": dtype if command == "apply" else None, "max_shard_size": max_shard_size}})
-
-    sweep_stale(output)
+    args = ApplyDeltaArgs.from_flags(dict(locals()))
+    folders = args.folders
+    check_request(args)
+    # The claim comes before any work (hashing the inputs included).
+    out = Output(folders.output, args.stage, args.permissions.overwrite, flag=folders.output_flag)
+    made = suite_delta(folders)
     # Without a destination there is nothing to compare with: the inputs are hashed on a background thread
     # during the work (hashlib releases the GIL) and recorded at the end.
-    exists = Path(output).exists()
-    from utils.artifacts import read_meta
-
-    delta_meta = read_meta(delta_path) if command == "apply" else None
-    if delta_meta and delta_meta.get("stage") == "make_delta" and delta_meta.get("complete"):
-        # A delta made here: every rebuilt tensor is checked against the target's recorded hashes (and the
-        # base on its first tensor), which proves more about the inputs than hashing their files would. So the
-        # inputs are identified by their files' sizes, times and headers, plus the delta's own fingerprint.
-        def identify():
-            return {"--base_model_path": quick_hashes(base_model_path),
-                    "--delta_path": {"fingerprint": delta_meta["fingerprint"], "files": quick_hashes(delta_path)}}
-    else:
-        def identify():
-            return {flag: weight_hashes(path) for flag, path in inputs.items()}
-    hashes = Deferred(identify, now=exists)
-    if exists:
-        done = check_output_dir(output, stage, fingerprint_of(hashes.result()), overwrite, flag=out_flag)
-        if done:
-            log(stage, f"{output} already holds this result (fingerprint {fingerprint_of(hashes.result())[:12]}); "
-                       "nothing to do")
-            print(os.path.abspath(output))
-            return
-    args["fingerprint_of"] = fingerprint_of
-    from utils.weights.shards import conversion_setup
-
+    compare = out.state != "missing"
+    hashes = Deferred(lambda: identify_inputs(folders, made), now=compare)
+    if compare and out.up_to_date(fingerprint(args, hashes.result())):
+        log(args.stage, f"{folders.output} already holds this result (fingerprint "
+                        f"{fingerprint(args, hashes.result())[:12]}); nothing to do")
+        print(os.path.abspath(folders.output))
+        return
     started = time.time()
     with conversion_setup():
-        if command == "make":
-            make(args, hashes)
+        if folders.command == "make":
+            make(args, out, hashes)
         else:
-            apply(args, hashes)
-    log(stage, f"wrote {output} in {time.time() - started:.1f}s")
-    print(os.path.abspath(output))
+            apply(args, out, hashes, made)
+    log(args.stage, f"wrote {folders.output} in {time.time() - started:.1f}s")
+    print(os.path.abspath(folders.output))
+
+
+def check_request(args: ApplyDeltaArgs) -> None:
+    """Refuse a bad request before anything is read: bad arguments first (exit 2: an input folder that is not
+    there, a bad shard size, a destination that would destroy an input), then incomplete input folders (exit 1),
+    then the config the output takes (the target's for make, the delta's for apply; the base's is not read)."""
+    folders = args.folders
+    problems = [missing_folder(path, flag) for flag, path in folders.inputs().items() if not Path(path).is_dir()]
+    problems += args.problems()
+    problems += [p.replace("--output_dir", folders.output_flag)
+                 for p in check_destination(folders.output, folders.inputs())]
+    if problems:
+        raise UsageError("\n".join(problems))
+    bad_inputs = [p for flag, path in folders.inputs().items()
+                  for p in check_model_dir(path, args.permissions.allow_pickle_weights, flag)]
+    if bad_inputs:
+        raise SuiteError("\n".join(bad_inputs))
+    check_config(read_config(folders.other, folders.other_flag), folders.other, folders.other_flag)
+
+
+def suite_delta(folders: Folders) -> OutputInfo | None:
+    """apply: the delta's record if it is a finished delta made here (it records every tensor's hash), else None."""
+    if folders.command != "apply":
+        return None
+    info = read_output(folders.delta_path)
+    return info if info is not None and info.stage == STAGES["make"] and info.complete else None
+
+
+def identify_inputs(folders: Folders, made: OutputInfo | None) -> dict:
+    """What identifies each input folder (by flag) in the fingerprint: the sha256 of its weight files, or for a
+    delta made here (``made``) a quick identity of the files."""
+    if made is None:
+        return {flag: weight_hashes(path) for flag, path in folders.inputs().items()}
+    # Every tensor rebuilt from a delta made here is checked against the target's recorded hashes (and the base
+    # on its first tensor), which proves more about the inputs than hashing their files would. So the inputs
+    # are identified by their files' sizes, times and headers, plus the delta's own fingerprint.
+    return {"--base_model_path": quick_hashes(folders.base_model_path),
+            "--delta_path": {"fingerprint": made.fingerprint, "files": quick_hashes(folders.delta_path)}}
+
+
+def _record(st: Staging, args: ApplyDeltaArgs, hashes: Deferred, files: dict[str, str],
+            record: Callable[[dict], dict]) -> None:
+    """What pipeline.json records besides the stage's arguments and fingerprint: ``record(input hashes)``, the
+    libraries' versions; the shards' sha256."""
+    inputs = hashes.result()
+    st.meta.update(**record(inputs),
+                   versions=library_versions("torch", "safetensors"))
+    st.known_hashes.update(files)
+
+
+# -- shared by make and apply ----------------------------------------------------------------------
 
 
 def _plan_pairs(base, other, other_flag: str) -> dict[str, str]:
@@ -164,18 +259,14 @@ def _plan_pairs(base, other, other_flag: str) -> dict[str, str]:
     return kinds
 
 
-def _bytes(t):
+def _bytes(tensor):
     import torch
 
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _tensor_hash(h, t) -> None:
-    h.update(memoryview(_bytes(t)))
-
-
-def _plain(a: dict) -> dict:
-    return {k: v for k, v in a.items() if k != "fingerprint_of"}
+def _tensor_hash(digest, tensor) -> None:
+    digest.update(memoryview(_bytes(tensor)))
 
 
 def _progress(names: list[str], desc: str):
@@ -184,18 +275,15 @@ def _progress(names: list[str], desc: str):
     return tqdm(names, desc=desc, unit="tensor", file=sys.stderr, disable=None)
 
 
-def _open_pair(a: dict, other_flag: str):
+def _open_pair(args: ApplyDeltaArgs):
     """The base and the other input (target or delta) as ModelWeights, and how each tensor relates to the base."""
-    from utils.weights.shards import ModelWeights
-
-    base = ModelWeights(a["base_model_path"], a["allow_pickle_weights"], "--base_model_path")
-    other = ModelWeights(a[other_flag.lstrip("-")], a["allow_pickle_weights"], other_flag)
-    return base, other, _plan_pairs(base, other, other_flag)
+    folders, allow_pickle = args.folders, args.permissions.allow_pickle_weights
+    base = ModelWeights(folders.base_model_path, allow_pickle, "--base_model_path")
+    other = ModelWeights(folders.other, allow_pickle, folders.other_flag)
+    return base, other, _plan_pairs(base, other, folders.other_flag)
 
 
 def _require_floating(weights, names: list[str], flag: str, why: str) -> None:
-    from utils.weights.convert import floating
-
     nonfloat = [n for n in names if not floating(weights.entries[n].dtype)]
     if nonfloat:
         raise SuiteError(f"{flag}: non-floating tensors {nonfloat[:3]} {why}")
@@ -212,9 +300,6 @@ def _grown_rows(base, other, kinds: dict[str, str]) -> dict[str, list[int]]:
 
 def _write_shards(folder: Path, plan: list, max_shard_size: str, write_tensors) -> dict[str, str]:
     """Stream every planned tensor (``write_tensors(writer)``) into safetensors shards; the files' sha256."""
-    from utils.weights.shards import ShardWriter
-    from utils.cli import parse_size
-
     writer = ShardWriter(folder, plan, parse_size(max_shard_size))
     try:
         write_tensors(writer)
@@ -225,9 +310,6 @@ def _write_shards(folder: Path, plan: list, max_shard_size: str, write_tensors) 
 
 def _write_model_files(folder: Path, config: dict, source: str, source_flag: str, stage: str) -> list[str]:
     """config.json, and the source's generation config and tokenizer; the tokenizer files copied."""
-    from utils.artifacts import write_json
-    from utils.weights.convert import copy_tokenizer, no_tokenizer_warning
-
     write_json(folder / "config.json", config)
     if (Path(source) / "generation_config.json").is_file():
         shutil.copyfile(Path(source) / "generation_config.json", folder / "generation_config.json")
@@ -237,54 +319,47 @@ def _write_model_files(folder: Path, config: dict, source: str, source_flag: str
     return tokenizer
 
 
-def _finish(folder: Path, a: dict, stage: str, deferred, files: dict[str, str], record) -> None:
-    """Write pipeline.json last: the fingerprint of the inputs' hashes (waited for here) and ``record(hashes)``."""
-    from utils.artifacts import finish_meta, library_versions
-
-    hashes = deferred.result()
-    finish_meta(folder, {
-        "stage": stage, "fingerprint": a["fingerprint_of"](hashes), "args": _plain(a), **record(hashes),
-        "versions": library_versions("torch", "safetensors"),
-    }, known_hashes=files)
+# -- make ------------------------------------------------------------------------------------------
 
 
-def _exact_delta(b, t):
-    """fp32 delta d with fl(b + d) == t (in the target's dtype), else an fp64 one."""
+def _exact_delta(base, target):
+    """fp32 delta d with fl(base + d) == target (in the target's dtype), else an fp64 one."""
     import torch
 
-    d = t.float() - b.float()
+    d = target.float() - base.float()
     for _ in range(3):
-        wrong = (b.float() + d).to(t.dtype) != t
+        wrong = (base.float() + d).to(target.dtype) != target
         if not wrong.any():
             return d
-        d = torch.where(wrong, d + (t.float() - (b.float() + d)), d)
-    d64 = t.double() - b.double()
-    if not torch.equal((b.double() + d64).to(t.dtype), t):
+        d = torch.where(wrong, d + (target.float() - (base.float() + d)), d)
+    d64 = target.double() - base.double()
+    if not torch.equal((base.double() + d64).to(target.dtype), target):
         raise SuiteError("a tensor's target - base cannot be represented exactly even in fp64")
     return d64
 
 
-def make(a: dict, deferred) -> None:
-    from utils.artifacts import staged_dir
-    from utils.weights.config import config_dtype, read_config
-
-    base, target, kinds = _open_pair(a, "--target_model_path")
+def make(args: ApplyDeltaArgs, out: Output, hashes: Deferred) -> None:
+    """Write the delta (target - base, in fp32, or fp64 where fp32 is not exact) with the target's config and
+    tokenizer, recording the sha256 of every base and target tensor."""
+    folders = args.folders
+    base, target, kinds = _open_pair(args)
     names = target.names()
-    config = read_config(a["target_model_path"], "--target_model_path")
+    config = read_config(folders.target_model_path, "--target_model_path")
     _require_floating(target, names, "--target_model_path", "cannot be stored as a delta")
     wide = _fp64_tensors(base, target, names, kinds)
     plan = [(n, "F64" if n in wide else "F32", target.entries[n].shape) for n in names]
     base_hashes, target_hashes = {}, {}
-    with staged_dir(a["delta_path"]) as tmp:
-        files = _write_shards(tmp, plan, a["max_shard_size"], lambda writer: _write_deltas(
+    # The inputs may still be hashing in the background: produce() asks for the fingerprint when it needs it.
+    with out.produce(lambda: fingerprint(args, hashes.result()), args=args.flags()) as st:
+        files = _write_shards(st.dir, plan, args.writing.max_shard_size, lambda writer: _write_deltas(
             base, target, names, kinds, wide, writer, base_hashes, target_hashes))
-        tokenizer = _write_model_files(tmp, config, a["target_model_path"], "--target_model_path", "make_delta")
-        _finish(tmp, a, "make_delta", deferred, files, lambda hashes: {
-            "base_model": {"path": os.path.abspath(a["base_model_path"]), "files": hashes["--base_model_path"],
+        tokenizer = _write_model_files(st.dir, config, folders.target_model_path, "--target_model_path", "make_delta")
+        _record(st, args, hashes, files, lambda inputs: {
+            "base_model": {"path": os.path.abspath(folders.base_model_path), "files": inputs["--base_model_path"],
                            "tensors": base_hashes},
-            "target_model": {"path": os.path.abspath(a["target_model_path"]), "files": hashes["--target_model_path"],
-                             "tensors": target_hashes, "dtypes": {n: target.entries[n].dtype for n in names},
-                             "dtype": config_dtype(config)},
+            "target_model": {"path": os.path.abspath(folders.target_model_path),
+                             "files": inputs["--target_model_path"], "tensors": target_hashes,
+                             "dtypes": {n: target.entries[n].dtype for n in names}, "dtype": config_dtype(config)},
             "grown_rows": _grown_rows(base, target, kinds), "new_tensors": [n for n, k in kinds.items() if k == "new"],
             "fp64_tensors": sorted(wide), "tokenizer": tokenizer,
         })
@@ -293,9 +368,6 @@ def make(a: dict, deferred) -> None:
 def _fp64_tensors(base, target, names: list[str], kinds: dict[str, str]) -> set[str]:
     """First pass, a chunk at a time: which tensors need an fp64 delta (the plan needs every dtype up front)."""
     import torch
-
-    from utils.weights.convert import log
-    from utils.weights.shards import row_chunks
 
     wide = set()
     for name in _progress(names, "check"):
@@ -326,8 +398,6 @@ def _write_deltas(base, target, names, kinds, wide, writer, base_hashes: dict, t
 def _write_delta_tensor(base, target, name: str, kind: str, out_dtype, writer) -> tuple[str, str | None]:
     """Stream one tensor's target - base into ``writer`` a chunk at a time; the sha256 of its target and base
     values (None for a tensor the base lacks)."""
-    from utils.weights.shards import row_chunks
-
     te = target.entries[name]
     ht = hashlib.sha256()
     hb = hashlib.sha256() if kind != "new" else None
@@ -353,68 +423,65 @@ def _write_delta_tensor(base, target, name: str, kind: str, out_dtype, writer) -
     return ht.hexdigest(), hb.hexdigest() if hb is not None else None
 
 
-def apply(a: dict, deferred) -> None:
-    import torch
+# -- apply -----------------------------------------------------------------------------------------
 
-    from utils.artifacts import read_meta, staged_dir
-    from utils.weights.convert import log
-    from utils.weights.config import read_config, set_config_dtype
-    from utils.dtypes import dtype_code
 
-    base, delta, kinds = _open_pair(a, "--delta_path")
-    meta = read_meta(a["delta_path"]) or {}
-    ours = meta.get("stage") == "make_delta" and meta.get("complete")
-    if not ours:
-        log("apply_delta", f"note: {a['delta_path']} was not made by this suite: no recorded hashes, so the base and the "
-                           "result cannot be checked tensor by tensor")
-    config = read_config(a["delta_path"], "--delta_path")
-    recorded = meta.get("target_model", {}) if ours else {}
-    out_dtypes = _output_dtypes(a["dtype"], recorded, config, delta)
+def apply(args: ApplyDeltaArgs, out: Output, hashes: Deferred, made: OutputInfo | None) -> None:
+    """Write the rebuilt model (base + delta) with the delta's config and tokenizer. A delta made here
+    (``made``) is checked tensor by tensor: the base against the one it was made from, the result against
+    the target."""
+    folders, dtype = args.folders, args.writing.dtype
+    base, delta, kinds = _open_pair(args)
+    if made is None:
+        log("apply_delta", f"note: {folders.delta_path} was not made by this suite: no recorded hashes, so the base "
+                           "and the result cannot be checked tensor by tensor")
+    config = read_config(folders.delta_path, "--delta_path")
+    recorded = made.raw.get("target_model", {}) if made is not None else {}
+    out_dtypes = _output_dtypes(dtype, recorded, config, delta)
     names = delta.names()
     _require_floating(delta, names, "--delta_path", "are not a delta")
-    plan = [(n, dtype_code(getattr(torch, out_dtypes[n])), delta.entries[n].shape) for n in names]
-    check = _RebuildCheck(a["base_model_path"], meta, ours, recorded)
-    with staged_dir(a["target_model_path"]) as tmp:
-        files = _write_shards(tmp, plan, a["max_shard_size"], lambda writer: _write_rebuilt(
+    plan = [(n, out_dtypes[n], delta.entries[n].shape) for n in names]
+    check = _RebuildCheck(folders.base_model_path, made)
+    # The inputs may still be hashing in the background: produce() asks for the fingerprint when it needs it.
+    with out.produce(lambda: fingerprint(args, hashes.result()), args=args.flags()) as st:
+        files = _write_shards(st.dir, plan, args.writing.max_shard_size, lambda writer: _write_rebuilt(
             base, delta, names, kinds, out_dtypes, writer, check))
         check.check()
-        check.raise_if_mismatched(a["dtype"])
-        out_config = config if a["dtype"] == "auto" else set_config_dtype(config, a["dtype"])
-        tokenizer = _write_model_files(tmp, out_config, a["delta_path"], "--delta_path", "apply_delta")
-        verified = bool(ours and check.target_tensors and a["dtype"] == "auto")
+        check.raise_if_mismatched(dtype)
+        out_config = config if dtype == "auto" else set_config_dtype(config, dtype)
+        tokenizer = _write_model_files(st.dir, out_config, folders.delta_path, "--delta_path", "apply_delta")
+        verified = bool(made is not None and check.target_tensors and dtype == "auto")
         if verified:
             log("apply_delta", f"verified: all {len(names)} tensors equal the recorded target's, bit for bit")
-        _finish(tmp, a, "apply_delta", deferred, files, lambda hashes: {
-            "base_model": {"path": os.path.abspath(a["base_model_path"]), "files": hashes["--base_model_path"]},
-            "delta": {"path": os.path.abspath(a["delta_path"]), "files": hashes["--delta_path"],
-                      "made_by_suite": bool(ours)},
+        _record(st, args, hashes, files, lambda inputs: {
+            "base_model": {"path": os.path.abspath(folders.base_model_path), "files": inputs["--base_model_path"]},
+            "delta": {"path": os.path.abspath(folders.delta_path), "files": inputs["--delta_path"],
+                      "made_by_suite": made is not None},
             "tensors": check.out_hashes, "verified_against_target": verified, "tokenizer": tokenizer,
             "grown_rows": _grown_rows(base, delta, kinds),
         })
 
 
 def _output_dtypes(dtype: str, recorded: dict, config: dict, delta) -> dict[str, str]:
-    """Each rebuilt tensor's dtype: --dtype, else the target's as the delta records it, else its config's."""
-    from utils.dtypes import CONFIG_NAMES
-    from utils.weights.config import config_dtype
-
+    """Each rebuilt tensor's safetensors dtype: --dtype, else the target's as the delta records it, else its
+    config's."""
     if dtype != "auto":
-        return {n: CONFIG_NAMES[dtype] for n in delta.entries}
+        return dict.fromkeys(delta.entries, dtype_code(CONFIG_NAMES[dtype]))
     if recorded.get("dtypes"):
-        from utils.dtypes import torch_dtype
-
-        return {n: str(torch_dtype(c)).replace("torch.", "") for n, c in recorded["dtypes"].items()}
-    return {n: CONFIG_NAMES[config_dtype(config)] for n in delta.entries}
+        return dict(recorded["dtypes"])
+    return dict.fromkeys(delta.entries, dtype_code(CONFIG_NAMES[config_dtype(config)]))
 
 
 class _RebuildCheck:
-    """For a delta made here: the base is checked against its recorded tensor hashes, every rebuilt tensor
-    against the target's. Tensors' hashes are computed on the hashing queue and checked in batches."""
+    """For a delta made here (``made``): the base is checked against its recorded tensor hashes, every rebuilt
+    tensor against the target's. Tensors' hashes are computed on the hashing queue and checked in batches. For
+    another delta nothing is recorded, so nothing is checked; the result's hashes are still collected."""
 
-    def __init__(self, base_path: str, meta: dict, ours: bool, recorded: dict):
-        self.base_path, self.meta, self.ours = base_path, meta, ours
-        self.base_tensors = meta.get("base_model", {}).get("tensors", {})
-        self.target_tensors = recorded.get("tensors", {})
+    def __init__(self, base_path: str, made: OutputInfo | None):
+        self.base_path = base_path
+        self.made_from = made.base_model.get("path") if made is not None else None
+        self.base_tensors = made.base_model.get("tensors", {}) if made is not None else {}
+        self.target_tensors = made.raw.get("target_model", {}).get("tensors", {}) if made is not None else {}
         self.out_hashes, self.mismatched, self.pending = {}, [], []
         self.base_checked = False
 
@@ -427,35 +494,29 @@ class _RebuildCheck:
             self.base_checked = True
 
     def check(self) -> None:
-        from utils.weights.shards import HASHES
-
         HASHES.drain()
         for name, hb, ho in self.pending:
-            if self.ours and hb is not None and name in self.base_tensors and hb.hexdigest() != self.base_tensors[name]:
+            if hb is not None and name in self.base_tensors and hb.hexdigest() != self.base_tensors[name]:
                 raise SuiteError(f"--base_model_path {self.base_path}: tensor {name} differs from the base the "
-                                 f"delta was made from ({self.meta['base_model'].get('path')}); nothing written")
+                                 f"delta was made from ({self.made_from}); nothing written")
             self.out_hashes[name] = ho.hexdigest()
-            if self.ours and name in self.target_tensors and self.out_hashes[name] != self.target_tensors[name]:
+            if name in self.target_tensors and self.out_hashes[name] != self.target_tensors[name]:
                 self.mismatched.append(name)
         self.pending.clear()
 
     def raise_if_mismatched(self, dtype: str) -> None:
         if self.mismatched:
             why = (" (--dtype differs from the target's)" if dtype != "auto" else
-                   f"; is --base_model_path the base the delta was made from ({self.meta['base_model'].get('path')})?")
+                   f"; is --base_model_path the base the delta was made from ({self.made_from})?")
             raise SuiteError(f"the rebuilt model differs from the recorded target in {len(self.mismatched)} tensors "
                              f"(e.g. {self.mismatched[0]}){why}; nothing written")
 
 
 def _write_rebuilt(base, delta, names, kinds, out_dtypes, writer, check: _RebuildCheck) -> None:
     """Write base + delta for every tensor, queueing each for ``check``."""
-    import torch
-
-    from utils.weights.shards import Scratch
-
     scratch = Scratch(), Scratch()  # the delta's, the base's
     for name in _progress(names, "apply"):
-        want = getattr(torch, out_dtypes[name])
+        want = torch_dtype(out_dtypes[name])
         hb, ho = _rebuild_tensor(base, delta, name, kinds[name], want, writer, scratch, not check.base_checked)
         check.add(name, kinds[name], hb, ho)
 
@@ -464,8 +525,6 @@ def _rebuild_tensor(base, delta, name: str, kind: str, want, writer, scratch, ha
     """Stream one tensor's base + delta into ``writer`` a chunk at a time; the sha256 objects (fed through the
     hashing queue) of the base rows used (if ``hash_base``) and of the result."""
     import torch
-
-    from utils.weights.shards import HASHES, row_chunks
 
     delta_scratch, base_scratch = scratch
     de = delta.entries[name]

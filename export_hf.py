@@ -34,11 +34,60 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from utils.errors import SuiteError
-from utils.cli import run
-from utils.weights.export_plan import check_base, plan_export, settle
+from utils.args import Group, StageArgs, unfingerprinted
+from utils.artifacts import Output, library_versions, sha256_json, write_json
+from utils.cli import parse_size, run
+from utils.dtypes import dtype_code, torch_dtype, torch_dtype_of
+from utils.errors import SuiteError, UsageError
+from utils.weights import forward
+from utils.weights import shards  # by module: tests replace its ShardWriter to catch work begun too early
+from utils.weights.config import config_dtype, read_config, set_config_dtype
+from utils.weights.convert import (carry_template, copy_tokenizer, eos_token, floating, log, no_tokenizer_warning,
+                                   tokenizer_source)
+from utils.weights.export_plan import (ExportPlan, MergeInputs, check_base, hash_inputs, input_problems, plan_export,
+                                       settle)
+from utils.weights.merge import (adapter_weights_file, load_adapter, load_state, merge_bias, merge_weight,
+                                 read_adapter_config)
 
 STAGE = "export_hf"
+
+
+@dataclass(frozen=True)
+class Destination(Group):
+    """Where the export is written."""
+
+    output_dir: str | None = unfingerprinted(why="where the output is written, not what it holds")
+    overwrite: bool = unfingerprinted(why="only allows replacing a different export")
+
+    def problems(self) -> list[str]:
+        return [] if self.output_dir else ["--output_dir is required"]
+
+
+@dataclass(frozen=True)
+class OutputWeights(Group):
+    """How the output's weights are written."""
+
+    dtype: Literal["auto", "fp32", "bf16", "fp16"]
+    max_shard_size: str
+
+    def problems(self) -> list[str]:
+        try:
+            parse_size(self.max_shard_size)
+        except SuiteError as exc:
+            return [str(exc)]
+        return []
+
+
+@dataclass(frozen=True)
+class ExportHfArgs(StageArgs):
+    STAGE = STAGE
+
+    destination: Destination
+    inputs: MergeInputs
+    weights: OutputWeights
+
+
+Args = ExportHfArgs
 
 
 def main(
@@ -67,36 +116,51 @@ def main(
         allow_pickle_weights: Accept pytorch_model.bin / adapter_model.bin inputs (read with torch.load(weights_only=True)).
         overwrite: Replace an output_dir that holds a different export.
     """
-    args = dict(locals())
-    plan = plan_export(args)
-    from utils.artifacts import check_output_dir, claim_output_dir
-
-    claim_output_dir(output_dir, STAGE, overwrite)  # before any work (hashing the inputs included)
+    args = ExportHfArgs.from_flags(dict(locals()))
+    check_flags(args)
+    plan = plan_export(args.inputs, args.destination.output_dir)
+    out = Output(args.destination.output_dir, STAGE, args.destination.overwrite)  # before any work (hashing included)
     check_base(plan)  # a wrong base is refused before the merge, not after it
-    from utils.artifacts import sweep_stale
-    from utils.weights.convert import Deferred, log
-
-    sweep_stale(output_dir)
-    # With no destination yet there is nothing to compare the fingerprint with before the work: the inputs
-    # are hashed on a background thread while the merge runs, and checked before the output is put in place.
-    exists = Path(output_dir).exists()
-    plan["deferred"] = Deferred(plan["fingerprints_fn"], now=exists)
-    if exists:
-        fingerprint = settle(args, plan, STAGE)
-        if check_output_dir(output_dir, STAGE, fingerprint, overwrite):
-            log(STAGE, f"{output_dir} already holds this export (fingerprint {fingerprint[:12]}); nothing to do")
-            print(os.path.abspath(output_dir))
-            return
+    if up_to_date(args, plan, out):
+        return
     started = time.time()
-    from utils.weights.shards import conversion_setup
-
-    with conversion_setup():
-        if adapter_only:
-            export_adapter(args, plan)
+    with shards.conversion_setup():
+        if args.inputs.adapter_only:
+            export_adapter(args, plan, out)
         else:
-            export_merged(args, plan)
-    log(STAGE, f"wrote {output_dir} in {time.time() - started:.1f}s")
-    print(os.path.abspath(output_dir))
+            export_merged(args, plan, out)
+    log(STAGE, f"wrote {args.destination.output_dir} in {time.time() - started:.1f}s")
+    print(os.path.abspath(args.destination.output_dir))
+
+
+def fingerprint(args: ExportHfArgs, inputs: dict) -> str:
+    """The output's fingerprint: the input hashes and every flag that changes what is written."""
+    return sha256_json({"stage": STAGE, "inputs": inputs, "args": args.fingerprint_values()})
+
+
+def check_flags(args: ExportHfArgs) -> None:
+    """Every problem with the flags themselves (and the input folders they name), reported together."""
+    problems = args.problems() + input_problems(args.inputs)
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
+def up_to_date(args: ExportHfArgs, plan: ExportPlan, out: Output) -> bool:
+    """Start hashing the inputs; whether the destination already holds this export (then nothing is done).
+
+    With no destination yet there is nothing to compare the fingerprint with before the work: the inputs
+    are hashed on a background thread while the merge runs, and checked before the output is put in place.
+    """
+    exists = out.state != "missing"
+    hash_inputs(plan, now=exists)
+    if not exists:
+        return False
+    fp = fingerprint(args, settle(plan))
+    if not out.up_to_date(fp):
+        return False
+    log(STAGE, f"{args.destination.output_dir} already holds this export (fingerprint {fp[:12]}); nothing to do")
+    print(os.path.abspath(args.destination.output_dir))
+    return True
 
 
 @dataclass
@@ -117,47 +181,39 @@ class MergeJob:
     shape: dict
 
 
-def export_merged(a: dict, plan: dict) -> None:
+def export_merged(args: ExportHfArgs, plan: ExportPlan, out: Output) -> None:
     """Merge the adapter (if any) into the source tensor by tensor, write the model folder, verify it, and put
     it in place."""
-    from utils.artifacts import staged_dir
-    from utils.cli import parse_size
-
-    job = plan_merge(a, plan)
-    with staged_dir(a["output_dir"]) as tmp:
-        hashes, changed, unchanged_targets = write_tensors(tmp, job, parse_size(a["max_shard_size"]))
+    job = plan_merge(plan, args.weights.dtype, args.inputs.allow_pickle_weights)
+    # A function: the inputs may still be hashing in the background (see up_to_date); produce() waits for them
+    # only where it needs the value.
+    with out.produce(lambda: fingerprint(args, settle(plan))) as st:
+        hashes, changed, unchanged_targets = write_tensors(st.dir, job, parse_size(args.weights.max_shard_size))
         check_merge_changed(job, changed, unchanged_targets)
-        out_config = write_config(tmp, job)
-        template, tokenizer = copy_companions(tmp, job, plan)
-        verification = verify_export(out_config, job, tmp, a["allow_pickle_weights"])
+        out_config = write_config(st.dir, job)
+        template, tokenizer = copy_companions(st.dir, job, plan)
+        verification = verify_export(out_config, job, st.dir, args.inputs.allow_pickle_weights)
         verification.update({"merged_tensors": changed, "lora_modules": len(job.targets),
                              "unchanged_after_rounding": len(unchanged_targets)})
-        fingerprint = settle(a, plan, STAGE)
-        write_merged_meta(tmp, a, plan, job, fingerprint, template, tokenizer, verification, hashes)
+        st.meta.update(merged_meta(args, plan, job, settle(plan), template, tokenizer, verification))
+        st.known_hashes.update(hashes)
 
 
-def plan_merge(a: dict, plan: dict) -> MergeJob:
-    """Open the source and the adapter, check that the adapter fits the source, and lay out the output tensors."""
-    import torch
-
-    from utils.dtypes import CONFIG_NAMES
-    from utils.weights.config import config_dtype, read_config
-    from utils.weights.convert import floating, log
-    from utils.weights.merge import load_adapter
-    from utils.weights.shards import ModelWeights
-
-    source, adapter_dir = plan["source"], plan["adapter"]
+def plan_merge(plan: ExportPlan, dtype: str, allow_pickle: bool) -> MergeJob:
+    """Open the source and the adapter, check that the adapter fits the source, and lay out the output tensors
+    (``dtype``: --dtype, auto being the source's)."""
+    source, adapter_dir = plan.source, plan.adapter
     config = read_config(source, "--base_model")
-    dtype = config_dtype(config) if a["dtype"] == "auto" else a["dtype"]
-    out_dtype = getattr(torch, CONFIG_NAMES[dtype])
-    weights = ModelWeights(source, a["allow_pickle_weights"])
-    adapter = load_adapter(adapter_dir, a["allow_pickle_weights"]) if adapter_dir else None
+    dtype = config_dtype(config) if dtype == "auto" else dtype
+    out_dtype = torch_dtype_of(dtype)
+    weights = shards.ModelWeights(source, allow_pickle)
+    adapter = load_adapter(adapter_dir, allow_pickle) if adapter_dir else None
     targets = dict(adapter.targets) if adapter else {}
     replacements = dict(adapter.replacements) if adapter else {}
     new, untie = check_adapter_fits(adapter_dir, weights, targets, replacements,
                                     bool(config.get("tie_word_embeddings", False)))
     names = weights.names() + new
-    out_code = {n: (dtype_code_of(out_dtype) if floating(code_of(weights, replacements, n)) else code_of(weights, replacements, n))
+    out_code = {n: (dtype_code(out_dtype) if floating(code_of(weights, replacements, n)) else code_of(weights, replacements, n))
                 for n in names}
     shape = {n: weights.entries[n].shape if n in weights else tuple(replacements[n].shape) for n in names}
     log(STAGE, f"{'merging ' + str(len(targets)) + ' LoRA modules into ' if adapter else 're-sharding '}{source} "
@@ -196,14 +252,10 @@ def write_tensors(tmp: Path, job: MergeJob, limit: int) -> tuple[dict, int, list
     adapted weights unchanged after rounding)."""
     from tqdm import tqdm
 
-    from utils.weights.merge import merge_bias
-    from utils.weights.shards import COPY_SCRATCH, Scratch, ShardWriter, copy_tensor
-    from utils.dtypes import torch_dtype
-
     weights, targets, replacements = job.weights, job.targets, job.replacements
     changed, unchanged_targets = 0, []
-    scratch = Scratch()
-    writer = ShardWriter(tmp, [(n, job.out_code[n], job.shape[n]) for n in job.names], limit)
+    scratch = shards.Scratch()
+    writer = shards.ShardWriter(tmp, [(n, job.out_code[n], job.shape[n]) for n in job.names], limit)
     try:
         for name in tqdm(job.names, desc="export", unit="tensor", file=sys.stderr, disable=None):
             want = torch_dtype(job.out_code[name])
@@ -214,27 +266,25 @@ def write_tensors(tmp: Path, job: MergeJob, limit: int) -> tuple[dict, int, list
                     unchanged_targets.append(name)
             elif name.endswith(".bias") and name[: -len("bias")] + "weight" in targets \
                     and "B_bias" in targets[name[: -len("bias")] + "weight"].parts:
-                t = targets[name[: -len("bias")] + "weight"]
-                writer.write(name, merge_bias(t, weights.get(name)).to(want))
+                target = targets[name[: -len("bias")] + "weight"]
+                writer.write(name, merge_bias(target, weights.get(name)).to(want))
                 changed += 1
             elif name in replacements:
                 writer.write(name, replacements[name].to(want))
                 changed += 1
             else:
-                copy_tensor(weights, name, writer, dtype=want)
+                shards.copy_tensor(weights, name, writer, dtype=want)
         hashes = writer.close()
     finally:
         writer.abort()
     scratch.clear()
-    COPY_SCRATCH.clear()
+    shards.COPY_SCRATCH.clear()
     return hashes, changed, unchanged_targets
 
 
 def write_merged_target(name: str, job: MergeJob, writer, scratch, want) -> bool:
     """Merge the adapter into one adapted weight and write it; whether the merge changed it."""
     import torch
-
-    from utils.weights.merge import merge_weight
 
     base_w = job.weights.get(name, scratch=scratch)
     # Whether the merge changed the weight, from a strided sample (a full copy would double
@@ -250,8 +300,6 @@ def write_merged_target(name: str, job: MergeJob, writer, scratch, want) -> bool
 
 def check_merge_changed(job: MergeJob, changed: int, unchanged_targets: list) -> None:
     """Refuse a merge that changed nothing; warn about adapted weights lost to rounding."""
-    from utils.weights.convert import log
-
     if job.adapter and changed == 0:
         raise SuiteError(f"--lora_weights {job.adapter_dir}: the merge changed no weight in {job.dtype} (adapter too small "
                          "for this precision, or zero); nothing written")
@@ -262,9 +310,6 @@ def check_merge_changed(job: MergeJob, changed: int, unchanged_targets: list) ->
 
 def write_config(tmp: Path, job: MergeJob) -> dict:
     """config.json with the output dtype (and the output head untied if the adapter saved one)."""
-    from utils.artifacts import write_json
-    from utils.weights.config import set_config_dtype
-
     out_config = set_config_dtype(job.config, job.dtype)
     if job.untie:
         out_config["tie_word_embeddings"] = False
@@ -272,13 +317,11 @@ def write_config(tmp: Path, job: MergeJob) -> dict:
     return out_config
 
 
-def copy_companions(tmp: Path, job: MergeJob, plan: dict) -> tuple:
+def copy_companions(tmp: Path, job: MergeJob, plan: ExportPlan) -> tuple:
     """generation_config.json, the tokenizer and the template, from the fine-tune if it has them, else the source;
     (the template record, the tokenizer record)."""
-    from utils.weights.convert import (carry_template, copy_tokenizer, eos_token, no_tokenizer_warning, tokenizer_source)
-
     source = job.source
-    extra = plan["adapter"] or plan["source"]
+    extra = plan.adapter or plan.source
     for name in ("generation_config.json",):
         for folder in (extra, source):
             if (folder / name).is_file():
@@ -287,17 +330,14 @@ def copy_companions(tmp: Path, job: MergeJob, plan: dict) -> tuple:
     tok = tokenizer_source(extra, source)
     tokenizer_files = copy_tokenizer(tok, tmp)
     if not tokenizer_files:
-        no_tokenizer_warning(STAGE, {"--lora_weights": plan["lora"], "--base_model": source}
-                             if plan["lora"] != source else {"--lora_weights": source})
+        no_tokenizer_warning(STAGE, {"--lora_weights": plan.lora, "--base_model": source}
+                             if plan.lora != source else {"--lora_weights": source})
     template = carry_template((extra / "template.json"), tmp, eos_token(tok), STAGE)
     return template, {"files": tokenizer_files, "from": str(tok) if tok else None}
 
 
 def verify_export(out_config: dict, job: MergeJob, tmp: Path, allow_pickle: bool) -> dict:
     """Check the written model's logits (see verify) and say so."""
-    from utils.weights import forward
-    from utils.weights.convert import log
-
     adapter = job.adapter
     verification = verify(out_config, job.source, job.weights, adapter, tmp, job.dtype, allow_pickle)
     log(STAGE, f"verified: logits of the {'merged model' if adapter else 'output'} match "
@@ -306,43 +346,34 @@ def verify_export(out_config: dict, job: MergeJob, tmp: Path, allow_pickle: bool
     return verification
 
 
-def write_merged_meta(tmp: Path, a: dict, plan: dict, job: MergeJob, fingerprint: str, template, tokenizer: dict,
-                      verification: dict, hashes: dict) -> None:
-    """pipeline.json: the sources with their hashes, the verification result and the file hashes (written last)."""
-    from utils.artifacts import finish_meta, library_versions
-
+def merged_meta(args: ExportHfArgs, plan: ExportPlan, job: MergeJob, inputs: dict, template, tokenizer: dict,
+                verification: dict) -> dict:
+    """What pipeline.json records of a merge: the sources with their hashes and the verification result."""
     adapter, adapter_dir = job.adapter, job.adapter_dir
-    meta = plan["meta"] or {}
-    finish_meta(tmp, {
-        "stage": STAGE,
-        "fingerprint": fingerprint,
-        "args": a,
+    method = plan.meta.raw.get("method") if plan.meta else None
+    finetune = plan.meta if plan.meta is not None and plan.meta.stage == "finetune" else None
+    return {
+        "args": args.flags(),
         "kind": "merged" if adapter else "resharded",
         "dtype": job.dtype,
-        "base_model": {"path": os.path.abspath(job.source), "fingerprint": plan["fingerprints"]["base"]},
-        "lora_weights": ({"path": os.path.abspath(adapter_dir), "files": plan["fingerprints"]["lora_weights"],
+        "base_model": {"path": os.path.abspath(job.source), "fingerprint": inputs["base"]},
+        "lora_weights": ({"path": os.path.abspath(adapter_dir), "files": inputs["lora_weights"],
                           "peft_type": adapter.peft_type, "use_dora": adapter.use_dora,
                           "use_rslora": bool(adapter.config.get("use_rslora")),
-                          "method": meta.get("method")} if adapter else None),
-        "source_finetune": ({"path": os.path.abspath(a["lora_weights"]), "fingerprint": meta.get("fingerprint")}
-                            if meta.get("stage") == "finetune" else None),
+                          "method": method} if adapter else None),
+        "source_finetune": ({"path": os.path.abspath(args.inputs.lora_weights), "fingerprint": finetune.fingerprint}
+                            if finetune else None),
         "template": template,
         "tokenizer": tokenizer,
         "verification": verification,
         "versions": library_versions("torch", "safetensors"),
-    }, known_hashes=hashes)
+    }
 
 
 def code_of(weights, replacements, name: str) -> str:
     if name in weights:
         return weights.entries[name].dtype
-    return dtype_code_of(replacements[name].dtype)
-
-
-def dtype_code_of(dtype) -> str:
-    from utils.dtypes import dtype_code
-
-    return dtype_code(dtype)
+    return dtype_code(replacements[name].dtype)
 
 
 def verify(config: dict, source: Path, weights, adapter, out_dir: Path, dtype: str, allow_pickle: bool) -> dict:
@@ -353,13 +384,10 @@ def verify(config: dict, source: Path, weights, adapter, out_dir: Path, dtype: s
     models, or even importing transformers' model code, would cost more than the whole conversion).
     Other architectures are checked through transformers, loading the models whole.
     """
-    from utils.weights import forward
-    from utils.weights.shards import ModelWeights
-
     ids = forward.probe_ids(config)
     if forward.supported(config):
         ref = forward.logits(config, forward.WeightSource(weights, adapter), ids)
-        got = forward.logits(config, forward.WeightSource(ModelWeights(out_dir)), ids)
+        got = forward.logits(config, forward.WeightSource(shards.ModelWeights(out_dir)), ids)
         method = "layer-by-layer from disk"
     else:
         ref, got = verify_with_transformers(source, adapter.folder if adapter else None, out_dir, ids, allow_pickle)
@@ -394,44 +422,47 @@ def verify_with_transformers(source: Path, adapter_dir: Path | None, out_dir: Pa
     return ref, got
 
 
-def export_adapter(a: dict, plan: dict) -> None:
+def export_adapter(args: ExportHfArgs, plan: ExportPlan, out: Output) -> None:
     """Copy the adapter (PEFT format, safetensors) with its tokenizer, template and chat template."""
+    src = plan.adapter
+    config = read_adapter_config(src)
+    state = load_state(adapter_weights_file(src, args.inputs.allow_pickle_weights))
+    check_adapter_state(src, state)
+    inputs = settle(plan)
+    with out.produce(fingerprint(args, inputs)) as st:
+        write_adapter(st.dir, config, state, plan.base)
+        tok = tokenizer_source(src, plan.base)
+        files = copy_tokenizer(tok, st.dir)
+        template = carry_template(src / "template.json", st.dir, eos_token(tok), STAGE)
+        st.meta.update({
+            "args": args.flags(), "kind": "adapter",
+            "method": plan.meta.raw.get("method") if plan.meta else None, "peft_type": config.get("peft_type"),
+            "base_model": {"path": os.path.abspath(plan.base) if plan.base else None, "fingerprint": inputs["base"]},
+            "lora_weights": {"path": os.path.abspath(src), "files": inputs.get("lora_weights")},
+            "template": template, "tokenizer": {"files": files, "from": str(tok) if tok else None},
+            "versions": library_versions("torch", "safetensors", "peft"),
+        })
+
+
+def check_adapter_state(src: Path, state: dict) -> None:
+    """Refuse an adapter with nothing in it (empty, all zeros) or with non-finite values."""
     import torch
 
-    from utils.artifacts import finish_meta, library_versions, staged_dir
-    from utils.weights.convert import carry_template, copy_tokenizer, eos_token, tokenizer_source
-    from utils.weights.merge import adapter_weights_file, load_state, read_adapter_config
-
-    src = plan["adapter"]
-    config = read_adapter_config(src)
-    state = load_state(adapter_weights_file(src, a["allow_pickle_weights"]))
     if not state or all(float(v.abs().max()) == 0 for v in state.values() if v.numel()):
         raise SuiteError(f"--lora_weights {src}: the adapter is empty or all zeros; nothing to export")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise SuiteError(f"--lora_weights {src}: non-finite values in {bad[:3]}")
-    fingerprint = settle(a, plan, STAGE)
-    with staged_dir(a["output_dir"]) as tmp:
-        from safetensors.torch import save_file
 
-        from utils.artifacts import write_json
 
-        config["base_model_name_or_path"] = os.path.abspath(plan["base"]) if plan["base"] else None
-        write_json(tmp / "adapter_config.json", config)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
-        tok = tokenizer_source(src, plan["base"])
-        files = copy_tokenizer(tok, tmp)
-        template = carry_template(src / "template.json", tmp, eos_token(tok), STAGE)
-        finish_meta(tmp, {
-            "stage": STAGE, "fingerprint": fingerprint, "args": a, "kind": "adapter",
-            "method": (plan["meta"] or {}).get("method"), "peft_type": config.get("peft_type"),
-            "base_model": {"path": os.path.abspath(plan["base"]) if plan["base"] else None,
-                           "fingerprint": plan["fingerprints"]["base"]},
-            "lora_weights": {"path": os.path.abspath(src), "files": plan["fingerprints"].get("lora_weights")},
-            "template": template, "tokenizer": {"files": files, "from": str(tok) if tok else None},
-            "versions": library_versions("torch", "safetensors", "peft"),
-        })
+def write_adapter(folder: Path, config: dict, state: dict, base: Path | None) -> None:
+    """adapter_config.json (naming the base it applies to) and adapter_model.safetensors."""
+    from safetensors.torch import save_file
+
+    config["base_model_name_or_path"] = os.path.abspath(base) if base else None
+    write_json(folder / "adapter_config.json", config)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
 
 
 if __name__ == "__main__":

@@ -32,13 +32,81 @@ import os
 import shutil
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from utils.args import Group, StageArgs, unfingerprinted
+from utils.artifacts import (Output, library_versions, read_output, sha256_file, sha256_json, tokenizer_fingerprint,
+                             write_json)
+from utils.cli import parse_size, run
+from utils.dtypes import CONFIG_NAMES, dtype_code, name_of, torch_dtype_of
 from utils.errors import SuiteError, UsageError
-from utils.cli import run
+from utils.weights import forward
+from utils.weights.config import check_config, config_dtype, read_config
+from utils.weights.convert import (check_destination, copy_tokenizer, log, no_tokenizer_warning, sentencepiece_source,
+                                   tokenizer_source, weight_hashes)
+from utils.weights.export_plan import MergeInputs, check_base, plan_export
+from utils.weights.folders import check_model_dir, looks_like_hub_id, missing_folder
+from utils.weights.formats import (META_LAYER, META_ROPE_THETA, hf_llama_config, hf_to_meta_name, llama2c_layout,
+                                   llama_dims, meta_hidden_dim, meta_params, meta_split_dim, meta_to_hf_name,
+                                   read_llama2c_header, rope_tables, to_interleaved, to_rotate_half)
+from utils.weights.merge import check_adapter_dir, load_adapter, merge_weight
+from utils.weights.shards import Entry, ModelWeights, ShardWriter, conversion_setup, read_entry
 
 STAGE = "export_state_dict"
+
+
+@dataclass(frozen=True)
+class Sources(Group):
+    """What is read: the model or checkpoint converted, an adapter merged into it first, a tokenizer to carry."""
+
+    base_model: str = unfingerprinted(why="identified by its content: its files' hashes count")
+    lora_weights: str | None = unfingerprinted(why="identified by its content: its files' hashes count")
+    tokenizer: str | None = unfingerprinted(why="identified by its content: its files' hashes count")
+    allow_pickle_weights: bool = unfingerprinted(why="only allows reading inputs that are otherwise refused")
+
+
+@dataclass(frozen=True)
+class Conversion(Group):
+    """What is written: the format, its split into files and its precision."""
+
+    format: Literal["meta", "llama2c"]
+    num_shards: int
+    dtype: Literal["auto", "fp32", "bf16", "fp16"]
+    max_shard_size: str
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.num_shards < 1:
+            problems.append(f"--num_shards must be >= 1, got {self.num_shards}")
+        if self.format == "llama2c" and (self.num_shards != 1 or self.dtype not in ("auto", "fp32")):
+            problems.append("--format llama2c writes one fp32 file: --num_shards 1, --dtype fp32")
+        try:
+            parse_size(self.max_shard_size)
+        except SuiteError as exc:
+            problems.append(str(exc))
+        return problems
+
+
+@dataclass(frozen=True)
+class Destination(Group):
+    """Where the result is written."""
+
+    output_dir: str = unfingerprinted(why="where the output is written, not what it holds")
+    overwrite: bool = unfingerprinted(why="only allows replacing a different result")
+
+
+@dataclass(frozen=True)
+class ExportStateDictArgs(StageArgs):
+    STAGE = STAGE
+
+    sources: Sources
+    conversion: Conversion
+    destination: Destination
+
+
+Args = ExportStateDictArgs
 
 
 def main(
@@ -70,78 +138,66 @@ def main(
         allow_pickle_weights: Read consolidated .pth files (torch.load(weights_only=True)); they are not safetensors.
         overwrite: Replace an output_dir that holds a different result.
     """
-    args = dict(locals())
-    from utils.artifacts import check_output_dir, sha256_file, sha256_json
-    from utils.artifacts import sweep_stale
-    from utils.weights.convert import check_destination, log, weight_hashes
-    from utils.weights.folders import looks_like_hub_id, missing_folder
-
+    args = ExportStateDictArgs.from_flags(dict(locals()))
     src = Path(base_model)
-    kind = ("llama2c" if src.is_file() else "meta" if (src / "params.json").is_file() else
-            "hf" if (src / "config.json").is_file() else None)
-    problems = []
-    if not src.exists():
-        problems.append(missing_folder(base_model, "--base_model") if looks_like_hub_id(base_model) else
-                        f"--base_model {base_model}: no such file or folder")
-    if num_shards < 1:
-        problems.append(f"--num_shards must be >= 1, got {num_shards}")
-    if kind not in ("hf", None) and (lora_weights or num_shards != 1 or format != "meta"):
-        problems.append("--lora_weights, --num_shards and --format apply to an export from a Hugging Face model; "
-                        f"--base_model {base_model} is imported to Hugging Face")
-    if format == "llama2c" and (num_shards != 1 or dtype not in ("auto", "fp32")):
-        problems.append("--format llama2c writes one fp32 file: --num_shards 1, --dtype fp32")
-    if kind == "meta" and not allow_pickle_weights:
-        problems.append(f"--base_model {base_model}: consolidated .pth files are not safetensors; pass "
-                        "--allow_pickle_weights to read them with torch.load(weights_only=True)")
-    try:
-        from utils.cli import parse_size
-
-        parse_size(max_shard_size)
-    except SuiteError as exc:
-        problems.append(str(exc))
-    if tokenizer and not Path(tokenizer).is_dir():
-        problems.append(missing_folder(tokenizer, "--tokenizer"))
-    if lora_weights and not Path(lora_weights).is_dir():
-        problems.append(missing_folder(lora_weights, "--lora_weights"))
-    problems += check_destination(output_dir, {"--base_model": base_model, "--lora_weights": lora_weights})
-    if problems:
-        raise UsageError("\n".join(problems))
+    kind = input_kind(src)
+    check_flags(args, kind)
     check_inputs(src, kind, lora_weights, allow_pickle_weights)
-    from utils.artifacts import claim_output_dir
-
-    claim_output_dir(output_dir, STAGE, overwrite)  # before any work (hashing the inputs included)
-
-    inputs = {"base": {src.name: sha256_file(src)} if kind == "llama2c" else weight_hashes(src)}
-    if lora_weights:
-        inputs["lora"] = {p.name: sha256_file(p) for p in sorted(Path(lora_weights).glob("adapter_*"))}
-    if tokenizer:
-        from utils.artifacts import tokenizer_fingerprint
-
-        inputs["tokenizer"] = tokenizer_fingerprint(tokenizer)
-    fingerprint = sha256_json({"stage": STAGE, "inputs": inputs, "kind": kind,
-                               "args": {k: args[k] for k in ("num_shards", "format", "dtype", "max_shard_size")}})
-    sweep_stale(output_dir)
-    if check_output_dir(output_dir, STAGE, fingerprint, overwrite):
-        log(STAGE, f"{output_dir} already holds this conversion (fingerprint {fingerprint[:12]}); nothing to do")
+    out = Output(output_dir, STAGE, overwrite)  # before any work (hashing the inputs included)
+    inputs = input_hashes(args.sources, kind)
+    fp = fingerprint(args, {"kind": kind, **inputs})
+    if out.up_to_date(fp):
+        log(STAGE, f"{output_dir} already holds this conversion (fingerprint {fp[:12]}); nothing to do")
         print(os.path.abspath(output_dir))
         return
-    from utils.weights.shards import conversion_setup
-
     started = time.time()
-    meta = {"stage": STAGE, "fingerprint": fingerprint, "args": args, "inputs": inputs}
+    meta = {"args": args.flags(), "inputs": inputs}
     with conversion_setup():
         if kind == "hf":
-            export(args, meta)
+            export(args, out, fp, meta)
         else:
-            import_to_hf(args, kind, meta)
+            import_to_hf(args, kind, out, fp, meta)
     log(STAGE, f"wrote {output_dir} in {time.time() - started:.1f}s")
     print(os.path.abspath(output_dir))
 
 
+def fingerprint(args: ExportStateDictArgs, inputs: dict) -> str:
+    """The output's fingerprint: the inputs (their kind and hashes) and every flag that changes what is written."""
+    return sha256_json({"stage": STAGE, "inputs": inputs, "args": args.fingerprint_values()})
+
+
+def input_kind(src: Path) -> str | None:
+    """What --base_model is: a llama2.c file, a Meta consolidated folder, a Hugging Face folder (None: neither)."""
+    return ("llama2c" if src.is_file() else "meta" if (src / "params.json").is_file() else
+            "hf" if (src / "config.json").is_file() else None)
+
+
+def check_flags(args: ExportStateDictArgs, kind: str | None) -> None:
+    """Every problem with the flags (and the files they name), reported together."""
+    sources, conversion = args.sources, args.conversion
+    base_model, lora_weights, tokenizer = sources.base_model, sources.lora_weights, sources.tokenizer
+    problems = []
+    if not Path(base_model).exists():
+        problems.append(missing_folder(base_model, "--base_model") if looks_like_hub_id(base_model) else
+                        f"--base_model {base_model}: no such file or folder")
+    problems += args.problems()
+    if kind not in ("hf", None) and (lora_weights or conversion.num_shards != 1 or conversion.format != "meta"):
+        problems.append("--lora_weights, --num_shards and --format apply to an export from a Hugging Face model; "
+                        f"--base_model {base_model} is imported to Hugging Face")
+    if kind == "meta" and not sources.allow_pickle_weights:
+        problems.append(f"--base_model {base_model}: consolidated .pth files are not safetensors; pass "
+                        "--allow_pickle_weights to read them with torch.load(weights_only=True)")
+    if tokenizer and not Path(tokenizer).is_dir():
+        problems.append(missing_folder(tokenizer, "--tokenizer"))
+    if lora_weights and not Path(lora_weights).is_dir():
+        problems.append(missing_folder(lora_weights, "--lora_weights"))
+    problems += check_destination(args.destination.output_dir, {"--base_model": base_model, "--lora_weights": lora_weights})
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
 def check_inputs(src: Path, kind: str | None, lora_weights: str | None, allow_pickle: bool) -> None:
     """Refuse incomplete inputs before any work (exit 1, naming the folder and what is missing)."""
-    from utils.weights.folders import check_model_dir
-
     if kind is None:
         raise SuiteError(f"--base_model {src}: neither a Hugging Face model folder (no config.json) nor a consolidated "
                          "folder (no params.json); nothing to convert")
@@ -151,13 +207,20 @@ def check_inputs(src: Path, kind: str | None, lora_weights: str | None, allow_pi
         problems = check_model_dir(str(src), allow_pickle, "--base_model")
         if problems:
             raise SuiteError("\n".join(problems))
-        from utils.weights.config import check_config, read_config
-
         check_config(read_config(src, "--base_model"), src, "--base_model")
     if lora_weights:
-        from utils.weights.merge import check_adapter_dir
-
         check_adapter_dir(lora_weights, allow_pickle)
+
+
+def input_hashes(sources: Sources, kind: str) -> dict:
+    """sha256 of what is read: the checkpoint or model's weight files, the adapter's files, the tokenizer given."""
+    src = Path(sources.base_model)
+    inputs = {"base": {src.name: sha256_file(src)} if kind == "llama2c" else weight_hashes(src)}
+    if sources.lora_weights:
+        inputs["lora"] = {p.name: sha256_file(p) for p in sorted(Path(sources.lora_weights).glob("adapter_*"))}
+    if sources.tokenizer:
+        inputs["tokenizer"] = tokenizer_fingerprint(sources.tokenizer)
+    return inputs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,33 +230,20 @@ def check_inputs(src: Path, kind: str | None, lora_weights: str | None, allow_pi
 class MergedSource:
     """The base's tensors by Hugging Face name, with the adapter merged in, read one at a time."""
 
-    def __init__(self, base: str, lora: str | None, allow_pickle: bool):
-        from utils.weights.config import read_config
-        from utils.weights.merge import load_adapter
-        from utils.weights.shards import ModelWeights
-
-        self.config = read_config(base, "--base_model")
-        self.weights = ModelWeights(base, allow_pickle)
+    def __init__(self, inputs: MergeInputs):
+        self.config = read_config(inputs.base_model, "--base_model")
+        self.weights = ModelWeights(inputs.base_model, inputs.allow_pickle_weights)
         self.adapter = None
-        if lora:
-            from utils.weights.export_plan import plan_export, settle
-
-            check = {"lora_weights": lora, "base_model": base, "output_dir": "/nonexistent-check-only",
-                     "max_shard_size": "2GB", "adapter_only": False, "allow_pickle_weights": allow_pickle,
-                     "overwrite": False, "dtype": "auto"}
-            plan = plan_export(check)  # the same checks as export_hf: adapter kind, and the base it was trained on
-            from utils.weights.convert import Deferred
-
-            plan["deferred"] = Deferred(plan["fingerprints_fn"], now=True)
-            settle(check, plan, STAGE)
-            self.adapter = load_adapter(plan["adapter"], allow_pickle)
+        if inputs.lora_weights:
+            plan = plan_export(inputs, None)  # the same checks as export_hf: adapter kind, and the base it was trained on
+            check_base(plan)
+            self.adapter = load_adapter(plan.adapter, inputs.allow_pickle_weights)
             unknown = [n for n in list(self.adapter.targets) + list(self.adapter.replacements) if n not in self.weights]
             if unknown:
-                raise SuiteError(f"--lora_weights {lora}: adapts tensors the base does not have: {unknown[:3]}")
+                raise SuiteError(f"--lora_weights {inputs.lora_weights}: adapts tensors the base does not have: "
+                                 f"{unknown[:3]}")
 
     def get(self, name: str):
-        from utils.weights.merge import merge_weight
-
         if self.adapter and name in self.adapter.targets:
             return merge_weight(self.adapter.targets[name], self.weights.get(name), self.adapter.fan_in_fan_out)
         if self.adapter and name in self.adapter.replacements:
@@ -201,98 +251,120 @@ class MergedSource:
         return self.weights.get(name)
 
 
-def meta_tensor(src: MergedSource, d: dict, meta_name: str):
+def meta_tensor(src: MergedSource, dims: dict, meta_name: str):
     """One Meta-format tensor (full, not split): renamed, q/k rows interleaved."""
-    from utils.weights.formats import meta_to_hf_name, to_interleaved
-
     hf = meta_to_hf_name(meta_name)
     if hf == "lm_head.weight" and hf not in src.weights:
         hf = "model.embed_tokens.weight"  # tied: Meta's format always has its own output matrix
-    t = src.get(hf)
+    tensor = src.get(hf)
     if meta_name.endswith("attention.wq.weight"):
-        t = to_interleaved(t, d["n_heads"])
+        tensor = to_interleaved(tensor, dims["n_heads"])
     elif meta_name.endswith("attention.wk.weight"):
-        t = to_interleaved(t, d["n_kv_heads"])
-    return t
+        tensor = to_interleaved(tensor, dims["n_kv_heads"])
+    return tensor
 
 
-def meta_names(d: dict) -> list[str]:
-    from utils.weights.formats import META_LAYER
-
+def meta_names(dims: dict) -> list[str]:
     names = ["tok_embeddings.weight"]
-    for i in range(d["n_layers"]):
+    for i in range(dims["n_layers"]):
         names += [f"layers.{i}.{m}" for m in META_LAYER.values()]
     return names + ["norm.weight", "output.weight"]
 
 
-def export(a: dict, meta: dict) -> None:
-    import torch
+@dataclass
+class ExportJob:
+    """An export from Hugging Face: the merged source, its Llama dimensions, the dtype and files written."""
 
-    from utils.weights import forward
-    from utils.artifacts import finish_meta, library_versions, staged_dir, write_json
-    from utils.dtypes import CONFIG_NAMES
-    from utils.weights.config import config_dtype
-    from utils.weights.convert import (copy_tokenizer, log, no_tokenizer_warning, sentencepiece_source, tokenizer_source)
-    from utils.weights.formats import hf_to_meta_name, llama_dims, meta_params, meta_split_dim
+    src: MergedSource
+    dims: dict
+    format: str
+    dtype: str
+    num_shards: int
 
-    src = MergedSource(a["base_model"], a["lora_weights"], a["allow_pickle_weights"])
-    d = llama_dims(src.config, f"--base_model {a['base_model']}")
+
+def export(args: ExportStateDictArgs, out: Output, fp: str, meta: dict) -> None:
+    """Write the (merged) model in Meta's or llama2.c's format, with its tokenizer, verified by reading it back."""
+    job = plan_conversion(args)
+    with out.produce(fp, **meta) as st:
+        if job.format == "meta":
+            files = write_meta_shards(st.dir, job)
+            write_json(st.dir / "params.json", meta_params(job.dims))
+        else:
+            write_llama2c(st.dir / "model.bin", job.src, job.dims)
+            files = ["model.bin"]
+        tok_files = copy_export_tokenizer(st.dir, args.sources, job.format)
+        verification = verify_export(st.dir, job.format, job.src, job.dims)
+        log(STAGE, f"verified: logits read back from the {job.format} {'files' if job.format == 'meta' else 'file'} "
+                   f"match the source's {'merged with the adapter ' if job.src.adapter else ''}"
+                   f"{forward.agreement(verification)}")
+        st.meta.update({"direction": "export", "format": job.format, "dtype": job.dtype, "files_written": files,
+                        "params": meta_params(job.dims), "hf_config": job.src.config, "tokenizer": tok_files,
+                        "verification": verification, "versions": library_versions("torch")})
+
+
+def plan_conversion(args: ExportStateDictArgs) -> ExportJob:
+    """Open the source (merging the adapter), check that the format can hold it, and say what is written."""
+    sources, conversion = args.sources, args.conversion
+    src = MergedSource(MergeInputs(lora_weights=sources.lora_weights, base_model=sources.base_model,
+                                   allow_pickle_weights=sources.allow_pickle_weights))
+    dims = llama_dims(src.config, f"--base_model {sources.base_model}")
     extra = [n for n in src.weights.entries if n != "lm_head.weight" and not _is_known(n, hf_to_meta_name)]
     if extra:
-        raise SuiteError(f"--base_model {a['base_model']}: tensors with no place in Meta's format: {extra[:3]}")
-    dtype = "fp32" if a["format"] == "llama2c" else (config_dtype(src.config) if a["dtype"] == "auto" else a["dtype"])
-    want = getattr(torch, CONFIG_NAMES[dtype])
-    n = a["num_shards"]
-    if a["format"] == "meta":
-        bad = [k for k in ("n_heads", "n_kv_heads", "hidden", "vocab_size", "dim") if d[k] % n]
+        raise SuiteError(f"--base_model {sources.base_model}: tensors with no place in Meta's format: {extra[:3]}")
+    fmt, n = conversion.format, conversion.num_shards
+    dtype = "fp32" if fmt == "llama2c" else (config_dtype(src.config) if conversion.dtype == "auto" else conversion.dtype)
+    if fmt == "meta":
+        bad = [k for k in ("n_heads", "n_kv_heads", "hidden", "vocab_size", "dim") if dims[k] % n]
         if bad:
-            raise UsageError(f"--num_shards {n} must divide {', '.join(f'{k} ({d[k]})' for k in bad)}")
-    what = f"{n} shard{'s' * (n > 1)}, {dtype}" if a["format"] == "meta" else "one fp32 model.bin"
-    log(STAGE, f"exporting {a['base_model']}{' + ' + a['lora_weights'] if a['lora_weights'] else ''} to "
-               f"{a['format']} ({what})")
-    with staged_dir(a["output_dir"]) as tmp:
-        if a["format"] == "meta":
-            files = []
-            for i in range(n):
-                # One shard in memory at a time: Meta's .pth shards are whole pickled dicts.
-                shard = {}
-                for name in meta_names(d):
-                    t = meta_tensor(src, d, name).to(want)
-                    dim = meta_split_dim(name)
-                    shard[name] = (t if dim is None else t.chunk(n, dim=dim)[i]).clone().contiguous()
-                path = tmp / f"consolidated.{i:02d}.pth"
-                torch.save(shard, path)
-                back = torch.load(path, map_location="cpu", weights_only=True)
-                if back.keys() != shard.keys() or not all(torch.equal(back[k], shard[k]) for k in shard):
-                    raise SuiteError(f"{path} does not read back as written")
-                files.append(path.name)
-                del shard, back
-            write_json(tmp / "params.json", meta_params(d))
-        else:
-            write_llama2c(tmp / "model.bin", src, d)
-            files = ["model.bin"]
-        tok = tokenizer_source(a["lora_weights"], a["base_model"])
-        tok_files = copy_tokenizer(tok, tmp)
-        if not tok_files:
-            no_tokenizer_warning(STAGE, {"--lora_weights": a["lora_weights"], "--base_model": a["base_model"]})
-        if a["format"] == "meta":
-            # Meta's folders hold the SentencePiece model beside the shards (its code reads nothing else). A
-            # fine-tune's folder often carries only the fast tokenizer, so the base's is looked for too.
-            spm = sentencepiece_source(a["lora_weights"], a["base_model"])
-            if spm is not None and "tokenizer.model" not in tok_files:
-                shutil.copyfile(spm, tmp / "tokenizer.model")
-                tok_files.append("tokenizer.model")
-            elif spm is None and tok_files:
-                log(STAGE, f"note: no tokenizer.model (SentencePiece) in {a['base_model']}"
-                           f"{' or ' + a['lora_weights'] if a['lora_weights'] else ''}, which Meta's own code reads "
-                           f"from beside the shards; the Hugging Face tokenizer files are copied ({', '.join(tok_files)})")
-        verification = verify_export(tmp, a["format"], src, d)
-        log(STAGE, f"verified: logits read back from the {a['format']} {'files' if a['format'] == 'meta' else 'file'} "
-                   f"match the source's {'merged with the adapter ' if src.adapter else ''}"
-                   f"{forward.agreement(verification)}")
-        finish_meta(tmp, {**meta, "direction": "export", "format": a["format"], "dtype": dtype, "files_written": files,
-                          "params": meta_params(d), "hf_config": src.config, "tokenizer": tok_files,
-                          "verification": verification, "versions": library_versions("torch")})
+            raise UsageError(f"--num_shards {n} must divide {', '.join(f'{k} ({dims[k]})' for k in bad)}")
+    what = f"{n} shard{'s' * (n > 1)}, {dtype}" if fmt == "meta" else "one fp32 model.bin"
+    log(STAGE, f"exporting {sources.base_model}{' + ' + sources.lora_weights if sources.lora_weights else ''} to "
+               f"{fmt} ({what})")
+    return ExportJob(src, dims, fmt, dtype, n)
+
+
+def write_meta_shards(folder: Path, job: ExportJob) -> list[str]:
+    """consolidated.NN.pth, split along Meta's model-parallel dimensions, each checked by reading it back."""
+    import torch
+
+    want, n = torch_dtype_of(job.dtype), job.num_shards
+    files = []
+    for i in range(n):
+        # One shard in memory at a time: Meta's .pth shards are whole pickled dicts.
+        shard = {}
+        for name in meta_names(job.dims):
+            tensor = meta_tensor(job.src, job.dims, name).to(want)
+            dim = meta_split_dim(name)
+            shard[name] = (tensor if dim is None else tensor.chunk(n, dim=dim)[i]).clone().contiguous()
+        path = folder / f"consolidated.{i:02d}.pth"
+        torch.save(shard, path)
+        back = torch.load(path, map_location="cpu", weights_only=True)
+        if back.keys() != shard.keys() or not all(torch.equal(back[k], shard[k]) for k in shard):
+            raise SuiteError(f"{path} does not read back as written")
+        files.append(path.name)
+        del shard, back
+    return files
+
+
+def copy_export_tokenizer(folder: Path, sources: Sources, fmt: str) -> list[str]:
+    """The tokenizer files of the adapter or the base; for Meta's format also its SentencePiece model."""
+    lora_weights, base_model = sources.lora_weights, sources.base_model
+    tok_files = copy_tokenizer(tokenizer_source(lora_weights, base_model), folder)
+    if not tok_files:
+        no_tokenizer_warning(STAGE, {"--lora_weights": lora_weights, "--base_model": base_model})
+    if fmt != "meta":
+        return tok_files
+    # Meta's folders hold the SentencePiece model beside the shards (its code reads nothing else). A
+    # fine-tune's folder often carries only the fast tokenizer, so the base's is looked for too.
+    spm = sentencepiece_source(lora_weights, base_model)
+    if spm is not None and "tokenizer.model" not in tok_files:
+        shutil.copyfile(spm, folder / "tokenizer.model")
+        tok_files.append("tokenizer.model")
+    elif spm is None and tok_files:
+        log(STAGE, f"note: no tokenizer.model (SentencePiece) in {base_model}"
+                   f"{' or ' + lora_weights if lora_weights else ''}, which Meta's own code reads "
+                   f"from beside the shards; the Hugging Face tokenizer files are copied ({', '.join(tok_files)})")
+    return tok_files
 
 
 def _is_known(name: str, fn) -> bool:
@@ -303,32 +375,27 @@ def _is_known(name: str, fn) -> bool:
         return False
 
 
-def write_llama2c(path: Path, src: MergedSource, d: dict) -> None:
+def write_llama2c(path: Path, src: MergedSource, dims: dict) -> None:
     """Stream the tensors into llama2.c's version-0 layout, one at a time."""
     import torch
 
-    from utils.weights.formats import llama2c_layout, rope_tables
-
-    tied = d["tied"] or ("lm_head.weight" in src.weights and torch.equal(
+    tied = dims["tied"] or ("lm_head.weight" in src.weights and torch.equal(
         src.get("lm_head.weight"), src.get("model.embed_tokens.weight")))
-    d = {**d, "tied": tied}
-    vocab = d["vocab_size"] if tied else -d["vocab_size"]
-    cos, sin = rope_tables(d)
+    dims = {**dims, "tied": tied}
+    vocab = dims["vocab_size"] if tied else -dims["vocab_size"]
+    cos, sin = rope_tables(dims)
     with open(path, "wb") as f:
-        f.write(struct.pack("<7i", d["dim"], d["hidden"], d["n_layers"], d["n_heads"], d["n_kv_heads"], vocab,
-                            d["max_seq_len"]))
-        for name, shape in llama2c_layout(d):
-            t = cos if name == "rope.cos" else sin if name == "rope.sin" else meta_tensor(src, d, name)
+        f.write(struct.pack("<7i", dims["dim"], dims["hidden"], dims["n_layers"], dims["n_heads"], dims["n_kv_heads"], vocab,
+                            dims["max_seq_len"]))
+        for name, shape in llama2c_layout(dims):
+            t = cos if name == "rope.cos" else sin if name == "rope.sin" else meta_tensor(src, dims, name)
             if tuple(t.shape) != shape:
                 raise SuiteError(f"tensor {name} has shape {tuple(t.shape)}, llama2.c expects {shape}")
             f.write(memoryview(t.float().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def verify_export(folder: Path, fmt: str, src: MergedSource, d: dict) -> dict:
+def verify_export(folder: Path, fmt: str, src: MergedSource, dims: dict) -> dict:
     """Logits of the written checkpoint (read back through the import path) vs the source (+ adapter unmerged)."""
-    from utils.weights import forward
-    from utils.weights.formats import hf_llama_config
-
     reader = MetaReader(folder) if fmt == "meta" else Llama2cReader(next(folder.glob("*.bin")))
     config = {**hf_llama_config(reader.dims, "fp32"), "bos_token_id": src.config.get("bos_token_id")}
     ids = forward.probe_ids(config)
@@ -344,15 +411,13 @@ def verify_export(folder: Path, fmt: str, src: MergedSource, d: dict) -> dict:
 # Meta / llama2.c -> Hugging Face
 
 
-def meta_to_rotate_half(meta_name: str, t, dims: dict):
+def meta_to_rotate_half(meta_name: str, tensor, dims: dict):
     """A Meta-layout tensor with its q/k rows put back in Hugging Face's rotate-half order."""
-    from utils.weights.formats import to_rotate_half
-
     if meta_name.endswith("attention.wq.weight"):
-        return to_rotate_half(t, dims["n_heads"])
+        return to_rotate_half(tensor, dims["n_heads"])
     if meta_name.endswith("attention.wk.weight"):
-        return to_rotate_half(t, dims["n_kv_heads"])
-    return t
+        return to_rotate_half(tensor, dims["n_kv_heads"])
+    return tensor
 
 
 class MetaReader:
@@ -360,8 +425,6 @@ class MetaReader:
 
     def __init__(self, folder: Path):
         import torch
-
-        from utils.weights.formats import META_ROPE_THETA, meta_hidden_dim
 
         self.folder = Path(folder)
         paths = sorted(self.folder.glob("consolidated.*.pth"))
@@ -394,12 +457,10 @@ class MetaReader:
                      "norm_eps": params.get("norm_eps", 1e-5),
                      "rope_theta": float(params.get("rope_theta", META_ROPE_THETA)),  # absent in Llama 1/2 folders
                      "max_seq_len": params.get("max_seq_len", 2048), "tied": False}
-        self.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[emb.dtype]
+        self.dtype = name_of(emb.dtype)
 
     def tensor(self, meta_name: str):
         import torch
-
-        from utils.weights.formats import meta_split_dim
 
         parts = [s[meta_name] for s in self.shards]
         dim = meta_split_dim(meta_name)
@@ -409,15 +470,10 @@ class MetaReader:
         return meta_to_rotate_half(meta_name, t, self.dims)
 
     def hf_items(self) -> list[tuple[str, str]]:
-        from utils.weights.formats import meta_to_hf_name
-
         return [(meta_to_hf_name(m), m) for m in meta_names(self.dims)]
 
     def weights(self):
         """A lazy ModelWeights view by Hugging Face names (the verification forward reads it)."""
-        from utils.weights.shards import Entry, ModelWeights
-        from utils.dtypes import dtype_code
-
         entries = {}
         for hf, m in self.hf_items():
             proto = self.shards[0][m]
@@ -425,10 +481,8 @@ class MetaReader:
             entries[hf] = Entry(hf, dtype_code(proto.dtype), shape, self.folder, pickled=lambda m=m: self.tensor(m))
         return ModelWeights.from_entries(self.folder, entries)
 
-    def _shape(self, m, proto):
-        from utils.weights.formats import meta_split_dim
-
-        dim = self.embed_dim if m == "tok_embeddings.weight" else meta_split_dim(m)
+    def _shape(self, meta_name: str, proto):
+        dim = self.embed_dim if meta_name == "tok_embeddings.weight" else meta_split_dim(meta_name)
         shape = list(proto.shape)
         if dim is not None:
             shape[dim] *= len(self.shards)
@@ -439,8 +493,6 @@ class Llama2cReader:
     """A llama2.c version-0 checkpoint as Hugging Face tensors (q/k rows back to rotate-half)."""
 
     def __init__(self, path: Path):
-        from utils.weights.formats import llama2c_layout, read_llama2c_header
-
         self.path = Path(path)
         self.dims = read_llama2c_header(self.path)
         self.dtype = "fp32"
@@ -458,16 +510,12 @@ class Llama2cReader:
         return meta_to_rotate_half(meta_name, self.tensor_raw(meta_name), self.dims)
 
     def hf_items(self) -> list[tuple[str, str]]:
-        from utils.weights.formats import meta_to_hf_name
-
         names = meta_names(self.dims)
         if self.dims["tied"]:
             names.remove("output.weight")
         return [(meta_to_hf_name(m), m) for m in names]
 
     def weights(self):
-        from utils.weights.shards import Entry, ModelWeights
-
         entries = {hf: Entry(hf, "F32", self.offsets[m][1], self.path, pickled=lambda m=m: self.tensor(m))
                    for hf, m in self.hf_items()}
         return ModelWeights.from_entries(self.path.parent, entries)
@@ -476,15 +524,11 @@ class Llama2cReader:
         """Whether the file's RoPE tables are the standard ones for its shape (theta 10000)."""
         import torch
 
-        from utils.weights.formats import rope_tables
-
         cos, sin = rope_tables(self.dims)
         got = [self.tensor_raw(n) for n in ("rope.cos", "rope.sin")]
         return bool(torch.allclose(got[0], cos, atol=1e-5) and torch.allclose(got[1], sin, atol=1e-5))
 
     def tensor_raw(self, name: str):
-        from utils.weights.shards import Entry, read_entry
-
         start, shape = self.offsets[name]
         n = 1
         for s in shape:
@@ -492,61 +536,88 @@ class Llama2cReader:
         return read_entry(Entry(name, "F32", shape, self.path, start, start + 4 * n))
 
 
-def import_to_hf(a: dict, kind: str, meta: dict) -> None:
-    import torch
+def import_to_hf(args: ExportStateDictArgs, kind: str, out: Output, fp: str, meta: dict) -> None:
+    """Write a Hugging Face Llama from a Meta or llama2.c checkpoint: shards, config, tokenizer; checked to run."""
+    src = Path(args.sources.base_model)
+    reader = open_checkpoint(src, kind)
+    dtype = reader.dtype if args.conversion.dtype == "auto" else args.conversion.dtype
+    dims, items = tied_items(reader, kind)
+    folder = src if src.is_dir() else src.parent
+    config = imported_config(folder, kind, dims, dtype)
+    view = reader.weights()
+    layout = [(hf, dtype_code(torch_dtype_of(dtype)), view.entries[hf].shape) for hf, _ in items]
+    log(STAGE, f"importing {kind} checkpoint {src} ({len(items)} tensors) -> Hugging Face Llama ({dtype})")
+    with out.produce(fp, **meta) as st:
+        st.known_hashes.update(write_imported(st.dir, reader, items, layout, dtype,
+                                              parse_size(args.conversion.max_shard_size)))
+        write_json(st.dir / "config.json", config)
+        tok_files = copy_import_tokenizer(st.dir, args.sources.tokenizer, folder)
+        check_imported(st.dir, config)
+        st.meta.update({"direction": "import", "format": kind, "dtype": dtype, "tokenizer": tok_files,
+                        "tied": dims["tied"], "versions": library_versions("torch", "safetensors")})
 
-    from utils.artifacts import finish_meta, library_versions, read_meta, staged_dir, write_json
-    from utils.dtypes import CONFIG_NAMES
-    from utils.weights.convert import copy_tokenizer, log, no_tokenizer_warning, tokenizer_source
-    from utils.weights.formats import hf_llama_config
-    from utils.weights.shards import ShardWriter
-    from utils.dtypes import dtype_code
-    from utils.cli import parse_size
 
-    src = Path(a["base_model"])
+def open_checkpoint(src: Path, kind: str):
+    """A reader of the Meta folder or llama2.c file (refusing a llama2.c file whose RoPE is not theta 10000's)."""
     reader = MetaReader(src) if kind == "meta" else Llama2cReader(src)
     if kind == "llama2c" and not reader.check_rope():
         raise SuiteError(f"--base_model {src}: its RoPE tables are not theta 10000's; cannot tell the model's rope theta")
-    dtype = reader.dtype if a["dtype"] == "auto" else a["dtype"]
-    want = getattr(torch, CONFIG_NAMES[dtype])
+    return reader
+
+
+def tied_items(reader, kind: str) -> tuple[dict, list[tuple[str, str]]]:
+    """The checkpoint's dimensions and (Hugging Face, Meta) names of the tensors written: a Meta output matrix
+    equal to the embeddings is not written (the model is tied)."""
+    import torch
+
     items = reader.hf_items()
-    view = reader.weights()
-    d = dict(reader.dims)
+    dims = dict(reader.dims)
     if kind == "meta":  # Meta always stores the output matrix; equal to the embeddings means tied
         if torch.equal(reader.tensor("output.weight"), reader.tensor("tok_embeddings.weight")):
-            d["tied"] = True
+            dims["tied"] = True
             items = [(h, m) for h, m in items if m != "output.weight"]
-    folder = src if src.is_dir() else src.parent
-    recorded = read_meta(folder) if kind == "meta" else None
-    config = hf_llama_config(d, dtype)
-    if recorded and recorded.get("stage") == STAGE and recorded.get("hf_config"):
-        config = {**recorded["hf_config"], "dtype": CONFIG_NAMES[dtype]}  # the exact config this was exported from
-        config.pop("torch_dtype", None)
-    plan = [(h, dtype_code(want), view.entries[h].shape) for h, _ in items]
-    log(STAGE, f"importing {kind} checkpoint {src} ({len(items)} tensors) -> Hugging Face Llama ({dtype})")
-    with staged_dir(a["output_dir"]) as tmp:
-        writer = ShardWriter(tmp, plan, parse_size(a["max_shard_size"]))
-        try:
-            for hf, m in items:
-                writer.write(hf, reader.tensor(m).to(want).contiguous())
-            files = writer.close()
-        finally:
-            writer.abort()
-        write_json(tmp / "config.json", config)
-        tok = Path(a["tokenizer"]) if a["tokenizer"] else tokenizer_source(folder)
-        tok_files = copy_tokenizer(tok, tmp)
-        if not tok_files:
-            no_tokenizer_warning(STAGE, {"--tokenizer": a["tokenizer"]} if a["tokenizer"] else {"--base_model": folder},
-                                 " (give --tokenizer DIR: a folder with the model's tokenizer files)")
-        from utils.weights import forward
-        from utils.weights.shards import ModelWeights
+    return dims, items
 
-        logits = forward.logits(config, forward.WeightSource(ModelWeights(tmp)), forward.probe_ids(config))
-        if not torch.isfinite(logits).all():
-            raise SuiteError("the imported model gives non-finite logits; nothing written")
-        finish_meta(tmp, {**meta, "direction": "import", "format": kind, "dtype": dtype, "tokenizer": tok_files,
-                          "tied": d["tied"], "versions": library_versions("torch", "safetensors")},
-                    known_hashes=files)
+
+def imported_config(folder: Path, kind: str, dims: dict, dtype: str) -> dict:
+    """config.json: the exact config a Meta folder of ours was exported from, else one built from the dimensions."""
+    recorded = read_output(folder) if kind == "meta" else None
+    if recorded and recorded.stage == STAGE and recorded.raw.get("hf_config"):
+        config = {**recorded.raw["hf_config"], "dtype": CONFIG_NAMES[dtype]}  # the exact config this was exported from
+        config.pop("torch_dtype", None)
+        return config
+    return hf_llama_config(dims, dtype)
+
+
+def write_imported(folder: Path, reader, items: list, layout: list, dtype: str, limit: int) -> dict:
+    """Stream the tensors into safetensors shards; their hashes."""
+    want = torch_dtype_of(dtype)
+    writer = ShardWriter(folder, layout, limit)
+    try:
+        for hf, m in items:
+            writer.write(hf, reader.tensor(m).to(want).contiguous())
+        return writer.close()
+    finally:
+        writer.abort()
+
+
+def copy_import_tokenizer(folder: Path, tokenizer: str | None, beside: Path) -> list[str]:
+    """The tokenizer files of --tokenizer, else those beside the checkpoint (a warning if there are none)."""
+    tok = Path(tokenizer) if tokenizer else tokenizer_source(beside)
+    tok_files = copy_tokenizer(tok, folder)
+    if not tok_files:
+        no_tokenizer_warning(STAGE, {"--tokenizer": tokenizer} if tokenizer else {"--base_model": beside},
+                             " (give --tokenizer DIR: a folder with the model's tokenizer files)")
+    return tok_files
+
+
+def check_imported(folder: Path, config: dict) -> None:
+    """The written model runs: finite logits on the probe prompt (read layer by layer from disk)."""
+    import torch
+
+    logits = forward.logits(config, forward.WeightSource(ModelWeights(folder)), forward.probe_ids(config))
+    if not torch.isfinite(logits).all():
+        raise SuiteError("the imported model gives non-finite logits; nothing written")
 
 
 if __name__ == "__main__":

@@ -21,19 +21,154 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from utils.errors import SuiteError, UsageError
+from utils.args import Group, StageArgs, unfingerprinted
+from utils.artifacts import sha256_json
 from utils.cli import run
+from utils.data.templates import Message
+from utils.distributed import from_env
+from utils.errors import SuiteError, UsageError
+from utils.inference.loading import template_problems
+from utils.jsonl import JsonlAppender, done_keys, key_of, line_refs, read_keyed, write_jsonl
 
 EXIT_WORDS = ("exit", "stop", "quit")
 CLEAR_WORDS = ("clear", "reset")
+
+
+# -- flags, by concern ---------------------------------------------------------------------------
+
+_RESOLVED = "counts as what it resolves to (the model record among the fingerprint's inputs): the same model " \
+            "named another way gives the same answers"
+_PLACEMENT = "where the model runs, not what it answers: a batch may resume on other devices"
+_PERMISSION = "a permission: it only allows what is otherwise refused"
+
+
+@dataclass(frozen=True)
+class Loading(Group):
+    """Which model to load and how (utils.inference.loading.prepare's arguments)."""
+
+    base_model: str = unfingerprinted("", why=_RESOLVED)
+    lora_weights: str = unfingerprinted("", why=_RESOLVED)
+    load_8bit: bool = False
+    load_4bit: bool = False
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = unfingerprinted("auto", why=_RESOLVED)
+    device: str = unfingerprinted("auto", why=_PLACEMENT)
+    device_map: Literal["auto", "balanced", "sequential"] | None = unfingerprinted(None, why=_PLACEMENT)
+    max_memory: str | None = unfingerprinted(None, why=_PLACEMENT)
+    fast: Literal["auto", "on", "off"] = unfingerprinted(
+        "auto", why="the lean decode path gives the generic path's tokens (tests/test_generate_engine.py)")
+    trust_remote_code: bool = unfingerprinted(False, why=_PERMISSION)
+    allow_pickle_weights: bool = unfingerprinted(False, why=_PERMISSION)
+    allow_base_mismatch: bool = unfingerprinted(False, why=_PERMISSION)
+
+    def problems(self) -> list[str]:
+        return [] if self.base_model or self.lora_weights else ["--base_model or --lora_weights is required"]
+
+
+@dataclass(frozen=True)
+class Prompting(Group):
+    """How a request becomes a prompt: the template, the system message, and what to do with a long prompt."""
+
+    prompt_template: str = ""
+    system: str | None = None
+    truncate_prompt: bool = False
+
+    def problems(self) -> list[str]:
+        return template_problems(self.prompt_template)
+
+
+@dataclass(frozen=True)
+class OneShot(Group):
+    """The one-shot request (none of it in batch mode or chat)."""
+
+    instruction: str | None = None
+    input: str | None = None
+    prompt: str | None = None
+
+    def problems(self) -> list[str]:
+        return ["--input goes with --instruction"] if self.input is not None and self.instruction is None else []
+
+
+@dataclass(frozen=True)
+class Sampling(Group):
+    """Decoding: the fields of utils.inference.generation.Settings, which ``settings()`` builds."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    regulation_start: int = 0
+    max_time: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    def settings(self):
+        from utils.inference.generation import Settings  # imports torch
+
+        return Settings(**{**self.values(), "stop": list(self.stop)})
+
+    def problems(self) -> list[str]:
+        return self.settings().problems()
+
+
+@dataclass(frozen=True)
+class BatchIO(Group):
+    """Batch mode: the files, the row fields, batching and the bad-row rule."""
+
+    input_file: str | None = unfingerprinted(
+        None, why="rows are matched by id, so a run resumes whichever file holds them (rows may be added)")
+    output_file: str | None = unfingerprinted(None, why="where the answers are written")
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    id_field: str = ""
+    batch_size: int = unfingerprinted(
+        16, why="rows decoded together: greedy output does not depend on it, and a resumed run may use another")
+    strict: bool = unfingerprinted(False, why="decides whether a bad row stops the run, not what a row's answer is")
+    max_bad_fraction: float = unfingerprinted(0.01, why="decides whether the run starts, not what an answer is")
+    overwrite: bool = unfingerprinted(False, why=_PERMISSION)
+
+    def problems(self) -> list[str]:
+        problems = []
+        if (self.input_file is None) != (self.output_file is None):
+            problems.append("--input_file and --output_file go together")
+        if not 0 <= self.max_bad_fraction <= 1:
+            problems.append(f"--max_bad_fraction must be between 0 and 1, got {self.max_bad_fraction}")
+        if self.batch_size < 1:
+            problems.append(f"--batch_size must be >= 1, got {self.batch_size}")
+        return problems
+
+
+@dataclass(frozen=True)
+class GenerateArgs(StageArgs):
+    STAGE = "generate"
+
+    loading: Loading
+    prompting: Prompting
+    request: OneShot
+    sampling: Sampling
+    batch: BatchIO
+
+
+Args = GenerateArgs
 
 
 def main(
@@ -135,68 +270,59 @@ def main(
         allow_pickle_weights: Accept pytorch_model.bin / adapter_model.bin (loaded with weights_only=True).
         allow_base_mismatch: Apply an adapter to a base whose fingerprint differs from the one it was trained on.
     """
-    args = dict(locals())
-    args["stop"] = list(stop)
+    args = GenerateArgs.from_flags(dict(locals()))
     settings, mode = validate(args)
     if mode == "batch":
         return batch(args, settings)
-    engine, loaded = build_engine(args, raw=args["prompt"] is not None)
+    engine, loaded = build_engine(args.loading, args.prompting, raw=args.request.prompt is not None)
     if mode == "one-shot":
-        one_shot(engine, loaded, args, settings)
+        one_shot(engine, loaded, args.request, args.prompting, settings)
     else:
-        chat(engine, loaded, args, settings)
+        chat(engine, loaded, args.prompting, settings)
 
 
-def generation_settings(a: dict):
-    from utils.inference.generation import Settings
-
-    return Settings(max_new_tokens=a["max_new_tokens"], min_new_tokens=a["min_new_tokens"],
-                    temperature=a["temperature"], top_p=a["top_p"], top_k=a["top_k"], num_beams=a["num_beams"],
-                    repetition_penalty=a["repetition_penalty"], length_penalty=a["length_penalty"],
-                    regulation_start=a["regulation_start"], max_time=a["max_time"], seed=a["seed"],
-                    stop=list(a["stop"]))
+def generation_settings(sampling: Sampling):
+    """The engine's Settings for the sampling flags."""
+    return sampling.settings()
 
 
-def validate(a: dict):
+def validate(args: GenerateArgs):
     """All argument problems at once; returns (settings, mode)."""
-    settings = generation_settings(a)
-    problems = settings.problems()
-    if not a["base_model"] and not a["lora_weights"]:
-        problems.append("--base_model or --lora_weights is required")
-    one = [f for f in ("instruction", "prompt", "input_file") if a[f] is not None]
+    request, io = args.request, args.batch
+    settings = generation_settings(args.sampling)
+    one = [flag for flag, value in (("instruction", request.instruction), ("prompt", request.prompt),
+                                    ("input_file", io.input_file)) if value is not None]
+    problems = settings.problems() + args.loading.problems()
     if len(one) > 1:
         problems.append(f"--{' and --'.join(one)} exclude each other (one mode at a time)")
-    if a["input"] is not None and a["instruction"] is None:
-        problems.append("--input goes with --instruction")
-    if (a["input_file"] is None) != (a["output_file"] is None):
-        problems.append("--input_file and --output_file go together")
-    from utils.inference.loading import template_problems
-
-    problems += template_problems(a["prompt_template"])
-    if not 0 <= a["max_bad_fraction"] <= 1:
-        problems.append(f"--max_bad_fraction must be between 0 and 1, got {a['max_bad_fraction']}")
-    if a["batch_size"] < 1:
-        problems.append(f"--batch_size must be >= 1, got {a['batch_size']}")
-    if a["input_file"] is not None and not Path(a["input_file"]).is_file():
-        problems.append(f"--input_file {a['input_file']}: no such file")
-    if a["output_file"] is not None and a["input_file"] is not None and \
-            Path(a["output_file"]).absolute() == Path(a["input_file"]).absolute():
-        problems.append("--output_file must not be the input file")
+    problems += request.problems() + io.problems() + args.prompting.problems() + file_problems(io)
     if problems:
         raise UsageError("\n".join(problems))
-    mode = "batch" if a["input_file"] else "one-shot" if one else "chat"
+    mode = "batch" if io.input_file else "one-shot" if one else "chat"
     return settings, mode
 
 
-def plan_loading(a: dict, raw: bool = False):
+def file_problems(io: BatchIO) -> list[str]:
+    """The batch files: the input exists and is not also the output."""
+    problems = []
+    if io.input_file is not None and not Path(io.input_file).is_file():
+        problems.append(f"--input_file {io.input_file}: no such file")
+    if io.output_file is not None and io.input_file is not None and \
+            Path(io.output_file).absolute() == Path(io.input_file).absolute():
+        problems.append("--output_file must not be the input file")
+    return problems
+
+
+def plan_loading(loading: Loading, prompting: Prompting, raw: bool = False):
     """Check the model arguments and load tokenizer and template, without reading weights (utils.inference.loading.prepare).
     A raw ``--prompt`` has no template; otherwise a model that carries none gets alpaca."""
     from utils.inference.loading import prepare
 
-    plan = prepare(a["base_model"] or None, a["lora_weights"] or None, prompt_template=a["prompt_template"] or None,
-                   dtype=a["dtype"], device=a["device"], load_8bit=a["load_8bit"], load_4bit=a["load_4bit"],
-                   device_map=a["device_map"], max_memory=a["max_memory"], trust_remote_code=a["trust_remote_code"],
-                   allow_pickle_weights=a["allow_pickle_weights"], allow_base_mismatch=a["allow_base_mismatch"])
+    plan = prepare(loading.base_model or None, loading.lora_weights or None,
+                   prompt_template=prompting.prompt_template or None, dtype=loading.dtype, device=loading.device,
+                   load_8bit=loading.load_8bit, load_4bit=loading.load_4bit, device_map=loading.device_map,
+                   max_memory=loading.max_memory, trust_remote_code=loading.trust_remote_code,
+                   allow_pickle_weights=loading.allow_pickle_weights, allow_base_mismatch=loading.allow_base_mismatch)
     if raw:
         plan.template = None  # sent as is: EOS and --stop end it, never a template's stop strings
         plan.info["template"] = None
@@ -210,13 +336,13 @@ def plan_loading(a: dict, raw: bool = False):
     return plan
 
 
-def build_engine(a: dict, log=None, plan=None, raw: bool = False):
+def build_engine(loading: Loading, prompting: Prompting, log=None, plan=None, raw: bool = False):
     """(Engine, Loaded) for the arguments; ``plan`` from ``plan_loading`` when the checks already ran."""
     from utils.inference.generation import Engine
     from utils.inference.loading import load_model
 
-    loaded = load_model(plan or plan_loading(a, raw=raw), log=log)
-    fast = {"auto": None, "on": True, "off": False}[a["fast"]]
+    loaded = load_model(plan or plan_loading(loading, prompting, raw=raw), log=log)
+    fast = {"auto": None, "on": True, "off": False}[loading.fast]
     try:
         engine = Engine(loaded.model, loaded.tokenizer, loaded.template, fast=fast)
     except ValueError as exc:
@@ -233,10 +359,10 @@ def render(template, messages: list, input: str | None = None) -> tuple[str, boo
     return rendered.text, rendered.add_special_tokens
 
 
-def fitted_ids(engine, text: str, special: bool, a: dict, what: str) -> list[int]:
+def fitted_ids(engine, text: str, special: bool, max_new_tokens: int, truncate: bool, what: str) -> list[int]:
     ids = engine.encode(text, add_special_tokens=special)
     try:
-        return engine.fit(ids, a["max_new_tokens"], truncate=a["truncate_prompt"])
+        return engine.fit(ids, max_new_tokens, truncate=truncate)
     except ValueError as exc:
         raise SuiteError(f"{what}: {exc}; shorten it, lower --max_new_tokens, or pass --truncate_prompt") from None
 
@@ -244,16 +370,14 @@ def fitted_ids(engine, text: str, special: bool, a: dict, what: str) -> list[int
 # -- one-shot ------------------------------------------------------------------------------------
 
 
-def one_shot(engine, loaded, a: dict, settings) -> None:
-    from utils.data.templates import Message
-
-    if a["prompt"] is not None:
-        text, special, what = a["prompt"], True, "--prompt"
+def one_shot(engine, loaded, request: OneShot, prompting: Prompting, settings) -> None:
+    if request.prompt is not None:
+        text, special, what = request.prompt, True, "--prompt"
     else:
-        messages = ([Message("system", a["system"])] if a["system"] else []) + [Message("user", a["instruction"])]
-        text, special = render(loaded.template, messages, input=a["input"])
+        system = [Message("system", prompting.system)] if prompting.system else []
+        text, special = render(loaded.template, system + [Message("user", request.instruction)], input=request.input)
         what = "--instruction"
-    ids = fitted_ids(engine, text, special, a, what)
+    ids = fitted_ids(engine, text, special, settings.max_new_tokens, prompting.truncate_prompt, what)
     started = time.perf_counter()
     stream = engine.stream(ids, settings)
     out = sys.stdout
@@ -262,19 +386,18 @@ def one_shot(engine, loaded, a: dict, settings) -> None:
         out.flush()
     out.write("\n")
     out.flush()
-    c = stream.completion
+    completion = stream.completion
     took = time.perf_counter() - started
-    print(f"generate: {c.new_tokens} tokens in {took:.2f}s ({c.new_tokens / max(took, 1e-9):.1f} tokens/s), "
-          f"finish: {c.finish_reason}", file=sys.stderr)
+    print(f"generate: {completion.new_tokens} tokens in {took:.2f}s "
+          f"({completion.new_tokens / max(took, 1e-9):.1f} tokens/s), finish: {completion.finish_reason}",
+          file=sys.stderr)
 
 
 # -- chat ----------------------------------------------------------------------------------------
 
 
-def chat(engine, loaded, a: dict, settings, stdin=None, stdout=None, stderr=None) -> None:
+def chat(engine, loaded, prompting: Prompting, settings, stdin=None, stdout=None, stderr=None) -> None:
     """Multi-turn chat: stdin lines in, streamed answers on stdout, prompts and notes on stderr."""
-    from utils.data.templates import Message
-
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     template = loaded.template
     multi_turn = template.kind != "instruction"
@@ -284,57 +407,70 @@ def chat(engine, loaded, a: dict, settings, stdin=None, stdout=None, stderr=None
           ("" if multi_turn else " (An instruction template: every turn is answered on its own.)"), file=stderr)
     history: list = []
     while True:
-        try:
-            if tty:
-                stderr.write("\nUser: ")
-                stderr.flush()
-            line = stdin.readline()
-        except KeyboardInterrupt:
-            stderr.write("\n")
-            continue
-        if not line:
+        query = read_query(stdin, stderr, tty)
+        if query is None or query.lower() in EXIT_WORDS:
             break
-        query = line.strip()
         if not query:
             continue
-        if query.lower() in EXIT_WORDS:
-            break
         if query.lower() in CLEAR_WORDS:
             history = []
             print("(conversation cleared)", file=stderr)
             continue
-        turns = history if multi_turn else []
-        base = [Message("system", a["system"])] if a["system"] else []
-        dropped = 0
-        while True:
-            messages = base + turns + [Message("user", query)]
-            text, special = render(template, messages)
-            ids = engine.encode(text, add_special_tokens=special)
-            if len(ids) + settings.max_new_tokens <= engine.context_len or not turns:
-                break
-            turns, dropped = turns[2:], dropped + 1  # the oldest user/assistant pair goes first
-        if dropped:
-            print(f"(dropped the {dropped} oldest turn(s) to fit the context)", file=stderr)
+        base = [Message("system", prompting.system)] if prompting.system else []
+        ids, turns = fit_conversation(engine, template, base, history if multi_turn else [], query, settings, stderr)
         try:
-            ids = engine.fit(ids, settings.max_new_tokens, truncate=a["truncate_prompt"])
+            ids = engine.fit(ids, settings.max_new_tokens, truncate=prompting.truncate_prompt)
         except ValueError as exc:
             print(f"generate: this message is too long: {exc} (pass --truncate_prompt to cut it)", file=stderr)
             continue
-        if tty:
-            stderr.write("Assistant: ")
-            stderr.flush()
-        stream = engine.stream(ids, settings)
-        try:
-            for chunk in stream:
-                stdout.write(chunk)
-                stdout.flush()
-        except KeyboardInterrupt:
-            stream.close()
-            print("\n(answer stopped)", file=stderr)
-        stdout.write("\n")
-        stdout.flush()
-        answer = stream.completion.text
+        answer = stream_answer(engine, ids, settings, stdout, stderr, tty)
         history = turns + [Message("user", query), Message("assistant", answer)] if multi_turn else []
+
+
+def read_query(stdin, stderr, tty: bool) -> str | None:
+    """The user's next line, stripped ("" for a blank line or Ctrl-C at the prompt); None at end of input."""
+    try:
+        if tty:
+            stderr.write("\nUser: ")
+            stderr.flush()
+        line = stdin.readline()
+    except KeyboardInterrupt:
+        stderr.write("\n")
+        return ""
+    return line.strip() if line else None
+
+
+def fit_conversation(engine, template, base: list, turns: list, query: str, settings, stderr) -> tuple[list, list]:
+    """(prompt ids, the earlier turns kept): the oldest user/assistant pairs go first until the answer fits."""
+    dropped = 0
+    while True:
+        messages = base + turns + [Message("user", query)]
+        text, special = render(template, messages)
+        ids = engine.encode(text, add_special_tokens=special)
+        if len(ids) + settings.max_new_tokens <= engine.context_len or not turns:
+            break
+        turns, dropped = turns[2:], dropped + 1
+    if dropped:
+        print(f"(dropped the {dropped} oldest turn(s) to fit the context)", file=stderr)
+    return ids, turns
+
+
+def stream_answer(engine, ids: list[int], settings, stdout, stderr, tty: bool) -> str:
+    """Stream one answer to stdout; Ctrl-C stops the answer, not the chat. Returns the answer's text."""
+    if tty:
+        stderr.write("Assistant: ")
+        stderr.flush()
+    stream = engine.stream(ids, settings)
+    try:
+        for chunk in stream:
+            stdout.write(chunk)
+            stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        print("\n(answer stopped)", file=stderr)
+    stdout.write("\n")
+    stdout.flush()
+    return stream.completion.text
 
 
 # -- batch ---------------------------------------------------------------------------------------
@@ -343,157 +479,122 @@ def chat(engine, loaded, a: dict, settings, stdin=None, stdout=None, stderr=None
 ID_FIELDS = ("id", "question_id", "conversation_id")
 
 
-def read_rows(path: str, a: dict) -> tuple[list[dict], dict]:
+def read_rows(path: str, io: BatchIO, system: str | None = None) -> tuple[list[dict], dict]:
     """Rows of ``path`` as {line, id, row, messages, input}; bad rows counted by reason with line numbers.
 
     Raises:
         SuiteError: an unreadable or empty file, no usable row, or (with --strict) the first bad row.
     """
-    from utils.data.templates import Message
-
-    p = Path(path)
-    try:
-        raw = p.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SuiteError(f"--input_file {path}: cannot read it ({exc})") from None
-    if not raw.strip():
-        raise SuiteError(f"--input_file {path}: empty file")
-    records: list[tuple[int, Any]] = []
     bad: dict[str, list[int]] = {}
 
     def problem(reason: str, line: int) -> None:
-        if a["strict"]:
+        if io.strict:
             raise SuiteError(f"--input_file {path}:{line}: {reason} (--strict)")
         bad.setdefault(reason, []).append(line)
 
-    text = raw.lstrip()
-    if text.startswith("["):
-        try:
-            array = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SuiteError(f"--input_file {path}: not valid JSON ({exc})") from None
-        records = list(enumerate(array, 1))
-    else:
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((n, json.loads(line)))
-            except json.JSONDecodeError:
-                problem("not valid JSON", n)
-    rows = []
+    rows: list[dict] = []
     seen_ids: set = set()
-    for n, rec in records:
-        if not isinstance(rec, dict):
-            problem("not a JSON object", n)
-            continue
-        rid = rec.get(a["id_field"]) if a["id_field"] else next((rec[f] for f in ID_FIELDS if f in rec), None)
-        if a["id_field"] and rid is None:
-            problem(f"no {a['id_field']!r} field", n)
-            continue
-        rid = n if rid is None else rid
-        if json.dumps(rid) in seen_ids:
-            problem(f"duplicate id {rid!r}", n)
-            continue
-        messages, extra = None, None
-        if a["messages_field"] in rec:
-            msgs = rec[a["messages_field"]]
-            if not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in msgs):
-                problem(f"{a['messages_field']!r} is not a list of {{role, content}}", n)
-                continue
-            if msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]  # a reference answer is not part of the prompt
-            messages = [Message(m["role"], m["content"]) for m in msgs]
-            if not any(m.role == "user" for m in messages):
-                problem("no user message", n)
-                continue
-        else:
-            query = rec.get(a["instruction_field"], rec.get(a["text_field"]))
-            if not isinstance(query, str) or not query.strip():
-                problem(f"no {a['instruction_field']!r} or {a['text_field']!r} text", n)
-                continue
-            extra = rec.get(a["input_field"]) if a["instruction_field"] in rec else None
-            if extra is not None and not isinstance(extra, str):
-                problem(f"{a['input_field']!r} is not a string", n)
-                continue
-            messages = [Message("user", query)]
-        if a["system"] and messages[0].role != "system":
-            messages = [Message("system", a["system"])] + messages
-        seen_ids.add(json.dumps(rid))
-        rows.append({"line": n, "id": rid, "row": rec, "messages": messages, "input": extra or None})
+    for n, rec in read_records(path, problem):
+        row = read_row(n, rec, io, system, seen_ids, problem)
+        if row is not None:
+            seen_ids.add(key_of(row["id"]))
+            rows.append(row)
     if not rows:
         detail = "; ".join(f"{k}: {len(v)}" for k, v in bad.items())
         raise SuiteError(f"--input_file {path}: no usable row ({detail or 'no rows'})")
     return rows, bad
 
 
-def settings_key(a: dict, info: dict, settings) -> dict:
-    """What determines the answers: resumed rows must have been produced with the same."""
-    return {"model": {k: info.get(k) for k in ("base_model", "adapter", "template", "dtype", "quantization")},
-            "settings": settings.to_json(), "truncate_prompt": a["truncate_prompt"],
-            "system": a["system"], "prompt_template": a["prompt_template"] or None}
-
-
-def _read_done(paths: list[Path]) -> dict[str, dict]:
-    """Answered rows of earlier (possibly crashed) runs by id; a torn last line is ignored."""
-    done = {}
-    for path in paths:
+def read_records(path: str, problem) -> list[tuple[int, Any]]:
+    """(line or array position, value) of a JSONL file or a JSON array; a line that is not JSON goes to ``problem``."""
+    try:
+        raw = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SuiteError(f"--input_file {path}: cannot read it ({exc})") from None
+    if not raw.strip():
+        raise SuiteError(f"--input_file {path}: empty file")
+    text = raw.lstrip()
+    if text.startswith("["):
         try:
-            lines = path.read_text(encoding="utf-8").split("\n")
-        except (OSError, UnicodeDecodeError):
+            return list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as exc:
+            raise SuiteError(f"--input_file {path}: not valid JSON ({exc})") from None
+    records = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
             continue
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the torn tail of a killed run
-            if isinstance(rec, dict) and "id" in rec:
-                done[json.dumps(rec["id"])] = rec
-    return done
+        try:
+            records.append((n, json.loads(line)))
+        except json.JSONDecodeError:
+            problem("not valid JSON", n)
+    return records
 
 
-def _append(f, records: list[dict]) -> None:
-    """Whole lines only, each batch made durable before the next starts."""
-    if not records:
-        return
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    f.flush()
-    os.fsync(f.fileno())
+def read_row(n: int, rec: Any, io: BatchIO, system: str | None, seen_ids: set, problem) -> dict | None:
+    """One row as {line, id, row, messages, input}, or None after reporting why it is bad to ``problem``."""
+    if not isinstance(rec, dict):
+        return problem("not a JSON object", n)
+    rid = rec.get(io.id_field) if io.id_field else next((rec[f] for f in ID_FIELDS if f in rec), None)
+    if io.id_field and rid is None:
+        return problem(f"no {io.id_field!r} field", n)
+    rid = n if rid is None else rid
+    if key_of(rid) in seen_ids:
+        return problem(f"duplicate id {rid!r}", n)
+    found = row_messages(n, rec, io, problem)
+    if found is None:
+        return None
+    messages, extra = found
+    if system and messages[0].role != "system":
+        messages = [Message("system", system)] + messages
+    return {"line": n, "id": rid, "row": rec, "messages": messages, "input": extra or None}
 
 
-def _cut_torn_tail(path: Path) -> None:
-    """Drop an incomplete last line (a run killed mid-write), so appended lines start on a fresh line."""
-    if not path.is_file():
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+def row_messages(n: int, rec: dict, io: BatchIO, problem) -> tuple[list, str | None] | None:
+    """(messages, input) of a messages row or an instruction / text row, or None after reporting to ``problem``."""
+    if io.messages_field in rec:
+        msgs = rec[io.messages_field]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            return problem(f"{io.messages_field!r} is not a list of {{role, content}}", n)
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]  # a reference answer is not part of the prompt
+        messages = [Message(m["role"], m["content"]) for m in msgs]
+        if not any(m.role == "user" for m in messages):
+            return problem("no user message", n)
+        return messages, None
+    query = rec.get(io.instruction_field, rec.get(io.text_field))
+    if not isinstance(query, str) or not query.strip():
+        return problem(f"no {io.instruction_field!r} or {io.text_field!r} text", n)
+    extra = rec.get(io.input_field) if io.instruction_field in rec else None
+    if extra is not None and not isinstance(extra, str):
+        return problem(f"{io.input_field!r} is not a string", n)
+    return [Message("user", query)], extra
 
 
-def _dist():
-    """(rank, world, local_rank, run token) under torchrun. The token (rank 0's, broadcast once, before any library
-    code can issue collectives of its own) marks this run's completion files; ranks report completion through
-    files rather than barriers, which model loading may pair with its own."""
-    import uuid
+# What of the loaded model determines the answers (utils.inference.loading's record of it).
+MODEL_RECORD = ("base_model", "adapter", "template", "dtype", "quantization")
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    token = uuid.uuid4().hex
-    if world > 1:
-        import torch
-        import torch.distributed as td
 
-        if not td.is_initialized():
-            td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        box = [token]
-        td.broadcast_object_list(box, src=0)
-        token = box[0]
-    return rank, world, local, token
+def fingerprint(args: GenerateArgs, inputs: dict) -> str:
+    """What determines a batch's answers: every flag that counts (``args.fingerprint_values()``) and ``inputs``,
+    the record of the model the flags resolved to. Pure: nothing is read."""
+    return sha256_json({"args": args.fingerprint_values(), "inputs": inputs})
+
+
+def settings_key(args: GenerateArgs, info: dict) -> dict:
+    """Every answer's ``generation`` record: the model, adapter, template, dtype and every decoding setting, and
+    the fingerprint of all that determines the answers, which resumed rows must share."""
+    inputs = {"model": {k: info.get(k) for k in MODEL_RECORD}}
+    prompting = args.prompting
+    return {**inputs, "settings": args.sampling.fingerprint_values(), "truncate_prompt": prompting.truncate_prompt,
+            "system": prompting.system, "prompt_template": prompting.prompt_template or None,
+            "fingerprint": fingerprint(args, inputs)}
+
+
+def made_with(record: dict, key: dict) -> bool:
+    generation = record.get("generation")
+    return isinstance(generation, dict) and generation.get("fingerprint") == key["fingerprint"]
 
 
 def _wait_for_ranks(out: Path, world: int, token: str) -> None:
@@ -533,11 +634,11 @@ class StopSignals:
         if not self.writing:
             raise Stopped(self.requested)
 
-    def write(self, f, records: list[dict]) -> None:
+    def write(self, appender: JsonlAppender, records: list[dict]) -> None:
         """Append ``records`` (then emptied) as whole, durable lines; a signal received meanwhile is raised after."""
         self.writing = True
         try:
-            _append(f, records)
+            appender.append(records)
             records.clear()
         finally:
             self.writing = False
@@ -549,181 +650,243 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def _lines(path: str, lines: list[int], limit: int = 10) -> str:
-    return ", ".join(f"{path}:{n}" for n in lines[:limit]) + (", ..." if len(lines) > limit else "")
-
-
 def check_bad_fraction(path: str, total: int, bad: dict[str, list[int]], max_bad_fraction: float) -> None:
     """prepare_data.py's rule: more than ``max_bad_fraction`` of the rows malformed fails before anything is
     written, with the counts and line numbers by reason."""
     from utils.data.records import bad_fraction_error
 
-    summary = "; ".join(f"{reason}: {len(v)} (first at {_lines(path, v, 3)})" for reason, v in bad.items())
+    summary = "; ".join(f"{reason}: {len(v)} (first at {line_refs(path, v, 3)})" for reason, v in bad.items())
     if message := bad_fraction_error(sum(map(len, bad.values())), total, max_bad_fraction, f"Malformed: {summary}."):
         raise SuiteError(message)
 
 
-def batch(a: dict, settings) -> None:
-    from utils.data.templates import TemplateError
+def _first(lines: list[int], limit: int = 10) -> str:
+    return ", ".join(map(str, lines[:limit])) + (", ..." if len(lines) > limit else "")
 
-    rank, world, local, token = _dist()
-    if world > 1 and a["device"] == "auto":
-        import torch
 
-        if torch.cuda.is_available():
-            a = {**a, "device": f"cuda:{local}"}
-    out = Path(a["output_file"])
+@dataclass
+class Job:
+    """One batch run, worked out before any weight is read: the rows, the model plan, what earlier runs left."""
+
+    out: Path
+    part: Path  # this process's answers while the run goes on
+    rows: list[dict]
+    rendered: dict[int, tuple[str, bool]]  # row index -> (prompt text, add_special_tokens), renderable rows only
+    plan: Any
+    key: dict
+    previous: list[Path]  # the output and partial files found at the start
+    done: dict[str, dict]  # rows already answered with these settings, by key_of(id)
+    stale: bool  # earlier answers made otherwise (--overwrite: they are being replaced)
+
+    def pending(self, rank: int = 0, world: int = 1) -> list[tuple[int, dict]]:
+        """(index, row) of the usable rows not answered yet that fall to ``rank``. Dealt by position in the input,
+        not in the to-do list: another rank may already have answered (and so removed from its to-do list) rows by
+        the time this one looks."""
+        return [(i, r) for i, r in enumerate(self.rows)
+                if i % world == rank and i in self.rendered and key_of(r["id"]) not in self.done]
+
+
+def partial_files(out: Path) -> list[Path]:
+    """The output and every partial file of an earlier or parallel run (completion markers included)."""
+    return [p for p in [out] + sorted(out.parent.glob(out.name + ".partial*")) if p.is_file()]
+
+
+def batch(args: GenerateArgs, settings) -> None:
+    dist = from_env("generate")
+    # The run token (rank 0's, broadcast once, before any library code can issue collectives of its own) marks this
+    # run's completion files; ranks report completion through files rather than barriers, which model loading may
+    # pair with its own.
+    token = dist.broadcast(uuid.uuid4().hex)
+    loading = args.loading
+    if dist.active and loading.device == "auto" and dist.device != "cpu":
+        loading = dataclasses.replace(loading, device=dist.device)
+    job = plan_batch(args, loading, dist)
+    report_rows(job, args.batch, dist)
+    if not job.pending() and job.out.is_file() and job.previous == [job.out] and not job.stale:
+        # A finished run re-run: nothing is loaded, generated or rewritten.
+        if dist.main:
+            print(f"generate: nothing to do: {job.out} already holds the answers to all {len(job.rendered)} usable "
+                  f"rows of {args.batch.input_file}, made by this model with these settings (pass --overwrite to "
+                  "answer them again)", file=sys.stderr)
+            print(job.out.absolute())
+        dist.close()
+        return
+    log = None if dist.main else (lambda msg: None)
+    engine, prompts, keep = fit_prompts(job, job.pending(dist.rank, dist.world_size), loading, args, settings, log)
+    started = time.perf_counter()
+    new_tokens = answer(job, engine, prompts, keep, settings, args.batch.batch_size, quiet=not dist.main)
+    took = time.perf_counter() - started
+    if dist.active and not dist.main:
+        job.out.with_name(f"{job.out.name}.partial.rank{dist.rank}.done").write_text(token)
+    if dist.active and dist.main:
+        _wait_for_ranks(job.out, dist.world_size, token)
+    if dist.main:
+        written, unchanged = merge(job)
+        if engine is not None and engine.bad_logit_rows:
+            print(f"generate: repaired NaN/inf logits in {engine.bad_logit_rows} decoding step(s)", file=sys.stderr)
+        print(summary(job, written, unchanged, len(prompts), new_tokens, took, dist.world_size), file=sys.stderr)
+        print(job.out.absolute())
+    dist.close()
+
+
+def plan_batch(args: GenerateArgs, loading: Loading, dist) -> Job:
+    """Everything that can be refused is refused before a weight is read: the rows, the model folders, the output;
+    with --overwrite, answers made otherwise are removed."""
+    io = args.batch
+    out = Path(io.output_file)
     work = out.with_name(out.name + ".partial")
-    quiet = rank != 0
-    log = (lambda msg: None) if quiet else None
-    # Everything that can be refused is refused before a weight is read: the rows, the model folders, the output.
-    rows, bad = read_rows(a["input_file"], a)
+    rows, bad = read_rows(io.input_file, io, args.prompting.system)
     total = len(rows) + sum(len(v) for v in bad.values())
-    plan = plan_loading(a)
-    key = settings_key(a, plan.info, settings)
-    previous = [p for p in [out] + sorted(out.parent.glob(out.name + ".partial*")) if p.is_file()]
-    done = _read_done(previous)
-    if out.is_file() and out.stat().st_size and not _read_done([out]) and not a["overwrite"]:
+    plan = plan_loading(loading, args.prompting)
+    key = settings_key(args, plan.info)
+    previous = partial_files(out)
+    done = read_keyed(previous)
+    stale = check_output(out, done, key, io.overwrite)
+    rendered = render_rows(rows, plan.template, bad, io)
+    check_bad_fraction(io.input_file, total, bad, io.max_bad_fraction)
+    part = work if not dist.active else work.with_name(f"{work.name}.rank{dist.rank}")
+    if stale:  # --overwrite: each rank starts its own file afresh; rank 0 removes the rest
+        done = {}
+        ranks = {work.with_name(f"{work.name}.rank{r}") for r in range(dist.world_size)} if dist.active else {work}
+        for p in previous:
+            if p == part or (dist.main and p not in ranks):
+                p.unlink(missing_ok=True)
+    if dist.main and bad:
+        print(f"generate: skipped {sum(len(v) for v in bad.values())} bad row(s) of {io.input_file}: " + "; ".join(
+            f"{k}: {len(v)} (lines {_first(v)})" for k, v in bad.items()), file=sys.stderr)
+    return Job(out, part, rows, rendered, plan, key, previous, done, stale)
+
+
+def check_output(out: Path, done: dict[str, dict], key: dict, overwrite: bool) -> bool:
+    """Refuse an output file that is not ours, or holds answers made otherwise (unless --overwrite); returns
+    whether it holds such answers."""
+    if out.is_file() and out.stat().st_size and not read_keyed([out]) and not overwrite:
         raise SuiteError(f"--output_file {out} exists and holds no answers of this stage; choose another file or "
                          "pass --overwrite to replace it")
-    stale = [r for r in done.values() if r.get("generation") != key]
-    if stale and not a["overwrite"]:
+    stale = any(not made_with(r, key) for r in done.values())
+    if stale and not overwrite:
         raise SuiteError(f"--output_file {out} holds answers made with other settings or another model; pass "
                          "--overwrite to replace them (or choose another file)")
-    # Rendering needs only the template: rows it cannot render count as bad before the limit is applied.
+    return stale
+
+
+def render_rows(rows: list[dict], template, bad: dict[str, list[int]], io: BatchIO) -> dict[int, tuple[str, bool]]:
+    """Prompts of the rows the template can render (rendering needs only the template); the others are added to
+    ``bad``, before the bad-row limit is applied."""
+    from utils.data.templates import TemplateError
+
     rendered: dict[int, tuple[str, bool]] = {}
     for i, r in enumerate(rows):
         try:
-            rendered[i] = render(plan.template, r["messages"], input=r["input"])
+            rendered[i] = render(template, r["messages"], input=r["input"])
         except TemplateError as exc:  # e.g. a multi-turn row and an instruction template
-            if a["strict"]:
-                raise SuiteError(f"--input_file {a['input_file']}:{r['line']}: {exc} (--strict)") from None
-            bad.setdefault(f"the {plan.template.name} template cannot render it (multi-turn rows need a "
+            if io.strict:
+                raise SuiteError(f"--input_file {io.input_file}:{r['line']}: {exc} (--strict)") from None
+            bad.setdefault(f"the {template.name} template cannot render it (multi-turn rows need a "
                            "conversation template: --prompt_template)", []).append(r["line"])
-    check_bad_fraction(a["input_file"], total, bad, a["max_bad_fraction"])
-    part = work if world == 1 else work.with_name(f"{work.name}.rank{rank}")
-    if stale:  # --overwrite: each rank starts its own file afresh; rank 0 removes the rest
-        done = {}
-        mine_files = {work.with_name(f"{work.name}.rank{r}") for r in range(world)} if world > 1 else {work}
-        for p in previous:
-            if p == part or (rank == 0 and p not in mine_files):
-                p.unlink(missing_ok=True)
-    todo = [r for i, r in enumerate(rows) if i in rendered and json.dumps(r["id"]) not in done]
-    # Dealt by position in the input, not in the to-do list: another rank may already have answered (and so
-    # removed from its to-do list) rows by the time this one looks.
-    mine = [(i, r) for i, r in enumerate(rows)
-            if i % world == rank and i in rendered and json.dumps(r["id"]) not in done]
-    if rank == 0:
-        skipped = sum(len(v) for v in bad.values())
-        if bad:
-            print(f"generate: skipped {skipped} bad row(s) of {a['input_file']}: " + "; ".join(
-                f"{k}: {len(v)} (lines {', '.join(map(str, v[:10]))}{', ...' if len(v) > 10 else ''})"
-                for k, v in bad.items()), file=sys.stderr)
-        answered = sum(json.dumps(r["id"]) in done for r in rows)
-        print(f"generate: {len(rows)} rows, {answered} already answered, {len(todo)} to do"
-              + (f" over {world} processes" if world > 1 else ""), file=sys.stderr)
-    if not todo and out.is_file() and previous == [out] and not stale:
-        # A finished run re-run: nothing is loaded, generated or rewritten.
-        if rank == 0:
-            print(f"generate: nothing to do: {out} already holds the answers to all {len(rendered)} usable rows of "
-                  f"{a['input_file']}, made by this model with these settings (pass --overwrite to answer them "
-                  "again)", file=sys.stderr)
-            print(out.absolute())
-        if world > 1:
-            import torch.distributed as td
+    return rendered
 
-            td.destroy_process_group()
-        return
+
+def report_rows(job: Job, io: BatchIO, dist) -> None:
+    if dist.main:
+        answered = sum(key_of(r["id"]) in job.done for r in job.rows)
+        print(f"generate: {len(job.rows)} rows, {answered} already answered, {len(job.pending())} to do"
+              + (f" over {dist.world_size} processes" if dist.active else ""), file=sys.stderr)
+
+
+def fit_prompts(job: Job, mine: list[tuple[int, dict]], loading: Loading, args: GenerateArgs, settings, log):
+    """(engine, prompt ids, their rows) for this process's rows; the model is loaded only when there are some.
+    Prompts too long for the context are skipped and listed (or, with --strict, fail)."""
     prompts, keep, too_long = [], [], []
     engine = None
     if mine:
-        engine, _ = build_engine(a, log=log, plan=plan)
+        engine, _ = build_engine(loading, args.prompting, log=log, plan=job.plan)
         for i, r in mine:
-            text, special = rendered[i]
+            text, special = job.rendered[i]
             ids = engine.encode(text, add_special_tokens=special)
             try:
-                prompts.append(engine.fit(ids, settings.max_new_tokens, truncate=a["truncate_prompt"]))
+                prompts.append(engine.fit(ids, settings.max_new_tokens, truncate=args.prompting.truncate_prompt))
                 keep.append(r)
             except ValueError as exc:
-                if a["strict"]:
-                    raise SuiteError(f"--input_file {a['input_file']}:{r['line']}: {exc} (--strict; or pass "
+                if args.batch.strict:
+                    raise SuiteError(f"--input_file {args.batch.input_file}:{r['line']}: {exc} (--strict; or pass "
                                      "--truncate_prompt)") from None
                 too_long.append(r["line"])
     if too_long:
         print(f"generate: skipped {len(too_long)} row(s) whose prompt does not fit the context with "
-              f"--max_new_tokens {settings.max_new_tokens} (lines {', '.join(map(str, too_long[:10]))}"
-              f"{', ...' if len(too_long) > 10 else ''}); pass --truncate_prompt to cut them", file=sys.stderr)
+              f"--max_new_tokens {settings.max_new_tokens} (lines {_first(too_long)}); pass --truncate_prompt to "
+              "cut them", file=sys.stderr)
+    return engine, prompts, keep
+
+
+def answer(job: Job, engine, prompts: list, keep: list[dict], settings, batch_size: int, quiet: bool) -> int:
+    """Generate and append the answers to ``job.part``, a batch of whole, fsynced lines at a time; SIGTERM or
+    Ctrl-C keeps every whole answer and exits 143 / 130 saying how to resume. Returns the new tokens."""
     from tqdm import tqdm
 
-    started = time.perf_counter()
     new_tokens = 0
     pending: list[dict] = []
-    _cut_torn_tail(part)
     bar = tqdm(total=len(prompts), desc="generate", unit="row", file=sys.stderr, disable=quiet or not prompts)
     stop = StopSignals()
     try:
-        with open(part, "a", encoding="utf-8") as f:
-            def on_result(i: int, c) -> None:
+        with JsonlAppender(job.part) as appender:
+            def on_result(i: int, completion) -> None:
                 nonlocal new_tokens
-                r = keep[i]
-                new_tokens += c.new_tokens
-                pending.append({**r["row"], "id": r["id"], "line": r["line"], "response": c.text,
-                                "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                                "new_tokens": c.new_tokens, "model_id": plan.info["model_id"], "generation": key})
+                row = keep[i]
+                new_tokens += completion.new_tokens
+                pending.append({**row["row"], "id": row["id"], "line": row["line"], "response": completion.text,
+                                "finish_reason": completion.finish_reason, "prompt_tokens": completion.prompt_tokens,
+                                "new_tokens": completion.new_tokens, "model_id": job.plan.info["model_id"],
+                                "generation": job.key})
                 bar.update(1)
-                if len(pending) >= a["batch_size"]:
-                    stop.write(f, pending)
+                if len(pending) >= batch_size:
+                    stop.write(appender, pending)
 
             try:
                 if prompts:
-                    engine.generate(prompts, settings, batch_size=a["batch_size"], on_result=on_result)
-                stop.write(f, pending)
+                    engine.generate(prompts, settings, batch_size=batch_size, on_result=on_result)
+                stop.write(appender, pending)
                 stop.writing = True  # every answer is written: a signal from here on need not cut the merge short
             except Stopped:
                 stop.writing = True  # a second signal must not cut the last lines short
-                _append(f, pending)
+                appender.append(pending)
                 raise
     except Stopped as exc:
         bar.close()
-        kept = len(_read_done([part]))
-        print(f"\ngenerate: stopped by {exc}; {kept} answers kept in {part}; re-run the same command to resume "
+        kept = len(read_keyed([job.part]))
+        print(f"\ngenerate: stopped by {exc}; {kept} answers kept in {job.part}; re-run the same command to resume "
               "(answered rows are skipped)", file=sys.stderr)
         sys.exit(130 if str(exc) == "SIGINT" else 143)
     finally:
         stop.restore()
     bar.close()
-    took = time.perf_counter() - started
-    if world > 1 and rank != 0:
-        marker = out.with_name(f"{out.name}.partial.rank{rank}.done")
-        marker.write_text(token)
-    if world > 1 and rank == 0:
-        _wait_for_ranks(out, world, token)
-    if rank == 0:
-        merged = _read_done([p for p in [out] + sorted(out.parent.glob(out.name + ".partial*")) if p.is_file()])
-        ordered = [merged[json.dumps(r["id"])] for r in rows if json.dumps(r["id"]) in merged]
-        # Nothing new (every row left is one that cannot be answered, e.g. too long): the output stays as it is.
-        unchanged = out.is_file() and not stale and set(merged) == set(_read_done([out]))
-        if not unchanged:
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            with open(tmp, "w", encoding="utf-8") as f:
-                _append(f, ordered)
-            os.replace(tmp, out)
-        for p in out.parent.glob(out.name + ".partial*"):
-            p.unlink()
-        if engine is not None and engine.bad_logit_rows:
-            print(f"generate: repaired NaN/inf logits in {engine.bad_logit_rows} decoding step(s)", file=sys.stderr)
-        missing = len(rows) - len(ordered)
-        head = (f"generate: nothing new: {out} already holds {len(ordered)} answers" if unchanged else
-                f"generate: wrote {len(ordered)} answers to {out}")
-        print(head + (f" ({missing} rows unanswered)" if missing else "")
-              + f"; this run: {len(prompts)} rows" + (f" on rank 0 of {world}" if world > 1 else "")
-              + f", {new_tokens} new tokens in {took:.1f}s ({new_tokens / max(took, 1e-9):.1f} tokens/s, "
-              f"{len(prompts) / max(took, 1e-9):.2f} rows/s)", file=sys.stderr)
-        print(out.absolute())
-    if world > 1:
-        import torch.distributed as td
+    return new_tokens
 
-        td.destroy_process_group()
+
+def merge(job: Job) -> tuple[int, bool]:
+    """Rank 0: write the output in input order (atomically, and only when something changed) and remove the
+    partial files. Returns (answers in the output, whether it was left as it was)."""
+    out = job.out
+    merged = read_keyed(partial_files(out))
+    ordered = [merged[key_of(r["id"])] for r in job.rows if key_of(r["id"]) in merged]
+    # Nothing new (every row left is one that cannot be answered, e.g. too long): the output stays as it is.
+    unchanged = out.is_file() and not job.stale and set(merged) == done_keys([out])
+    if not unchanged:
+        write_jsonl(out, ordered)
+    for p in out.parent.glob(out.name + ".partial*"):
+        p.unlink()
+    return len(ordered), unchanged
+
+
+def summary(job: Job, written: int, unchanged: bool, answered: int, new_tokens: int, took: float, world: int) -> str:
+    """The closing line: the output, and this run's rows, tokens and speed."""
+    missing = len(job.rows) - written
+    head = (f"generate: nothing new: {job.out} already holds {written} answers" if unchanged else
+            f"generate: wrote {written} answers to {job.out}")
+    return (head + (f" ({missing} rows unanswered)" if missing else "")
+            + f"; this run: {answered} rows" + (f" on rank 0 of {world}" if world > 1 else "")
+            + f", {new_tokens} new tokens in {took:.1f}s ({new_tokens / max(took, 1e-9):.1f} tokens/s, "
+            f"{answered / max(took, 1e-9):.2f} rows/s)")
 
 
 if __name__ == "__main__":

@@ -193,9 +193,9 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program_and_old_turns_are_dropped(
     streams = []
     real_stream = engine.stream
     engine.stream = lambda *a, **k: streams.append(1) or real_stream(*a, **k)
-    a = {"system": None, "truncate_prompt": False}
+    prompting = generate.Prompting(system=None, truncate_prompt=False)
     out, err = Interrupting(), io.StringIO()
-    generate.chat(engine, loaded, a, Settings(max_new_tokens=20), stdin=io.StringIO((question + "\n") * 4),
+    generate.chat(engine, loaded, prompting, Settings(max_new_tokens=20), stdin=io.StringIO((question + "\n") * 4),
                   stdout=out, stderr=err)
     assert err.getvalue().count("(answer stopped)") == 1
     assert len(streams) == 4 and out.getvalue().strip()  # the program went on to the other questions

@@ -522,11 +522,22 @@ class Output:
         return Lock(path.with_name(f".{path.name}.lock"), f"{self.flag} {self.path}")
 
     @contextmanager
-    def produce(self, fingerprint: str, **meta: Any) -> Iterator[Staging]:
+    def produce(self, fingerprint: str | Callable[[], str], **meta: Any) -> Iterator[Staging]:
+        """Stage the output under the destination's lock; on success write pipeline.json last and rename.
+
+        ``fingerprint`` may be a function, for inputs hashed in the background while the work runs: it is called
+        when the destination holds a finished output to compare with, and when pipeline.json is written.
+        """
+        value = fingerprint if callable(fingerprint) else (lambda: fingerprint)
         sweep_stale(self.path)
         with self.lock():
-            self.up_to_date(fingerprint)  # again under the lock: another run may have changed the folder
+            # Again under the lock: another run may have changed the folder since the claim.
+            if claim_output_dir(self.path, self.stage, self.overwrite, flag=self.flag,
+                                resumable=self.resumable) == "complete":
+                self.up_to_date(value())
             with staged_dir(self.path) as tmp:
                 st = Staging(tmp, dict(meta))
                 yield st
-                finish_meta(tmp, {"stage": self.stage, "fingerprint": fingerprint, **st.meta}, st.known_hashes)
+                # stage and fingerprint first (a person reads them first), and never replaced by the stage's own record
+                head = {"stage": self.stage, "fingerprint": value()}
+                finish_meta(tmp, {**head, **st.meta, **head}, st.known_hashes)

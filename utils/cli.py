@@ -463,7 +463,7 @@ def parse_size(text: str | int, flag: str = "--max_shard_size") -> int:
     """``200MB`` / ``2GB`` (decimal, as Hugging Face) / ``1GiB`` / a byte count -> bytes."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(text), re.I)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B)?\s*", str(text), re.I)
     if not m or float(m.group(1)) <= 0:
         raise SuiteError(f"{flag} must look like 200MB, 2GB or 1GiB; got {text!r}")
     unit = (m.group(2) or "B").upper()

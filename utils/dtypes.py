@@ -38,3 +38,18 @@ def dtype_code(dtype) -> str:
 
 def dtype_size(code: str) -> int:
     return SAFETENSORS_DTYPES[code][1]
+
+
+def torch_dtype_of(name: str):
+    """torch's dtype for one of the suite's names (fp32 / bf16 / fp16)."""
+    import torch
+
+    return getattr(torch, CONFIG_NAMES[name])
+
+
+def name_of(dtype) -> str:
+    """The suite's name (fp32 / bf16 / fp16) of a torch dtype."""
+    name = FROM_CONFIG_NAME.get(str(dtype).replace("torch.", ""))
+    if name is None:
+        raise SuiteError(f"dtype {dtype} is not one of {', '.join(NAMES)}")
+    return name

@@ -31,6 +31,7 @@ spreads decoder layers over the GPUs by their size (``plan_device_map``, ChatGLM
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from utils.cli import parse_size
+from utils.dtypes import torch_dtype_of
 from utils.errors import SuiteError
 from utils.weights.folders import (check_model_dir, missing_folder, needs_remote_code, safetensors_problem, tokenizer_problems)
 
@@ -188,67 +191,95 @@ def check_adapter(source: ModelSource, allow_pickle_weights: bool = False, allow
     if not source.adapter:
         return []
     folder = Path(source.adapter)
-    problems = []
+    adapter_shapes, problems = _adapter_shapes(folder, allow_pickle_weights)
+    if adapter_shapes is None:
+        return problems
+    problems = _base_mismatch(source, folder, allow_base_mismatch)
+    if source.method == "lora":
+        problems += _lora_fit(source, folder, adapter_shapes)
+    elif source.method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
+        problems += _virtual_tokens_fit(source, folder)
+    return problems
+
+
+def _adapter_shapes(folder: Path, allow_pickle_weights: bool) -> tuple[dict | None, list[str]]:
+    """(tensor name -> shape of the adapter's safetensors, []), or (None, problems) when its weights are missing,
+    damaged or empty; (None, []) for allowed pickle weights, which are not checked further."""
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (folder / ADAPTER_PICKLE).is_file():
             if not allow_pickle_weights:
-                return [f"--lora_weights {folder}: only pickle weights ({ADAPTER_PICKLE}); pass --allow_pickle_weights "
-                        "to load them with torch.load(weights_only=True), or convert to safetensors"]
-            return []
-        return [f"--lora_weights {folder}: no {ADAPTER_WEIGHTS} (an unfinished or partly copied adapter folder)"]
+                return None, [f"--lora_weights {folder}: only pickle weights ({ADAPTER_PICKLE}); pass "
+                              "--allow_pickle_weights to load them with torch.load(weights_only=True), or convert to "
+                              "safetensors"]
+            return None, []
+        return None, [f"--lora_weights {folder}: no {ADAPTER_WEIGHTS} (an unfinished or partly copied adapter folder)"]
     damaged = safetensors_problem(weights)
     if damaged:
-        return [f"--lora_weights {folder}: {damaged}"]
+        return None, [f"--lora_weights {folder}: {damaged}"]
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:
-        adapter_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    if not adapter_shapes:
-        return [f"--lora_weights {folder}: {ADAPTER_WEIGHTS} holds no tensors (an empty adapter, e.g. one saved "
-                "through a broken state_dict override); re-export it"]
-    recorded = (source.meta or {}).get("base_model", {}).get("fingerprint")
-    if recorded and source.meta.get("method") != "full":
-        from utils.artifacts import base_fingerprint  # the same fingerprint finetune.py records
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if not shapes:
+        return None, [f"--lora_weights {folder}: {ADAPTER_WEIGHTS} holds no tensors (an empty adapter, e.g. one saved "
+                      "through a broken state_dict override); re-export it"]
+    return shapes, []
 
-        try:
-            actual = base_fingerprint(source.base)
-        except OSError as exc:
-            actual = {"error": str(exc)}
-        if actual != recorded and not allow_base_mismatch:
-            problems.append(
-                f"--lora_weights {folder} was trained on {source.meta['base_model'].get('path')}, and --base_model "
-                f"{source.base} is a different model (its config or weights differ from the recorded fingerprint); "
-                "pass the base it was trained on, or --allow_base_mismatch if you know they are equivalent")
+
+def _base_mismatch(source: ModelSource, folder: Path, allow_base_mismatch: bool) -> list[str]:
+    """The base differs from the one the adapter was trained on (the base fingerprint finetune.py recorded)."""
+    recorded = (source.meta or {}).get("base_model", {}).get("fingerprint")
+    if not recorded or source.meta.get("method") == "full":
+        return []
+    from utils.artifacts import base_fingerprint  # the same fingerprint finetune.py records
+
+    try:
+        actual = base_fingerprint(source.base)
+    except OSError as exc:
+        actual = {"error": str(exc)}
+    if actual == recorded or allow_base_mismatch:
+        return []
+    return [f"--lora_weights {folder} was trained on {source.meta['base_model'].get('path')}, and --base_model "
+            f"{source.base} is a different model (its config or weights differ from the recorded fingerprint); "
+            "pass the base it was trained on, or --allow_base_mismatch if you know they are equivalent"]
+
+
+def _lora_fit(source: ModelSource, folder: Path, adapter_shapes: dict) -> list[str]:
+    """LoRA matrices whose target is not in the base, or whose size does not match the base layer's."""
+    base_shapes = safetensors_shapes(source.base)
+    bad = []
+    for key, shape in adapter_shapes.items():
+        m = re.match(r"(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if not m or len(shape) != 2:
+            continue
+        target = base_shapes.get(m.group(1) + ".weight")
+        if target is None:
+            bad.append(f"{m.group(1)} (not in the base model)")
+        elif len(target) == 2:
+            want_in, want_out = target[1], target[0]
+            got = shape[1] if m.group(2) == "A" else shape[0]
+            if got != (want_in if m.group(2) == "A" else want_out):
+                bad.append(f"{m.group(1)}: adapter {'input' if m.group(2) == 'A' else 'output'} size {got}, "
+                           f"base layer {tuple(target)}")
+    if not bad:
+        return []
+    return [f"--lora_weights {folder} does not fit --base_model {source.base}: "
+            + "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")]
+
+
+def _virtual_tokens_fit(source: ModelSource, folder: Path) -> list[str]:
+    """A prefix / prompt / p-tuning adapter made for another number of layers or hidden size."""
     cfg = _read_json(folder / ADAPTER_CONFIG) or {}
     base_cfg = _read_json(Path(source.base) / "config.json") or {}
-    if source.method == "lora":
-        base_shapes = safetensors_shapes(source.base)
-        bad = []
-        for key, shape in adapter_shapes.items():
-            m = re.match(r"(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-            if not m or len(shape) != 2:
-                continue
-            target = base_shapes.get(m.group(1) + ".weight")
-            if target is None:
-                bad.append(f"{m.group(1)} (not in the base model)")
-            elif len(target) == 2:
-                want_in, want_out = target[1], target[0]
-                got = shape[1] if m.group(2) == "A" else shape[0]
-                if got != (want_in if m.group(2) == "A" else want_out):
-                    bad.append(f"{m.group(1)}: adapter {'input' if m.group(2) == 'A' else 'output'} size {got}, "
-                               f"base layer {tuple(target)}")
-        if bad:
-            problems.append(f"--lora_weights {folder} does not fit --base_model {source.base}: "
-                            + "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""))
-    elif source.method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
-        layers, hidden = base_cfg.get("num_hidden_layers"), base_cfg.get("hidden_size")
-        if cfg.get("num_layers") not in (None, layers):
-            problems.append(f"--lora_weights {folder} was made for {cfg.get('num_layers')} layers; --base_model "
-                            f"{source.base} has {layers}")
-        if source.method != "prefix_tuning" and cfg.get("token_dim") not in (None, hidden):
-            problems.append(f"--lora_weights {folder} was made for hidden size {cfg.get('token_dim')}; --base_model "
-                            f"{source.base} has {hidden}")
+    layers, hidden = base_cfg.get("num_hidden_layers"), base_cfg.get("hidden_size")
+    problems = []
+    if cfg.get("num_layers") not in (None, layers):
+        problems.append(f"--lora_weights {folder} was made for {cfg.get('num_layers')} layers; --base_model "
+                        f"{source.base} has {layers}")
+    if source.method != "prefix_tuning" and cfg.get("token_dim") not in (None, hidden):
+        problems.append(f"--lora_weights {folder} was made for hidden size {cfg.get('token_dim')}; --base_model "
+                        f"{source.base} has {hidden}")
     return problems
 
 
@@ -290,6 +321,8 @@ def device_problems(device: str, dtype: str) -> list[str]:
 
 
 def pick_dtype(dtype: str, device: str):
+    """(the suite's dtype name, torch's dtype) for ``--dtype`` on ``device``; auto: bf16 (fp16 where the GPU lacks
+    it) on CUDA, fp16 on MPS, fp32 on CPU."""
     import torch
 
     if dtype == "auto":
@@ -300,18 +333,7 @@ def pick_dtype(dtype: str, device: str):
             dtype = "fp16"
         else:
             dtype = "fp32"
-    return dtype, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a size (e.g. 20GiB, 500MB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return dtype, torch_dtype_of(dtype)
 
 
 def parse_max_memory(text: str | None) -> dict | None:
@@ -324,9 +346,9 @@ def parse_max_memory(text: str | None) -> dict | None:
             continue
         key, sep, size = part.partition("=")
         if not sep:
-            raise ValueError(f"--max_memory: {part!r} is not DEVICE=SIZE (e.g. 0=20GiB,1=20GiB,cpu=64GiB)")
+            raise SuiteError(f"--max_memory: {part!r} is not DEVICE=SIZE (e.g. 0=20GiB,1=20GiB,cpu=64GiB)")
         key = key.strip()
-        out[int(key) if key.isdigit() else key] = parse_size(size)
+        out[int(key) if key.isdigit() else key] = parse_size(size, "--max_memory")
     return out
 
 
@@ -477,27 +499,13 @@ def prepare(base_model: str | None = None, lora_weights: str | None = None, *, p
     source = resolve_source(base_model, lora_weights)
     device = pick_device(device)
     flag = "--base_model" if base_model else "base model"
-    problems = check_model_dir(source.base, allow_pickle_weights, flag=flag)
     tok_flag = "--lora_weights" if source.tokenizer_dir == source.adapter else flag
+    problems = check_model_dir(source.base, allow_pickle_weights, flag=flag)
     problems += tokenizer_problems(source.tokenizer_dir, flag=tok_flag) if Path(source.tokenizer_dir).is_dir() else []
     problems += template_problems(prompt_template)
-    problems += device_problems(device, dtype)
-    if load_8bit and load_4bit:
-        problems.append("--load_8bit and --load_4bit exclude each other")
-    if load_8bit or load_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as exc:  # a broken install raises more than ImportError
-            problems.append(f"--load_{'8' if load_8bit else '4'}bit needs bitsandbytes ({type(exc).__name__}: {exc})")
-    if device_map is not None and device_map not in DEVICE_MAPS:
-        problems.append(f"--device_map {device_map}: expected one of {', '.join(DEVICE_MAPS)}")
-    try:
-        memory = parse_max_memory(max_memory) if isinstance(max_memory, (str, type(None))) else dict(max_memory)
-    except ValueError as exc:
-        problems.append(str(exc))
-        memory = None
-    if memory and device_map is None:
-        problems.append("--max_memory needs --device_map auto|balanced|sequential")
+    problems += device_problems(device, dtype) + quantization_problems(load_8bit, load_4bit)
+    memory, placement = _placement(device_map, max_memory)
+    problems += placement
     if needs_remote_code(source.base) and not trust_remote_code:
         problems.append(f"base model {source.base} needs custom code (auto_map in config.json); pass "
                         "--trust_remote_code if you trust it")
@@ -507,20 +515,7 @@ def prepare(base_model: str | None = None, lora_weights: str | None = None, *, p
         raise SuiteError("\n".join(problems))
 
     dtype_name, torch_dtype = pick_dtype(dtype, device)
-    kwargs: dict = {}
-    if load_8bit or load_4bit:
-        from utils.weights.pretrained import bnb_config
-
-        kwargs["quantization_config"] = bnb_config({"bits": 8 if load_8bit else 4, "quant_type": "nf4",
-                                                    "double_quant": True}, torch_dtype)
-        kwargs["device_map"] = {"": device if device != "cuda" else 0}
-    if device_map is not None:
-        try:
-            kwargs["device_map"] = _device_map_for(source.base, device_map, memory, torch_dtype, trust_remote_code)
-        except ValueError as exc:
-            raise SuiteError(f"--device_map {device_map}: {exc}") from None
-        if memory:
-            kwargs["max_memory"] = memory
+    kwargs = _load_kwargs(source, device, torch_dtype, load_8bit, load_4bit, device_map, memory, trust_remote_code)
     tokenizer = _load_tokenizer(source.tokenizer_dir, tok_flag, trust_remote_code)
     template = load_template_for(source, prompt_template, tokenizer)
     info = {
@@ -535,6 +530,54 @@ def prepare(base_model: str | None = None, lora_weights: str | None = None, *, p
     }
     return Plan(source, tokenizer, template, info, device, torch_dtype, kwargs, trust_remote_code,
                 allow_pickle_weights)
+
+
+def quantization_problems(load_8bit: bool, load_4bit: bool) -> list[str]:
+    """--load_8bit / --load_4bit: one at most, and bitsandbytes importable."""
+    problems = []
+    if load_8bit and load_4bit:
+        problems.append("--load_8bit and --load_4bit exclude each other")
+    if load_8bit or load_4bit:
+        try:
+            importlib.import_module("bitsandbytes")
+        except Exception as exc:  # a broken install raises more than ImportError
+            problems.append(f"--load_{'8' if load_8bit else '4'}bit needs bitsandbytes ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def _placement(device_map: str | None, max_memory: str | dict | None) -> tuple[dict | None, list[str]]:
+    """(--max_memory in bytes per device, problems with --device_map and --max_memory)."""
+    problems = []
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        problems.append(f"--device_map {device_map}: expected one of {', '.join(DEVICE_MAPS)}")
+    try:
+        memory = parse_max_memory(max_memory) if isinstance(max_memory, (str, type(None))) else dict(max_memory)
+    except SuiteError as exc:
+        problems.append(str(exc))
+        memory = None
+    if memory and device_map is None:
+        problems.append("--max_memory needs --device_map auto|balanced|sequential")
+    return memory, problems
+
+
+def _load_kwargs(source: ModelSource, device: str, torch_dtype, load_8bit: bool, load_4bit: bool,
+                 device_map: str | None, memory: dict | None, trust_remote_code: bool) -> dict:
+    """from_pretrained's quantization and placement arguments."""
+    kwargs: dict = {}
+    if load_8bit or load_4bit:
+        from utils.weights.pretrained import bnb_config
+
+        kwargs["quantization_config"] = bnb_config({"bits": 8 if load_8bit else 4, "quant_type": "nf4",
+                                                    "double_quant": True}, torch_dtype)
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    if device_map is not None:
+        try:
+            kwargs["device_map"] = _device_map_for(source.base, device_map, memory, torch_dtype, trust_remote_code)
+        except ValueError as exc:
+            raise SuiteError(f"--device_map {device_map}: {exc}") from None
+        if memory:
+            kwargs["max_memory"] = memory
+    return kwargs
 
 
 def _load_tokenizer(folder: str, flag: str, trust_remote_code: bool):

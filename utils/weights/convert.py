@@ -4,7 +4,7 @@ llama2.c layouts are utils/weights/formats.py, reading and writing shards utils/
 merge math utils/weights/merge.py, the verification forward utils/weights/forward.py.
 
 Destination rules, for every stage: output goes to a hidden sibling folder renamed into place when
-complete (utils.artifacts.staged_dir); an existing destination needs --overwrite, and one that holds
+complete (utils.artifacts.Output); an existing destination needs --overwrite, and one that holds
 this exact output already makes the stage a no-op; a destination equal to (or containing) a source is
 refused, since replacing it would destroy the input; staging folders left by a killed run are removed
 on the next start.

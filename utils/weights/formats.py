@@ -64,16 +64,16 @@ def meta_split_dim(meta_name: str) -> int | None:
     return META_SPLIT[key]
 
 
-def to_interleaved(w, n_heads: int):
+def to_interleaved(weight, n_heads: int):
     """Hugging Face's rotate-half row order of a q/k projection -> Meta's interleaved pairs, per head."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
+    rows, cols = weight.shape
+    return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
 
 
-def to_rotate_half(w, n_heads: int):
+def to_rotate_half(weight, n_heads: int):
     """The inverse of ``to_interleaved`` (what Hugging Face's Llama conversion applies)."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
 
 
 def ffn_params(dim: int, hidden: int) -> dict:
@@ -125,52 +125,52 @@ def llama_dims(config: dict, flag: str = "--base_model") -> dict:
 META_ROPE_THETA = 10000.0
 
 
-def meta_params(d: dict) -> dict:
+def meta_params(dims: dict) -> dict:
     """params.json as Meta writes it. ``rope_theta`` only where it is not Llama 2's 10000, as in Llama 3's
     folders: Llama 2's loader passes every key to ``ModelArgs(**params)``, which has no rope_theta field and
     refuses one."""
-    params = {"dim": d["dim"], "n_layers": d["n_layers"], "n_heads": d["n_heads"], "n_kv_heads": d["n_kv_heads"],
-              "vocab_size": d["vocab_size"], **ffn_params(d["dim"], d["hidden"]), "norm_eps": d["norm_eps"]}
-    if float(d["rope_theta"]) != META_ROPE_THETA:
-        params["rope_theta"] = d["rope_theta"]
+    params = {"dim": dims["dim"], "n_layers": dims["n_layers"], "n_heads": dims["n_heads"], "n_kv_heads": dims["n_kv_heads"],
+              "vocab_size": dims["vocab_size"], **ffn_params(dims["dim"], dims["hidden"]), "norm_eps": dims["norm_eps"]}
+    if float(dims["rope_theta"]) != META_ROPE_THETA:
+        params["rope_theta"] = dims["rope_theta"]
     return params
 
 
-def hf_llama_config(d: dict, dtype: str) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d["dim"],
-            "intermediate_size": d["hidden"], "num_hidden_layers": d["n_layers"],
-            "num_attention_heads": d["n_heads"], "num_key_value_heads": d["n_kv_heads"],
-            "head_dim": d["dim"] // d["n_heads"], "vocab_size": d["vocab_size"], "rms_norm_eps": d["norm_eps"],
-            "rope_parameters": {"rope_theta": d["rope_theta"], "rope_type": "default"},
-            "max_position_embeddings": d["max_seq_len"], "tie_word_embeddings": d["tied"], "hidden_act": "silu",
+def hf_llama_config(dims: dict, dtype: str) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["dim"],
+            "intermediate_size": dims["hidden"], "num_hidden_layers": dims["n_layers"],
+            "num_attention_heads": dims["n_heads"], "num_key_value_heads": dims["n_kv_heads"],
+            "head_dim": dims["dim"] // dims["n_heads"], "vocab_size": dims["vocab_size"], "rms_norm_eps": dims["norm_eps"],
+            "rope_parameters": {"rope_theta": dims["rope_theta"], "rope_type": "default"},
+            "max_position_embeddings": dims["max_seq_len"], "tie_word_embeddings": dims["tied"], "hidden_act": "silu",
             "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
             "initializer_range": 0.02, "use_cache": True, "dtype": CONFIG_NAMES[dtype]}
 
 
-def llama2c_layout(d: dict) -> list[tuple[str, tuple]]:
+def llama2c_layout(dims: dict) -> list[tuple[str, tuple]]:
     """(Meta-format name, shape) in llama2.c file order (``rope.cos``/``rope.sin`` for the tables)."""
-    dim, hd = d["dim"], d["dim"] // d["n_heads"]
-    kv = d["n_kv_heads"] * hd
+    dim, hd = dims["dim"], dims["dim"] // dims["n_heads"]
+    kv = dims["n_kv_heads"] * hd
     shapes = {"attention_norm.weight": (dim,), "attention.wq.weight": (dim, dim), "attention.wk.weight": (kv, dim),
               "attention.wv.weight": (kv, dim), "attention.wo.weight": (dim, dim), "ffn_norm.weight": (dim,),
-              "feed_forward.w1.weight": (d["hidden"], dim), "feed_forward.w2.weight": (dim, d["hidden"]),
-              "feed_forward.w3.weight": (d["hidden"], dim)}
-    out = [("tok_embeddings.weight", (d["vocab_size"], dim))]
+              "feed_forward.w1.weight": (dims["hidden"], dim), "feed_forward.w2.weight": (dim, dims["hidden"]),
+              "feed_forward.w3.weight": (dims["hidden"], dim)}
+    out = [("tok_embeddings.weight", (dims["vocab_size"], dim))]
     for kind in LLAMA2C_LAYER_ORDER:
-        out += [(f"layers.{i}.{kind}", shapes[kind]) for i in range(d["n_layers"])]
-    out += [("norm.weight", (dim,)), ("rope.cos", (d["max_seq_len"], hd // 2)), ("rope.sin", (d["max_seq_len"], hd // 2))]
-    if not d["tied"]:
-        out.append(("output.weight", (d["vocab_size"], dim)))
+        out += [(f"layers.{i}.{kind}", shapes[kind]) for i in range(dims["n_layers"])]
+    out += [("norm.weight", (dim,)), ("rope.cos", (dims["max_seq_len"], hd // 2)), ("rope.sin", (dims["max_seq_len"], hd // 2))]
+    if not dims["tied"]:
+        out.append(("output.weight", (dims["vocab_size"], dim)))
     return out
 
 
-def rope_tables(d: dict):
+def rope_tables(dims: dict):
     """llama2.c's cos/sin tables, computed as its export does (fp32)."""
     import torch
 
-    hd = d["dim"] // d["n_heads"]
-    freqs = 1.0 / (d["rope_theta"] ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
-    t = torch.arange(d["max_seq_len"], device=freqs.device)
+    hd = dims["dim"] // dims["n_heads"]
+    freqs = 1.0 / (dims["rope_theta"] ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    t = torch.arange(dims["max_seq_len"], device=freqs.device)
     freqs = torch.outer(t, freqs).float()
     return torch.cos(freqs), torch.sin(freqs)
 
@@ -186,13 +186,13 @@ def read_llama2c_header(path: Path) -> dict:
     dim, hidden, layers, heads, kv, vocab, seq = struct.unpack("<7i", raw)
     if min(dim, hidden, layers, heads, kv, seq) <= 0 or vocab == 0 or dim % heads or heads % kv:
         raise SuiteError(f"{path}: not a llama2.c (version 0) checkpoint: header {dim, hidden, layers, heads, kv, vocab, seq}")
-    d = {"dim": dim, "hidden": hidden, "n_layers": layers, "n_heads": heads, "n_kv_heads": kv,
+    dims = {"dim": dim, "hidden": hidden, "n_layers": layers, "n_heads": heads, "n_kv_heads": kv,
          "vocab_size": abs(vocab), "max_seq_len": seq, "tied": vocab > 0, "norm_eps": 1e-5, "rope_theta": 10000.0}
-    expected = 28 + 4 * sum(_numel(s) for _, s in llama2c_layout(d))
+    expected = 28 + 4 * sum(_numel(s) for _, s in llama2c_layout(dims))
     if size != expected:
         raise SuiteError(f"{path}: {size} bytes, but a llama2.c checkpoint with header {dim, hidden, layers, heads, kv, vocab, seq} "
                          f"has {expected}: not a llama2.c (version 0) file, or truncated")
-    return d
+    return dims
 
 
 def _numel(shape) -> int:

@@ -54,67 +54,67 @@ class WeightSource:
     def target(self, weight_name: str):
         return self.adapter.targets.get(weight_name) if self.adapter else None
 
-    def linear(self, module: str, x, conv1d: bool = False):
-        """x @ W.T + b for ``module`` (Conv1D stores W as [in, out]); the adapter's branch added if adapted."""
+    def linear(self, module: str, inputs, conv1d: bool = False):
+        """inputs @ W.T + b for ``module`` (Conv1D stores W as [in, out]); the adapter's branch added if adapted."""
         w = self.get(module + ".weight", transient=True)
         w_oi = w.T if conv1d else w
-        out = x @ w_oi.T
+        out = inputs @ w_oi.T
         if self.has(module + ".bias"):
             out = out + self.get(module + ".bias")
-        t = self.target(module + ".weight")
-        if t is not None:
+        target = self.target(module + ".weight")
+        if target is not None:
             from utils.weights.merge import lora_forward_extra
 
-            out = lora_forward_extra(t, x, w_oi, out)
+            out = lora_forward_extra(target, inputs, w_oi, out)
         return out
 
     def embed(self, name: str, ids: list[int]):
         import torch
 
         rows = torch.stack([self.get(name, (i, i + 1))[0] for i in ids])
-        t = self.target(name)
-        if t is None:
+        target = self.target(name)
+        if target is None:
             return rows
-        if "m" in t.parts:  # DoRA on an embedding needs the norm over the whole vocabulary
+        if "m" in target.parts:  # DoRA on an embedding needs the norm over the whole vocabulary
             from utils.weights.merge import merge_weight
 
-            return merge_weight(t, self.get(name), False)[ids]
-        ea = t.parts["EA"].T[ids]  # [T, r]
-        return rows + (ea @ t.parts["EB"].T) * t.scaling
+            return merge_weight(target, self.get(name), False)[ids]
+        ea = target.parts["EA"].T[ids]  # [T, r]
+        return rows + (ea @ target.parts["EB"].T) * target.scaling
 
-    def head(self, name: str, h):
-        """h @ W_head.T, reading the (possibly vocabulary-sized) head in row chunks."""
+    def head(self, name: str, hidden):
+        """hidden @ W_head.T, reading the (possibly vocabulary-sized) head in row chunks."""
         import torch
 
         from utils.weights.shards import row_chunks
 
         if self.target(name) is not None or name in self.replace:
-            return self.linear(name[: -len(".weight")], h)
+            return self.linear(name[: -len(".weight")], hidden)
         entry = self.w.entries[name]
-        return torch.cat([h @ self.get(name, rows, transient=True).T for rows in row_chunks(entry, limit=4 << 20)],
+        return torch.cat([hidden @ self.get(name, rows, transient=True).T for rows in row_chunks(entry, limit=4 << 20)],
                          dim=-1)
 
 
-def _rms(x, w, eps):
-    return x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * w
+def _rms(hidden, weight, eps):
+    return hidden * (hidden.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * weight
 
 
-def _rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = __import__("torch").cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def _rope(hidden, cos, sin):
+    half = hidden.shape[-1] // 2
+    rotated = __import__("torch").cat([-hidden[..., half:], hidden[..., :half]], dim=-1)
+    return hidden * cos + rotated * sin
 
 
-def _attention(q, k, v, scale):
-    """q [H, T, d], k/v [Hkv, T, d] -> [T, H*d], causal."""
+def _attention(query, key, value, scale):
+    """query [H, T, d], key/value [Hkv, T, d] -> [T, H*d], causal."""
     import torch
 
-    groups = q.shape[0] // k.shape[0]
-    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-    scores = (q @ k.transpose(1, 2)) * scale
-    T = q.shape[1]
+    groups = query.shape[0] // key.shape[0]
+    key, value = key.repeat_interleave(groups, 0), value.repeat_interleave(groups, 0)
+    scores = (query @ key.transpose(1, 2)) * scale
+    T = query.shape[1]
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    out = scores.softmax(-1) @ v
+    out = scores.softmax(-1) @ value
     return out.transpose(0, 1).reshape(T, -1)
 
 
@@ -177,8 +177,8 @@ def gpt2_logits(config: dict, src: WeightSource, ids: list[int]):
     pre = "transformer." if src.has("transformer.wte.weight") else ""
     T = len(ids)
 
-    def ln(x, name):
-        return F.layer_norm(x, (hidden,), src.get(name + ".weight"), src.get(name + ".bias"), eps)
+    def ln(states, name):
+        return F.layer_norm(states, (hidden,), src.get(name + ".weight"), src.get(name + ".bias"), eps)
 
     h = src.embed(pre + "wte.weight", ids) + src.get(pre + "wpe.weight", (0, T))
     for i in range(config["n_layer"]):
@@ -206,11 +206,11 @@ def logits(config: dict, src: WeightSource, ids: list[int]):
         return llama_logits(config, src, ids)
 
 
-def probe_ids(config: dict, n: int = 12) -> list[int]:
+def probe_ids(config: dict, length: int = 12) -> list[int]:
     """The fixed verification prompt: BOS (if any) then a fixed spread of token ids."""
     vocab = config.get("vocab_size") or 2
     bos = config.get("bos_token_id")
-    ids = [(i * 7919 + 11) % vocab for i in range(n)]
+    ids = [(i * 7919 + 11) % vocab for i in range(length)]
     if isinstance(bos, int) and 0 <= bos < vocab:
         ids[0] = bos
     return ids

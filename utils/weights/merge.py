@@ -169,53 +169,53 @@ def load_adapter(folder: str | Path, allow_pickle: bool = False, flag: str = "--
     return Adapter(folder, config, by_weight, replacements, fifo, dora, weights_file)
 
 
-def delta_out_in(t: Target):
+def delta_out_in(target: Target):
     """s * B @ A as [out, in] (fp32)."""
-    if t.embedding:
-        return (t.parts["EB"] @ t.parts["EA"]) * t.scaling
-    return (t.parts["B"] @ t.parts["A"]) * t.scaling
+    if target.embedding:
+        return (target.parts["EB"] @ target.parts["EA"]) * target.scaling
+    return (target.parts["B"] @ target.parts["A"]) * target.scaling
 
 
-def stored_is_transposed(t: Target, fan_in_fan_out: bool) -> bool:
-    return t.embedding or fan_in_fan_out
+def stored_is_transposed(target: Target, fan_in_fan_out: bool) -> bool:
+    return target.embedding or fan_in_fan_out
 
 
-def merge_weight(t: Target, weight, fan_in_fan_out: bool):
+def merge_weight(target: Target, weight, fan_in_fan_out: bool):
     """The merged weight (fp32) in the base tensor's own layout. Works in place on ``weight`` when it is
     already fp32 (no temporary the size of the weight: ``addmm_``)."""
     w = weight.float()
-    transposed = stored_is_transposed(t, fan_in_fan_out)
+    transposed = stored_is_transposed(target, fan_in_fan_out)
     w_oi = w.T if transposed else w
-    a, b = (t.parts["EA"], t.parts["EB"]) if t.embedding else (t.parts["A"], t.parts["B"])
+    a, b = (target.parts["EA"], target.parts["EB"]) if target.embedding else (target.parts["A"], target.parts["B"])
     if (b.shape[0], a.shape[1]) != tuple(w_oi.shape):
-        raise SuiteError(f"adapter module {t.module}: LoRA shape {(b.shape[0], a.shape[1])} does not fit the base "
+        raise SuiteError(f"adapter module {target.module}: LoRA shape {(b.shape[0], a.shape[1])} does not fit the base "
                          f"weight {tuple(weight.shape)} (adapter made for another model?)")
-    w_oi.addmm_(b, a, alpha=t.scaling)
-    if "m" in t.parts:
-        w_oi.mul_((t.parts["m"].reshape(-1) / torch_norm_rows(w_oi)).reshape(-1, 1))
+    w_oi.addmm_(b, a, alpha=target.scaling)
+    if "m" in target.parts:
+        w_oi.mul_((target.parts["m"].reshape(-1) / torch_norm_rows(w_oi)).reshape(-1, 1))
     return w.contiguous()
 
 
-def torch_norm_rows(x):
+def torch_norm_rows(matrix):
     import torch
 
-    return torch.linalg.norm(x, dim=1)
+    return torch.linalg.norm(matrix, dim=1)
 
 
-def merge_bias(t: Target, bias):
-    if "B_bias" not in t.parts:
+def merge_bias(target: Target, bias):
+    if "B_bias" not in target.parts:
         return None
-    return bias.float() + t.parts["B_bias"] * t.scaling
+    return bias.float() + target.parts["B_bias"] * target.scaling
 
 
-def lora_forward_extra(t: Target, x, weight_oi, base_out):
-    """Unmerged forward of an adapted linear: what the adapter adds to ``base_out`` (= x @ W.T + b), computed
+def lora_forward_extra(target: Target, inputs, weight_oi, base_out):
+    """Unmerged forward of an adapted linear: what the adapter adds to ``base_out`` (= inputs @ W.T + b), computed
     the way peft runs it (side branch, then DoRA's rescaling), for the verification."""
-    lora = (x @ t.parts["A"].T) @ t.parts["B"].T * t.scaling
-    if "B_bias" in t.parts:
-        lora = lora + t.parts["B_bias"] * t.scaling
-    if "m" not in t.parts:
+    lora = (inputs @ target.parts["A"].T) @ target.parts["B"].T * target.scaling
+    if "B_bias" in target.parts:
+        lora = lora + target.parts["B_bias"] * target.scaling
+    if "m" not in target.parts:
         return base_out + lora
-    norm = torch_norm_rows(weight_oi + delta_out_in(t))
-    scale = t.parts["m"].reshape(-1) / norm
-    return base_out + (scale - 1) * (x @ weight_oi.T) + scale * lora
+    norm = torch_norm_rows(weight_oi + delta_out_in(target))
+    scale = target.parts["m"].reshape(-1) / norm
+    return base_out + (scale - 1) * (inputs @ weight_oi.T) + scale * lora

@@ -62,8 +62,8 @@ class HashQueue:
         self.pending: list = []
         self.limit = limit
 
-    def update(self, h, data) -> None:
-        self.pending.append((self.pool.submit(h.update, data), data.nbytes if hasattr(data, "nbytes") else len(data)))
+    def update(self, digest, data) -> None:
+        self.pending.append((self.pool.submit(digest.update, data), data.nbytes if hasattr(data, "nbytes") else len(data)))
         while sum(n for _, n in self.pending) > self.limit:
             self.pending.pop(0)[0].result()
 
@@ -342,10 +342,10 @@ class ModelWeights:
         return sum(e.nbytes for e in self.entries.values())
 
 
-def shard_names(n: int) -> list[str]:
-    if n == 1:
+def shard_names(count: int) -> list[str]:
+    if count == 1:
         return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 class ShardWriter:
