@@ -20,19 +20,206 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
+import inspect
 import json
-import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from utils.errors import SuiteError, UsageError
+from utils.args import Group, StageArgs, unfingerprinted
+from utils.artifacts import Output, base_fingerprint, read_output, remove_recorded, sha256_file, sha256_json
 from utils.cli import run
+from utils.data.prepare import PrepareArgs, prepare_dataset
+from utils.data.records import missing_path_message
+from utils.distributed import from_env
+from utils.errors import SuiteError, UsageError
+from utils.training import checkpoint as ckpt
+from utils.training.backends import backend_for
+from utils.training.evaluate import evaluate, token_loss_sum
+from utils.training.methods import MethodArgs, check_packing, prepare_model
+from utils.training.prepared import check_prepared, prepared_rows
+from utils.training.schedule import lr_lambda
+from utils.training.tracking import StepProgress, Tracker, TrackingArgs
+from utils.weights.folders import check_model_dir
+from utils.weights.pretrained import load_base_model
 
-PROMPT_METHODS = ("prompt", "ptuning")  # peft prepends virtual tokens to the inputs (and logits)
+STAGE = "finetune"
+
+# -- the flags, by concern ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelArgs(Group):
+    """The base model and how it is loaded and run."""
+
+    base_model: str = unfingerprinted(why="a path: the base counts by its config and weight hashes (inputs)")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = unfingerprinted(False, why="a permission: it only allows a model that is otherwise "
+                                                         "refused; the model counts by its hashes")
+    allow_pickle_weights: bool = unfingerprinted(False, why="a permission: it only allows weights that are "
+                                                            "otherwise refused")
+
+
+@dataclass(frozen=True)
+class DataArgs(Group):
+    """The training data, and how raw files are prepared (a prepared folder keeps its own values)."""
+
+    data_path: tuple[str, ...] = unfingerprinted(why="paths: the data counts by the prepared folder's "
+                                                     "fingerprint (inputs)")
+    cutoff_len: int = 256
+    val_set_size: float = 0.05
+    prompt_template_name: str = "auto"
+    train_on_inputs: bool = False
+    add_eos_token: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.data_path, list):  # frozen groups hold lists as tuples
+            object.__setattr__(self, "data_path", tuple(self.data_path))
+
+    def problems(self) -> list[str]:
+        problems = [] if self.data_path else ["--data_path: give data files or a prepare_data.py folder"]
+        if not self.add_eos_token:
+            problems.append("--add_eos_token False is not supported: every trained response ends with EOS")
+        return problems
+
+
+# With a prepared --data_path these do not apply: pipeline.json records the folder's own values.
+DATA_STAGE_FLAGS = ("prompt_template_name", "cutoff_len", "val_set_size", "train_on_inputs")
+
+
+@dataclass(frozen=True)
+class BatchArgs(Group):
+    """Which rows each optimizer step takes and how they are cut into forward passes."""
+
+    batch_size: int = 128
+    micro_batch_size: int = 4
+    group_by_length: bool = False
+    packing: bool = False
+
+    def problems(self) -> list[str]:
+        return [f"--{name} must be >= 1, got {getattr(self, name)}" for name in ("batch_size", "micro_batch_size")
+                if getattr(self, name) < 1]
+
+
+@dataclass(frozen=True)
+class OptimArgs(Group):
+    """Run length, AdamW, its learning-rate schedule and the seed."""
+
+    num_epochs: int = 3
+    max_steps: int = 0
+    learning_rate: float = 3e-4
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.max_steps < 0 or self.num_epochs < 1 and self.max_steps == 0:
+            problems.append("--max_steps must be >= 0 and --num_epochs >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            problems.append(f"--learning_rate must be > 0, got {self.learning_rate}")
+        return problems
+
+
+@dataclass(frozen=True)
+class ParallelArgs(Group):
+    """How the model is spread over torchrun's processes (see utils.training.backends)."""
+
+    fsdp: bool = False
+    deepspeed: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalArgs(Group):
+    """Evaluation on the validation split, early stopping and keep-best."""
+
+    eval_steps: int = field(default=0, metadata={"why": "counted: with early stopping or keep-best it decides "
+                                                        "which weights are written, and its evaluations are in "
+                                                        "metrics.jsonl and loss.png"})
+    early_stopping_patience: int = 0
+    load_best_model_at_end: bool = False
+
+    @property
+    def compares(self) -> bool:
+        """Whether evaluations are compared (early stopping or keep-best), which needs a validation split."""
+        return bool(self.early_stopping_patience or self.load_best_model_at_end)
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.early_stopping_patience < 0:
+            problems.append(f"--early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+        if self.compares and self.eval_steps < 1:
+            problems.append("--early_stopping_patience and --load_best_model_at_end need --eval_steps N (evaluations "
+                            "to compare)")
+        return problems
+
+
+_CHECKPOINTS_ONLY = "checkpoints only: resumable state beside the output; the trained weights do not change"
+
+
+@dataclass(frozen=True)
+class CheckpointArgs(Group):
+    """Resumable checkpoints, and where the run starts from (a checkpoint, or an earlier run's weights)."""
+
+    save_steps: int = unfingerprinted(200, why=_CHECKPOINTS_ONLY)
+    save_total_limit: int = unfingerprinted(3, why=_CHECKPOINTS_ONLY)
+    resume_from_checkpoint: str | None = unfingerprinted(None, why="a resumed run writes the same bytes as an "
+                                                                   "uninterrupted one")
+    init_from: str | None = unfingerprinted(None, why="a path: the weights it starts from count by their hash "
+                                                      "(inputs)")
+
+    def problems(self) -> list[str]:
+        if self.init_from is not None and self.resume_from_checkpoint is not None:
+            return ["--init_from starts a new run; it cannot be combined with --resume_from_checkpoint"]
+        return []
+
+
+@dataclass(frozen=True)
+class OutputArgs(Group):
+    """Where the run is written, and how its final files are split."""
+
+    output_dir: str = unfingerprinted("./lora-alpaca", why="where the output is written, not what it holds")
+    overwrite: bool = unfingerprinted(False, why="a permission: it only allows replacing what is otherwise refused")
+    max_shard_size: str = "2GB"
+
+
+@dataclass(frozen=True)
+class FinetuneArgs(StageArgs):
+    """finetune.py's flags."""
+
+    STAGE = STAGE
+    model: ModelArgs
+    data: DataArgs
+    method: MethodArgs
+    batching: BatchArgs
+    optim: OptimArgs
+    parallel: ParallelArgs
+    evaluation: EvalArgs
+    checkpoints: CheckpointArgs
+    output: OutputArgs
+    tracking: TrackingArgs = field(metadata={"fingerprint": False, "why": "where metrics are also sent and how "
+                                             "progress is shown: the files pipeline.json lists do not change"})
+
+
+Args = FinetuneArgs
+
+
+def fingerprint(args: FinetuneArgs, inputs: dict) -> str:
+    """The output's fingerprint: the flags that determine it and ``inputs`` (see ``input_hashes``)."""
+    return sha256_json({"stage": STAGE, "args": args.fingerprint_values(), "inputs": inputs})
+
 
 
 def main(
@@ -164,196 +351,189 @@ def main(
             lists, checkpoints, metrics), or write into a folder holding files this suite did not write
             (they are kept).
     """
-    args = dict(locals())
-    args["lora_target_modules"] = list(lora_target_modules)
-    validate_args(**args)
-    from utils.training.checkpoint import RunFolder, sigterm_exits
-    from utils.distributed import from_env
-
-    dist = from_env("finetune")
+    args = FinetuneArgs.from_flags(dict(locals()))
+    validate_args(args)
+    dist = from_env(STAGE)
     with contextlib.ExitStack() as stack:
         stack.callback(dist.close)
-        stack.enter_context(sigterm_exits())  # so that the folder's lock is released on SIGTERM too
+        stack.enter_context(ckpt.sigterm_exits())  # so that the folder's lock is released on SIGTERM too
         # Before any work: the destination rule, the folder and its lock. Only rank 0 holds them; its
         # refusal reaches every rank.
-        dist.on_main(lambda: stack.enter_context(RunFolder(Path(output_dir), overwrite)) and None)
+        folder = ckpt.RunFolder(Path(args.output.output_dir), args.output.overwrite)
+        dist.on_main(lambda: stack.enter_context(folder) and None)
         train(args, dist)
 
 
-def validate_args(**a) -> None:
-    """Refuse bad arguments before any work, with every problem found reported at once."""
-    from utils.weights.folders import check_model_dir
+# -- validation ----------------------------------------------------------------------------------------------
 
+
+def validate_args(args: FinetuneArgs) -> None:
+    """Refuse bad arguments before any work, with every problem found reported at once: each group's own,
+    and the checks of files, installed packages and processes beside the group they concern."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    problems = check_model_dir(a["base_model"], a["allow_pickle_weights"])
-    problems += data_problems(a)
-    problems += method_problems(a)
-    problems += batching_problems(a, world)
-    problems += parallelism_problems(a, world)
-    problems += evaluation_problems(a)
-    problems += tracking_problems(a)
-    problems += checkpoint_problems(a)
+    problems = check_model_dir(args.model.base_model, args.model.allow_pickle_weights) + args.model.problems()
+    problems += data_path_problems(args.data) + args.data.problems()
+    problems += args.method.problems() + method_problems(args)
+    problems += args.batching.problems() + batch_world_problems(args.batching, world) + args.optim.problems()
+    problems += args.parallel.problems() + parallelism_problems(args, world)
+    problems += args.evaluation.problems() + validation_split_problems(args)
+    problems += args.tracking.problems() + tracking_package_problems(args.tracking)
+    problems += start_problems(args.checkpoints) + args.checkpoints.problems()
+    problems += args.output.problems() + output_problems(args)
     if problems:
         raise UsageError("\n".join(problems))
 
 
-def data_problems(a: dict) -> list[str]:
-    from utils.data.records import missing_path_message
-
-    problems = []
-    if not a["data_path"]:
-        problems.append("--data_path: give data files or a prepare_data.py folder")
-    for p in a["data_path"]:
-        if not Path(p).exists():
-            problems.append(missing_path_message("--data_path", p, "file or folder"))
-    if len(a["data_path"]) > 1 and any(Path(p).is_dir() for p in a["data_path"]):
+def data_path_problems(data: DataArgs) -> list[str]:
+    problems = [missing_path_message("--data_path", p, "file or folder") for p in data.data_path
+                if not Path(p).exists()]
+    if len(data.data_path) > 1 and any(Path(p).is_dir() for p in data.data_path):
         problems.append("--data_path: a prepared folder must be given alone")
-    if not a["add_eos_token"]:
-        problems.append("--add_eos_token False is not supported: every trained response ends with EOS")
     return problems
 
 
-def method_problems(a: dict) -> list[str]:
-    """The method's own settings: LoRA, virtual tokens, qlora, packing."""
-    problems = [f"--{name} must be >= 1, got {a[name]}" for name in ("lora_r", "num_virtual_tokens") if a[name] < 1]
-    if not 0 <= a["lora_dropout"] < 1:
-        problems.append(f"--lora_dropout must be in [0, 1), got {a['lora_dropout']}")
-    if a["qlora_bits"] not in (4, 8):
-        problems.append(f"--qlora_bits must be 4 or 8, got {a['qlora_bits']}")
-    if a["method"] == "qlora":
+def method_problems(args: FinetuneArgs) -> list[str]:
+    """What the method needs besides its own settings: bitsandbytes for qlora, rows without virtual tokens
+    for packing."""
+    problems, method = [], args.method.method
+    if method == "qlora":
         try:
-            import bitsandbytes  # noqa: F401
+            importlib.import_module("bitsandbytes")
         except Exception as exc:  # a broken install raises more than ImportError
             problems.append(f"--method qlora needs bitsandbytes ({type(exc).__name__}: {exc})")
-    if a["packing"] and a["method"] not in ("lora", "qlora", "full"):
-        problems.append(f"--packing works with lora, qlora and full; --method {a['method']} puts virtual tokens "
+    if args.batching.packing and method not in ("lora", "qlora", "full"):
+        problems.append(f"--packing works with lora, qlora and full; --method {method} puts virtual tokens "
                         "before each row, which packed examples cannot share")
     return problems
 
 
-def batching_problems(a: dict, world: int) -> list[str]:
-    """Batch sizes over ``world`` processes, run length and the optimizer's schedule."""
-    problems = [f"--{name} must be >= 1, got {a[name]}" for name in ("batch_size", "micro_batch_size") if a[name] < 1]
-    if a["batch_size"] % max(a["micro_batch_size"] * world, 1):
-        problems.append(f"--batch_size {a['batch_size']} must be a multiple of --micro_batch_size "
-                        f"{a['micro_batch_size']}" + (f" x {world} processes" if world > 1 else ""))
-    if a["max_steps"] < 0 or a["num_epochs"] < 1 and a["max_steps"] == 0:
-        problems.append("--max_steps must be >= 0 and --num_epochs >= 1")
-    if not 0 <= a["warmup_ratio"] < 1:
-        problems.append(f"--warmup_ratio must be in [0, 1), got {a['warmup_ratio']}")
-    if a["learning_rate"] <= 0:
-        problems.append(f"--learning_rate must be > 0, got {a['learning_rate']}")
-    return problems
+def batch_world_problems(batching: BatchArgs, world: int) -> list[str]:
+    """The effective batch must split evenly over ``world`` processes' micro-batches."""
+    if batching.batch_size % max(batching.micro_batch_size * world, 1):
+        return [f"--batch_size {batching.batch_size} must be a multiple of --micro_batch_size "
+                f"{batching.micro_batch_size}" + (f" x {world} processes" if world > 1 else "")]
+    return []
 
 
-def parallelism_problems(a: dict, world: int) -> list[str]:
+def parallelism_problems(args: FinetuneArgs, world: int) -> list[str]:
     """FSDP and DeepSpeed over ``world`` processes."""
-    problems = []
-    if a["fsdp"] and (world < 2 or a["method"] not in ("lora", "full")):
+    problems, parallel = [], args.parallel
+    if parallel.fsdp and (world < 2 or args.method.method not in ("lora", "full")):
         problems.append("--fsdp needs torchrun with 2 or more processes and --method lora or full")
-    if a["deepspeed"] is not None:
+    if parallel.deepspeed is not None:
         try:
-            json.loads(Path(a["deepspeed"]).read_text(encoding="utf-8"))
+            json.loads(Path(parallel.deepspeed).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            problems.append(f"--deepspeed {a['deepspeed']}: not a readable JSON config ({exc})")
-        import importlib.util
-
+            problems.append(f"--deepspeed {parallel.deepspeed}: not a readable JSON config ({exc})")
         if importlib.util.find_spec("deepspeed") is None:  # not imported here: it prints to stdout
             problems.append("--deepspeed needs the deepspeed package (pip install deepspeed)")
-        if a["fsdp"] or a["method"] == "qlora":
+        if parallel.fsdp or args.method.method == "qlora":
             problems.append("--deepspeed cannot be combined with --fsdp or --method qlora")
     return problems
 
 
-def evaluation_problems(a: dict) -> list[str]:
-    """Early stopping and best-model selection, which need evaluations to compare."""
-    problems = []
-    if a["early_stopping_patience"] < 0:
-        problems.append(f"--early_stopping_patience must be >= 0, got {a['early_stopping_patience']}")
-    if (a["early_stopping_patience"] or a["load_best_model_at_end"]) and a["eval_steps"] < 1:
-        problems.append("--early_stopping_patience and --load_best_model_at_end need --eval_steps N (evaluations "
-                        "to compare)")
-    if (a["early_stopping_patience"] or a["load_best_model_at_end"]) and not Path(a["data_path"][0]).is_dir() \
-            and a["val_set_size"] <= 0:
-        problems.append("--early_stopping_patience and --load_best_model_at_end need a validation split "
-                        "(--val_set_size > 0)")
-    return problems
+def validation_split_problems(args: FinetuneArgs) -> list[str]:
+    """Early stopping and keep-best compare evaluations: raw data must be given a validation split."""
+    if args.evaluation.compares and not Path(args.data.data_path[0]).is_dir() and args.data.val_set_size <= 0:
+        return ["--early_stopping_patience and --load_best_model_at_end need a validation split "
+                "(--val_set_size > 0)"]
+    return []
 
 
-def tracking_problems(a: dict) -> list[str]:
-    """Weights & Biases and TensorBoard: their flags and packages."""
+def tracking_package_problems(tracking: TrackingArgs) -> list[str]:
+    """Weights & Biases and TensorBoard need their packages."""
     problems = []
-    if a["wandb_project"] or a["wandb_log_model"] or a["wandb_watch"] not in ("", "false"):
-        if not a["wandb_project"]:
-            problems.append("--wandb_watch / --wandb_log_model need --wandb_project")
+    if tracking.wants_wandb:
         try:
-            import wandb  # noqa: F401
+            importlib.import_module("wandb")
         except ImportError:
             problems.append("--wandb_project needs the wandb package (pip install wandb)")
-    if a["tensorboard"]:
+    if tracking.tensorboard:
         try:
-            import tensorboard  # noqa: F401
+            importlib.import_module("tensorboard")
         except ImportError:
             problems.append("--tensorboard needs the tensorboard package (pip install tensorboard), or pass "
                             "--notensorboard")
     return problems
 
 
-def checkpoint_problems(a: dict) -> list[str]:
-    """Where the run starts from (resume, init_from) and where it writes."""
+def start_problems(checkpoints: CheckpointArgs) -> list[str]:
+    """The folders a run starts from (resume, init_from) exist."""
     problems = []
-    rc = a["resume_from_checkpoint"]
+    rc = checkpoints.resume_from_checkpoint
     if rc not in (None, "auto") and not Path(rc).is_dir():
         problems.append(f"--resume_from_checkpoint {rc}: no such folder (or use auto)")
-    if a["init_from"] is not None:
-        if not Path(a["init_from"]).is_dir():
-            problems.append(f"--init_from {a['init_from']}: no such folder")
-        if rc is not None:
-            problems.append("--init_from starts a new run; it cannot be combined with --resume_from_checkpoint")
-    if Path(a["output_dir"]).absolute() == Path(a["base_model"]).absolute():
-        problems.append("--output_dir must not be the base model folder")
+    if checkpoints.init_from is not None and not Path(checkpoints.init_from).is_dir():
+        problems.append(f"--init_from {checkpoints.init_from}: no such folder")
     return problems
 
 
-# ---------------------------------------------------------------------------------------------------
+def output_problems(args: FinetuneArgs) -> list[str]:
+    if Path(args.output.output_dir).absolute() == Path(args.model.base_model).absolute():
+        return ["--output_dir must not be the base model folder"]
+    return []
 
 
-def prepare(args: dict) -> Path:
+# -- the run: inputs, build, fit, finish ---------------------------------------------------------------------
+
+
+def train(args: FinetuneArgs, dist) -> None:
+    """Prepare the data, then build, fit and finish the run (nothing to do if the folder holds this finished
+    run)."""
+    out = Path(args.output.output_dir)
+    data_dir = dist.on_main(prepare, args)
+    inputs = input_hashes(args, data_dir)
+    fp = fingerprint(args, inputs)
+    if dist.on_main(check_output_dir_for_run, out, fp, args.output.overwrite,
+                    args.checkpoints.resume_from_checkpoint is not None):
+        if dist.main:
+            print(f"finetune: {out} already holds this finished run; nothing to do", file=sys.stderr)
+            print(out.absolute())
+        return
+    run = build(args, dist, out, data_dir)
+    stopped_early = fit(run)
+    finish(run, data_dir, fp, inputs["base"], stopped_early)
+
+
+def prepare(args: FinetuneArgs) -> Path:
     """The prepared dataset folder: the one given, or one made from raw files in OUTPUT_DIR/data."""
-    from utils.artifacts import read_meta, tokenizer_fingerprint
-
-    paths = args["data_path"]
+    paths = args.data.data_path
     if len(paths) == 1 and Path(paths[0]).is_dir():
-        folder = Path(paths[0])
-        meta = read_meta(folder)
-        if not meta or meta.get("stage") != "prepare_data" or not meta.get("complete"):
-            raise SuiteError(f"--data_path {folder}: not a complete prepare_data.py output folder")
-        if meta["base_model"]["tokenizer_files"] != tokenizer_fingerprint(args["base_model"]):
-            raise SuiteError(f"--data_path {folder} was tokenized with a different tokenizer "
-                             f"({meta['base_model']['path']}) than --base_model {args['base_model']}")
-        return folder
-    import prepare_data
-
-    folder = Path(args["output_dir"]) / "data"
-    kwargs = {k: args[k] for k in ("prompt_template_name", "cutoff_len", "val_set_size", "train_on_inputs", "seed",
-                                   "trust_remote_code", "overwrite")}
+        check_prepared(paths[0], args.model.base_model)
+        return Path(paths[0])
+    folder = Path(args.output.output_dir) / "data"
+    flags = {"base_model": args.model.base_model, "data_path": list(paths), "output_dir": str(folder),
+             **{k: getattr(args.data, k) for k in DATA_STAGE_FLAGS}, "seed": args.optim.seed,
+             "trust_remote_code": args.model.trust_remote_code, "overwrite": args.output.overwrite}
     with contextlib.redirect_stdout(sys.stderr):  # stdout is this stage's payload (its output path)
-        prepare_data.main(args["base_model"], list(paths), str(folder), **kwargs)
+        prepare_dataset(PrepareArgs.from_flags(flags))
     return folder
 
 
-def fingerprint_of(args: dict, data_dir: Path, base: dict) -> str:
-    from utils.artifacts import read_meta, sha256_file, sha256_json
-    from utils.training.checkpoint import init_weights_file
+def input_hashes(args: FinetuneArgs, data_dir: Path) -> dict:
+    """What identifies the run's inputs: the base model, the prepared data, the weights --init_from starts from."""
+    init_from = args.checkpoints.init_from
+    return {
+        "base": base_fingerprint(args.model.base_model),
+        "data": read_output(data_dir).fingerprint,
+        "init_from": sha256_file(ckpt.init_weights_file(Path(init_from))) if init_from else None,
+    }
 
-    ignore = ("output_dir", "resume_from_checkpoint", "overwrite", "data_path", "base_model", "logging_steps",
-              "init_from", "tensorboard", "wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model")
-    return sha256_json({
-        "stage": "finetune", "args": {k: v for k, v in args.items() if k not in ignore},
-        "base": base,
-        "data": read_meta(data_dir)["fingerprint"],
-        "init_from": sha256_file(init_weights_file(Path(args["init_from"]))) if args["init_from"] else None,
-    })
+
+def check_output_dir_for_run(out: Path, fp: str, overwrite: bool, resuming: bool) -> bool:
+    """True if ``out`` already holds this finished run. A different finished run needs --overwrite, which
+    removes that run's own files (those its pipeline.json lists, checkpoints, metrics) and nothing else.
+    (The folder is written in place, so that a run can resume: rank 0 already holds its claim and lock,
+    ``utils.training.checkpoint.RunFolder``.)"""
+    if Output(out, STAGE, overwrite, resumable=ckpt.unfinished_run).up_to_date(fp):
+        return True
+    info = read_output(out)
+    # --overwrite on an unfinished run starts it again, unless it is being resumed.
+    if info is not None and info.complete or overwrite and not resuming:
+        remove_recorded(out, info.raw if info else None)  # e.g. a single model.safetensors before new shards
+        ckpt.clear_run(out)
+        ckpt.mark_unfinished(out)
+    return False
 
 
 class TrainingData(NamedTuple):
@@ -366,127 +546,108 @@ class TrainingData(NamedTuple):
 @dataclasses.dataclass
 class Training:
     """What the steps of one run share: its settings, model, optimizer and data, and where it has got to."""
-    args: dict
+    args: FinetuneArgs
     dist: Any
+    backend: Any  # how the model is held over the processes (utils.training.backends)
     out: Path
     data: TrainingData
     model: Any
-    params: list  # the trainable parameters
     optimizer: Any
     scheduler: Any
     runner: Any  # what runs the forward pass: the model, or the DeepSpeed engine wrapping it
     per_epoch: int
     total_steps: int
-    n_virtual: int  # virtual tokens prepended to the logits
+    n_trainable: int
     step: int = 0
     state: dict = dataclasses.field(default_factory=lambda: {"best": None, "bad_evals": 0})
     best_weights: Any = None
     tracker: Any = None
+    recorded: dict = dataclasses.field(default_factory=dict)  # the arguments as pipeline.json records them
+
+    @property
+    def n_virtual(self) -> int:
+        return self.args.method.virtual_tokens  # virtual tokens prepended to the logits
 
 
-def train(args: dict, dist) -> None:
-    import torch
-
-    from utils.artifacts import base_fingerprint
-    from utils.training.tracking import Tracker
-
-    out = Path(args["output_dir"])
-    data_dir = dist.on_main(prepare, args)
-    base = base_fingerprint(args["base_model"])
-    fingerprint = fingerprint_of(args, data_dir, base)
-    if dist.on_main(check_output_dir_for_run, out, fingerprint, args):
-        if dist.main:
-            print(f"finetune: {out} already holds this finished run; nothing to do", file=sys.stderr)
-            print(out.absolute())
-        return
-
-    torch.manual_seed(args["seed"])
-    data = load_rows(args, data_dir)
-    model = build_model(args, dist)
-    # Same initial weights on every rank (seeded above); different dropout masks per rank from here.
-    torch.manual_seed(args["seed"] + dist.rank)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    if dist.main:
-        print(f"finetune: method {args['method']}, {n_trainable:,} trainable parameters, "
-              f"{len(data.train)} train / {len(data.val)} validation examples", file=sys.stderr)
-    run = build_optimizer(args, dist, out, data, model, params)
-    resume_or_refuse(run)
-    recorded = recorded_args(args, data_dir, dist.main)
-    run.tracker = Tracker(out, recorded, run.step, dist.main)
-    run.tracker.watch(model)
-    stopped_early = run_steps(run)
-    final_eval = final_evaluation(run)
-    summary = run_summary(run, final_eval, stopped_early, n_trainable)
-    finish(run, recorded, data_dir, fingerprint, base, summary)
-
-
-def load_rows(args: dict, data_dir: Path) -> TrainingData:
-    """The prepared train and validation rows, checked against what early stopping needs."""
-    from datasets import load_from_disk
-
-    from utils.artifacts import read_meta
-
-    splits = load_from_disk(str(data_dir / "dataset"))
-    train_rows = list(zip(splits["train"]["input_ids"], splits["train"]["labels"]))
-    val_rows = list(zip(splits["validation"]["input_ids"], splits["validation"]["labels"])) if "validation" in splits else []
-    if (args["early_stopping_patience"] or args["load_best_model_at_end"]) and not val_rows:
-        raise SuiteError(f"--data_path {data_dir} has no validation split, which --early_stopping_patience and "
-                         "--load_best_model_at_end need")
-    lengths = [len(ids) for ids, _ in train_rows]
-    pack_len = max(read_meta(data_dir)["args"]["cutoff_len"], max(lengths))
-    return TrainingData(train_rows, val_rows, lengths, pack_len)
-
-
-def build_model(args: dict, dist):
-    """The base model with the method's trainable parts, sharded under FSDP, from --init_from's weights."""
-    from utils.training import checkpoint as ckpt
-    from utils.training.methods import check_packing, prepare_model
-    from utils.weights.pretrained import load_base_model
-
-    model = load_base_model(args["base_model"], dtype=args["dtype"], trust_remote_code=args["trust_remote_code"],
-                            allow_pickle_weights=args["allow_pickle_weights"], device=dist.device,
-                            quantization=quantization_of(args))
-    if args["gradient_checkpointing"]:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = prepare_model(model, args["method"], args)
-    if args["packing"]:
-        check_packing(model, dist.device)
-    if args["fsdp"]:
-        dist.shard(model)
-    if args["init_from"]:
-        ckpt.init_weights(Path(args["init_from"]), model)
-    return model
-
-
-def build_optimizer(args: dict, dist, out: Path, data: TrainingData, model, params: list) -> Training:
-    """The run's schedule, AdamW and its learning-rate schedule (inside a DeepSpeed engine with --deepspeed)."""
+def build(args: FinetuneArgs, dist, out: Path, data_dir: Path) -> Training:
+    """Everything the optimizer steps need: the rows, the model on its backend, AdamW and its schedule, where
+    a resumed run had got to, and the metric sinks."""
     import torch
 
     from utils.training.batches import steps_per_epoch
 
-    per_epoch = steps_per_epoch(len(data.train), args["batch_size"])
-    total_steps = args["max_steps"] or per_epoch * args["num_epochs"]
-    warmup = args["warmup_steps"] or int(args["warmup_ratio"] * total_steps)
-    optimizer = torch.optim.AdamW(params, lr=args["learning_rate"], weight_decay=args["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args["lr_scheduler"], warmup, total_steps))
-    runner = model
-    if args["deepspeed"]:
-        runner = dist.deepspeed(model, optimizer, args["deepspeed"], args["micro_batch_size"], args["max_grad_norm"],
-                                bf16=args["dtype"] == "bf16")
-    n_virtual = args["num_virtual_tokens"] if args["method"] in PROMPT_METHODS else 0
-    return Training(args, dist, out, data, model, params, optimizer, scheduler, runner, per_epoch, total_steps,
-                    n_virtual)
+    torch.manual_seed(args.optim.seed)
+    data = load_rows(args, data_dir)
+    backend = backend_for(dist, fsdp=args.parallel.fsdp, deepspeed=args.parallel.deepspeed,
+                          micro_batch_size=args.batching.micro_batch_size, max_grad_norm=args.optim.max_grad_norm,
+                          bf16=args.model.dtype == "bf16")
+    model = build_model(args, dist, backend)
+    # Same initial weights on every rank (seeded above); different dropout masks per rank from here.
+    torch.manual_seed(args.optim.seed + dist.rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    if dist.main:
+        print(f"finetune: method {args.method.method}, {n_trainable:,} trainable parameters, "
+              f"{len(data.train)} train / {len(data.val)} validation examples", file=sys.stderr)
+    per_epoch = steps_per_epoch(len(data.train), args.batching.batch_size)
+    total_steps = args.optim.max_steps or per_epoch * args.optim.num_epochs
+    optimizer, scheduler = make_optimizer(args.optim, params, total_steps)
+    runner = backend.prepare(model, optimizer)
+    run = Training(args, dist, backend, out, data, model, optimizer, scheduler, runner, per_epoch, total_steps,
+                   n_trainable)
+    resume_or_refuse(run)
+    run.recorded = recorded_args(args, read_output(data_dir).args, data_dir, dist.main)
+    run.tracker = Tracker(out, args.tracking, run.recorded, run.step, dist.main)
+    run.tracker.watch(model)
+    return run
+
+
+def load_rows(args: FinetuneArgs, data_dir: Path) -> TrainingData:
+    """The prepared train and validation rows, checked against what early stopping needs."""
+    rows = prepared_rows(data_dir, "train", "validation")
+    train_rows, val_rows = rows["train"], rows.get("validation", [])
+    if args.evaluation.compares and not val_rows:
+        raise SuiteError(f"--data_path {data_dir} has no validation split, which --early_stopping_patience and "
+                         "--load_best_model_at_end need")
+    lengths = [len(ids) for ids, _ in train_rows]
+    pack_len = max(read_output(data_dir).args["cutoff_len"], max(lengths))
+    return TrainingData(train_rows, val_rows, lengths, pack_len)
+
+
+def build_model(args: FinetuneArgs, dist, backend):
+    """The base model with the method's trainable parts, sharded by the backend, from --init_from's weights."""
+
+    model = load_base_model(args.model.base_model, dtype=args.model.dtype,
+                            trust_remote_code=args.model.trust_remote_code,
+                            allow_pickle_weights=args.model.allow_pickle_weights, device=dist.device,
+                            quantization=args.method.quantization(args.model.dtype))
+    if args.model.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_model(model, args.method, args.model.gradient_checkpointing)
+    if args.batching.packing:
+        check_packing(model, dist.device)
+    model = backend.shard(model)
+    if args.checkpoints.init_from:
+        ckpt.init_weights(Path(args.checkpoints.init_from), model)
+    return model
+
+
+def make_optimizer(optim: OptimArgs, params: list, total_steps: int):
+    """AdamW over ``params`` and its learning-rate schedule over ``total_steps``."""
+    import torch
+
+    warmup = optim.warmup_steps or int(optim.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.lr_scheduler, warmup, total_steps))
+    return optimizer, scheduler
 
 
 def resume_or_refuse(run: Training) -> None:
     """Continue from the checkpoint --resume_from_checkpoint names; refuse to start over an unfinished run."""
-    from utils.training import checkpoint as ckpt
-
     dist, out = run.dist, run.out
-    resume = dist.on_main(ckpt.find_resume, out, run.args["resume_from_checkpoint"])
+    resume = dist.on_main(ckpt.find_resume, out, run.args.checkpoints.resume_from_checkpoint)
     if resume is not None:
-        run.step, run.state, run.best_weights = ckpt.load_checkpoint(resume, run.model, run.optimizer, run.scheduler, dist)
+        run.step, run.state, run.best_weights = ckpt.load_checkpoint(resume, run.model, run.scheduler, run.backend)
         if dist.main:
             print(f"finetune: resumed from {resume} at step {run.step}", file=sys.stderr)
     elif dist.on_main(ckpt.checkpoint_dirs, out):
@@ -494,15 +655,36 @@ def resume_or_refuse(run: Training) -> None:
                          "auto to continue it, or --overwrite to start again")
 
 
-def run_steps(run: Training) -> bool:
+def recorded_args(args: FinetuneArgs, prepared: dict, data_dir: Path, report: bool = True) -> dict:
+    """The arguments as this run used them, for pipeline.json: the data-stage values come from the data
+    folder's own pipeline.json (``prepared``, its args: with a prepared --data_path, finetune's flags for them do
+    not apply). A value given here that differs from both the default and the folder's is reported, as it has
+    no effect."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DataArgs)}
+    used = {}
+    for key in DATA_STAGE_FLAGS:
+        if key not in prepared:
+            continue
+        given = getattr(args.data, key)
+        if report and given != prepared[key] and given != defaults[key]:
+            print(f"finetune: --{key} {given} does not apply to the prepared --data_path {data_dir} (prepared "
+                  f"with {prepared[key]}); recording {prepared[key]}", file=sys.stderr)
+        used[key] = prepared[key]
+    flags = dataclasses.replace(args, data=dataclasses.replace(args.data, **used)).flags()
+    return {name: flags[name] for name in inspect.signature(main).parameters}  # in the order of the flags
+
+
+# -- fit: the optimizer steps --------------------------------------------------------------------------------
+
+
+def fit(run: Training) -> bool:
     """The optimizer steps from run.step on; True if early stopping ended them. On SIGTERM / Ctrl-C it saves a
     checkpoint and exits (130 / 143)."""
     from utils.training.batches import epoch_steps
-    from utils.training.tracking import StepProgress
 
     args, dist = run.args, run.dist
     stop = StopFlag()
-    progress = StepProgress(run.total_steps, run.step, args["logging_steps"], dist.main)
+    progress = StepProgress(run.total_steps, run.step, args.tracking.logging_steps, dist.main)
     stop.progress = progress
     run.model.train()
     t0, tokens_seen, cached_epoch, steps = time.perf_counter(), 0, None, []
@@ -510,7 +692,8 @@ def run_steps(run: Training) -> bool:
     while run.step < run.total_steps:
         epoch, index = divmod(run.step, run.per_epoch)
         if epoch != cached_epoch:
-            steps = epoch_steps(run.data.lengths, args["batch_size"], args["seed"], epoch, args["group_by_length"])
+            steps = epoch_steps(run.data.lengths, args.batching.batch_size, args.optim.seed, epoch,
+                                args.batching.group_by_length)
             cached_epoch = epoch
         loss_sum, n_tokens, real_tokens, interrupted = optimizer_step(run, steps[index], stop)
         tokens_seen += real_tokens
@@ -521,17 +704,13 @@ def run_steps(run: Training) -> bool:
         progress.update(run.step, loss_sum, record["lr"], tokens_seen * dist.world_size / (time.perf_counter() - t0))
         stopped_early = evaluate_if_due(run)
         last = run.step >= run.total_steps or stopped_early
-        if interrupted or (args["save_steps"] and run.step % args["save_steps"] == 0 and not last):
+        if interrupted or (args.checkpoints.save_steps and run.step % args.checkpoints.save_steps == 0 and not last):
             save_checkpoint(run)
         if interrupted:
             exit_interrupted(run, stop, progress)
         if stopped_early:
             progress.close()
-            if dist.main:
-                best = run.state["best"]
-                print(f"finetune: early stopping at step {run.step}: eval loss has not improved on "
-                      f"{best['eval_loss']:.4f} (step {best['step']}) for {run.state['bad_evals']} evaluations",
-                      file=sys.stderr)
+            report_early_stop(run)
             break
     progress.close()
     stop.restore()
@@ -543,82 +722,106 @@ def optimizer_step(run: Training, step_rows: list[int], stop: StopFlag) -> tuple
     real tokens, whether some rank was asked to stop)."""
     import torch
 
-    dist, data = run.dist, run.data
-    micro = step_micro_batches(step_rows, data.train, data.lengths, run.args, dist, data.pack_len)
+    dist = run.dist
+    micro = step_micro_batches(step_rows, run.data, run.args.batching, dist)
     local_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
     n_tokens = int(dist.all_reduce_(torch.tensor([local_tokens], dtype=torch.float64))[0])
     loss_sum, real_tokens = accumulate_gradients(run, micro, n_tokens)
-    dist.all_reduce_grads(run.params)
+    run.backend.reduce_gradients()
     # One collective for the logged loss and for agreeing to stop on a signal at this step.
     totals = dist.all_reduce_(torch.tensor([loss_sum, 1.0 if stop.requested else 0.0], dtype=torch.float64))
     loss_sum, interrupted = float(totals[0]), bool(totals[1] > 0)
-    apply_gradients(run)
+    run.backend.step()
     run.scheduler.step()
     return loss_sum, n_tokens, real_tokens, interrupted
 
 
+def step_micro_batches(step_rows: list[int], data: TrainingData, batching: BatchArgs, dist) -> list[dict]:
+    """This rank's micro-batches of one optimizer step: its share of the step's rows, sorted by length,
+    then padded in groups of micro_batch_size or packed into rows of data.pack_len tokens."""
+    from utils.training.batches import collate, collate_packed, micro_batches, pack, rank_rows
+
+    rows, lengths = data.train, data.lengths
+    mine = rank_rows(step_rows, lengths, dist.rank, dist.world_size)
+    mb = batching.micro_batch_size
+    if batching.packing:
+        bins = pack(mine, lengths, data.pack_len)
+        return [collate_packed([[rows[i] for i in b] for b in bins[j:j + mb]], 0) for j in range(0, len(bins), mb)]
+    batches = []
+    for group in micro_batches(mine, mb):
+        batch = collate([rows[i] for i in group], 0)
+        batch["real_tokens"] = sum(lengths[i] for i in group)
+        batches.append(batch)
+    return batches
+
+
 def accumulate_gradients(run: Training, micro: list[dict], n_tokens: int) -> tuple[float, int]:
     """Forward and backward over this rank's micro-batches, the loss a mean over the step's ``n_tokens``:
-    (this rank's loss, its real tokens)."""
-    dist, model = run.dist, run.model
-    # FSDP gathers weights in every forward: all ranks must run as many (empty ones if need be). Its
-    # gradient reduction averages over ranks, which the loss scale undoes.
-    n_micro = dist.most(len(micro)) if dist.sharded else len(micro)
-    scale = dist.world_size if dist.sharded else 1
+    (this rank's loss, its real tokens). Where the backend needs every rank in every pass, a rank with fewer
+    micro-batches runs empty ones."""
+    from utils.training.batches import empty_batch
+
+    backend = run.backend
+    n_micro = backend.micro_steps(len(micro))
     loss_sum, real_tokens = 0.0, 0
     for i in range(n_micro):
         m = micro[i] if i < len(micro) else empty_batch()
-        if dist.fsdp:
-            model.set_requires_gradient_sync(i == n_micro - 1)
-        loss = token_loss_sum(run.runner, m, run.n_virtual, dist.device) / max(n_tokens, 1)
-        if dist.engine is not None:
-            dist.engine.backward(loss * scale, scale_wrt_gas=False)
-        else:
-            (loss * scale).backward()
+        backend.before_micro_batch(last=i == n_micro - 1)
+        loss = token_loss_sum(run.runner, m, run.n_virtual, run.dist.device) / max(n_tokens, 1)
+        backend.backward(loss)
         loss_sum += loss.item()
         real_tokens += m["real_tokens"]
     return loss_sum, real_tokens
 
 
-def apply_gradients(run: Training) -> None:
-    """Clip, step and zero the gradients (the DeepSpeed engine does all three itself)."""
-    import torch
-
-    if run.dist.engine is not None:
-        run.dist.engine.step()  # clips (gradient_clipping), steps and zeroes the gradients
-    else:
-        if run.args["max_grad_norm"] > 0:
-            torch.nn.utils.clip_grad_norm_(run.params, run.args["max_grad_norm"])
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+def evaluate_run(run: Training) -> dict:
+    """Evaluate the model as it is now on the validation split, over all ranks."""
+    return evaluate(run.model, run.data.val, run.args.batching.micro_batch_size, run.n_virtual, run.dist,
+                    run.backend.lockstep)
 
 
 def evaluate_if_due(run: Training) -> bool:
     """Evaluate every --eval_steps (not at the last step: the end evaluates); True if early stopping is due."""
-    args, data = run.args, run.data
-    if not (data.val and args["eval_steps"] and run.step % args["eval_steps"] == 0 and run.step < run.total_steps):
+    every = run.args.evaluation.eval_steps
+    if not (run.data.val and every and run.step % every == 0 and run.step < run.total_steps):
         return False
-    result = evaluate(run.model, data.val, args, run.n_virtual, run.dist)
+    result = evaluate_run(run)
     run.tracker.log({"step": run.step, **result})
-    run.best_weights, stopped_early = track_best(result, run.step, run.state, run.best_weights, run.model, args,
-                                                 run.dist)
+    stopped_early = track_best(run, result)
     run.model.train()
     return stopped_early
 
 
+def track_best(run: Training, result: dict) -> bool:
+    """Update the best evaluation (and, with --load_best_model_at_end, its weights); True if early stopping is
+    due."""
+    best, evaluation = run.state["best"], run.args.evaluation
+    if best is None or result["eval_loss"] < best["eval_loss"]:
+        run.state["best"] = {"step": run.step, "eval_loss": result["eval_loss"]}
+        run.state["bad_evals"] = 0
+        if evaluation.load_best_model_at_end:
+            run.best_weights = run.backend.trainable_state()
+    else:
+        run.state["bad_evals"] += 1
+    patience = evaluation.early_stopping_patience
+    return bool(patience and run.state["bad_evals"] >= patience)
+
+
+def report_early_stop(run: Training) -> None:
+    if run.dist.main:
+        best = run.state["best"]
+        print(f"finetune: early stopping at step {run.step}: eval loss has not improved on "
+              f"{best['eval_loss']:.4f} (step {best['step']}) for {run.state['bad_evals']} evaluations",
+              file=sys.stderr)
+
+
 def save_checkpoint(run: Training) -> None:
     """A resumable checkpoint of this step, written by rank 0 from every rank's state."""
-    from utils.training import checkpoint as ckpt
-
-    dist, out = run.dist, run.out
-    engine_dir = None
-    if dist.engine is not None:  # DeepSpeed writes its own sharded optimizer state, every rank
-        engine_dir = out / f".deepspeed-{run.step}"
-        dist.engine.save_checkpoint(str(engine_dir), tag="ds")
-        dist.barrier()
-    weights, optim = dist.trainable_state(run.model), dist.optimizer_state(run.model, run.optimizer)
-    dist.on_main(ckpt.save_checkpoint, out, run.step, weights, optim, run.scheduler, run.args["save_total_limit"],
-                 run.state, run.best_weights, ckpt.gather_rng(dist), engine_dir)
+    dist, out, backend = run.dist, run.out, run.backend
+    engine_dir = backend.save_engine_state(out, run.step)  # e.g. DeepSpeed's sharded optimizer state, every rank
+    weights, optim = backend.trainable_state(), backend.optimizer_state()
+    dist.on_main(ckpt.save_checkpoint, out, run.step, weights, optim, run.scheduler,
+                 run.args.checkpoints.save_total_limit, run.state, run.best_weights, ckpt.gather_rng(dist), engine_dir)
     run.tracker.plot()  # beside metrics.jsonl, outside the checkpoint (its manifest is unchanged)
     dist.barrier()
 
@@ -633,19 +836,39 @@ def exit_interrupted(run: Training, stop: StopFlag, progress) -> None:
     sys.exit(130 if stop.requested == "SIGINT" else 143)
 
 
+# -- finish: the final evaluation and files ------------------------------------------------------------------
+
+
+def finish(run: Training, data_dir: Path, fp: str, base: dict, stopped_early: bool) -> None:
+    """Evaluate the final (or best) weights, then write the adapter (or model), the loss curve and pipeline.json;
+    print the output folder."""
+    dist, out, args = run.dist, run.out, run.args
+    summary = run_summary(run, final_evaluation(run), stopped_early)
+    gathered = run.backend.final_state()  # a collective where the model is sharded
+    plot = run.tracker.plot()  # before save_final: pipeline.json lists its hash with the other files
+    dist.on_main(ckpt.save_final, out, run.model, data_dir, method=args.method.method,
+                 max_shard_size=args.output.max_shard_size, fingerprint=fp, recorded_args=run.recorded,
+                 base_model=args.model.base_model, base=base, summary=summary, state_dict=gathered)
+    run.tracker.finish(out if dist.main else None)
+    if dist.main:
+        if plot is not None:
+            print(f"finetune: loss curve {plot.absolute()}", file=sys.stderr)
+        print(out.absolute())
+
+
 def final_evaluation(run: Training) -> dict:
     """The end-of-run evaluation ({} without a validation split), of the best weights with
     --load_best_model_at_end; logged and reported."""
-    args, dist, model, val_rows, step = run.args, run.dist, run.model, run.data.val, run.step
-    final_eval = evaluate(model, val_rows, args, run.n_virtual, dist) if val_rows else {}
-    if args["load_best_model_at_end"] and final_eval:
+    dist, step = run.dist, run.step
+    final_eval = evaluate_run(run) if run.data.val else {}
+    if run.args.evaluation.load_best_model_at_end and final_eval:
         # The last weights compete too (the loop does not evaluate at the last step).
         best = run.state["best"]
         if best is None or final_eval["eval_loss"] < best["eval_loss"] or best["step"] == step:
             run.state["best"] = {"step": step, "eval_loss": final_eval["eval_loss"]}
         elif dist.broadcast(run.best_weights is not None):
-            dist.put_weights(model, run.best_weights)
-            final_eval = evaluate(model, val_rows, args, run.n_virtual, dist)
+            run.backend.put_weights(run.best_weights)
+            final_eval = evaluate_run(run)
             if dist.main:
                 print(f"finetune: keeping the best weights, from step {best['step']} (eval loss "
                       f"{best['eval_loss']:.4f})", file=sys.stderr)
@@ -657,208 +880,19 @@ def final_evaluation(run: Training) -> dict:
     return final_eval
 
 
-def run_summary(run: Training, final_eval: dict, stopped_early: bool, n_trainable: int) -> dict:
+def run_summary(run: Training, final_eval: dict, stopped_early: bool) -> dict:
     """What pipeline.json records of how the run went."""
-    dist = run.dist
     summary = {"final_eval": final_eval, "steps": run.step, "stopped_early": stopped_early, "best": run.state["best"],
-               "trainable_parameters": n_trainable, "world_size": dist.world_size,
-               "sharding": "fsdp" if dist.fsdp else f"deepspeed-zero{dist.zero_stage}" if dist.engine else None}
-    if quantization_of(run.args):
+               "trainable_parameters": run.n_trainable, "world_size": run.dist.world_size,
+               "sharding": run.backend.sharding}
+    quantization = run.args.method.quantization(run.args.model.dtype)
+    if quantization:
         layers = sum(type(m).__module__.startswith("bitsandbytes") for m in run.model.modules())
-        summary["quantization"] = {**quantization_of(run.args), "quantized_layers": layers}
+        summary["quantization"] = {**quantization, "quantized_layers": layers}
     return summary
 
 
-def finish(run: Training, recorded: dict, data_dir: Path, fingerprint: str, base: dict, summary: dict) -> None:
-    """Write the final adapter (or model), the loss curve and pipeline.json; print the output folder."""
-    from utils.training import checkpoint as ckpt
-
-    dist, out = run.dist, run.out
-    gathered = dist.trainable_state(run.model) if dist.sharded else None
-    plot = run.tracker.plot()  # before save_final: pipeline.json lists its hash with the other files
-    dist.on_main(ckpt.save_final, out, run.model, recorded, data_dir, fingerprint, base, summary, gathered)
-    run.tracker.finish(out if dist.main else None)
-    if dist.main:
-        if plot is not None:
-            print(f"finetune: loss curve {plot.absolute()}", file=sys.stderr)
-        print(out.absolute())
-
-
-def empty_batch() -> dict:
-    """A micro-batch with nothing to learn (loss 0): a rank's turn in a collective it has no rows for."""
-    import torch
-
-    return {"input_ids": torch.zeros((1, 2), dtype=torch.long), "attention_mask": torch.ones((1, 2), dtype=torch.long),
-            "labels": torch.full((1, 2), -100, dtype=torch.long), "real_tokens": 0}
-
-
-# Data-stage flags: applied when finetune prepares raw files itself; a prepared folder keeps its own values.
-DATA_STAGE_ARGS = ("prompt_template_name", "cutoff_len", "val_set_size", "train_on_inputs")
-
-
-def recorded_args(args: dict, data_dir: Path, report: bool = True) -> dict:
-    """The arguments as this run used them, for pipeline.json: the data-stage values come from the data
-    folder's own pipeline.json (with a prepared --data_path, finetune's flags for them do not apply). A value
-    given here that differs from both the default and the folder's is reported, as it has no effect."""
-    import inspect
-
-    from utils.artifacts import read_meta
-
-    prepared = read_meta(data_dir)["args"]
-    defaults = inspect.signature(main).parameters
-    used = dict(args)
-    for key in DATA_STAGE_ARGS:
-        if key not in prepared:
-            continue
-        if report and args[key] != prepared[key] and args[key] != defaults[key].default:
-            print(f"finetune: --{key} {args[key]} does not apply to the prepared --data_path {data_dir} (prepared "
-                  f"with {prepared[key]}); recording {prepared[key]}", file=sys.stderr)
-        used[key] = prepared[key]
-    return used
-
-
-def quantization_of(args: dict) -> dict | None:
-    if args["method"] != "qlora":
-        return None
-    return {"bits": args["qlora_bits"], "quant_type": args["qlora_quant_type"],
-            "double_quant": args["qlora_double_quant"], "compute_dtype": args["dtype"]}
-
-
-def step_micro_batches(step_rows: list[int], rows, lengths, args: dict, dist, pack_len: int) -> list[dict]:
-    """This rank's micro-batches of one optimizer step: its share of the step's rows, sorted by length,
-    then padded in groups of micro_batch_size or packed into rows of pack_len tokens."""
-    from utils.training.batches import collate, collate_packed, micro_batches, pack, rank_rows
-
-    mine = rank_rows(step_rows, lengths, dist.rank, dist.world_size)
-    mb = args["micro_batch_size"]
-    if args["packing"]:
-        bins = pack(mine, lengths, pack_len)
-        return [collate_packed([[rows[i] for i in b] for b in bins[j:j + mb]], 0) for j in range(0, len(bins), mb)]
-    batches = []
-    for group in micro_batches(mine, mb):
-        batch = collate([rows[i] for i in group], 0)
-        batch["real_tokens"] = sum(lengths[i] for i in group)
-        batches.append(batch)
-    return batches
-
-
-def track_best(result: dict, step: int, state: dict, best_weights, model, args: dict, dist):
-    """Update the best evaluation; returns (best weights to keep, whether to stop early)."""
-    best = state["best"]
-    if best is None or result["eval_loss"] < best["eval_loss"]:
-        state["best"] = {"step": step, "eval_loss": result["eval_loss"]}
-        state["bad_evals"] = 0
-        if args["load_best_model_at_end"]:
-            best_weights = dist.trainable_state(model)
-    else:
-        state["bad_evals"] += 1
-    patience = args["early_stopping_patience"]
-    return best_weights, bool(patience and state["bad_evals"] >= patience)
-
-
-def check_output_dir_for_run(out: Path, fingerprint: str, args: dict) -> bool:
-    """True if ``out`` already holds this finished run. A different finished run needs --overwrite, which
-    removes that run's own files (those its pipeline.json lists, checkpoints, metrics) and nothing else."""
-    from utils.training import checkpoint as ckpt
-    from utils.artifacts import check_output_dir, read_meta, remove_recorded
-
-    if check_output_dir(out, "finetune", fingerprint, args["overwrite"], resumable=ckpt.unfinished_run):
-        return True
-    meta = read_meta(out)
-    finished = bool(meta and meta.get("complete"))
-    # --overwrite on an unfinished run starts it again, unless it is being resumed.
-    if finished or args["overwrite"] and args["resume_from_checkpoint"] is None:
-        remove_recorded(out, meta)  # e.g. a single model.safetensors transformers would load before new shards
-        ckpt.clear_run(out)
-        ckpt.mark_unfinished(out)
-    return False
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant" or total <= warmup:
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else max(0.0, 1 - progress)
-
-    return f
-
-
-def next_token_targets(model, batch, n_virtual: int, device="cpu", trained_only: bool = False):
-    """(logits, labels) aligned for next-token prediction, virtual-token positions dropped.
-
-    With ``trained_only`` the output head runs only at positions whose next token is trained (a
-    forward pre-hook on the head selects them): with a 32k-150k vocabulary the full logits are most of
-    a step's memory, and prompt positions never need them.
-    """
-    import torch
-
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    labels = batch["labels"].to(device)
-    head = model.get_output_embeddings() if trained_only and n_virtual == 0 else None
-    keep = labels[:, 1:] != -100
-    selected = []
-    if head is not None:
-        positions = torch.zeros_like(labels, dtype=torch.bool)
-        positions[:, :-1] = keep
-
-        def select(module, args):
-            hidden = args[0]
-            if hidden.shape[:2] != positions.shape:  # an unusual head call: leave it alone
-                return None
-            selected.append(True)
-            return (hidden[positions][None], *args[1:])
-
-        handle = head.register_forward_pre_hook(select)
-        try:
-            logits = model(**inputs, use_cache=False).logits
-        finally:
-            handle.remove()
-        if selected:
-            return logits[0].float(), labels[:, 1:][keep]
-    else:
-        logits = model(**inputs, use_cache=False).logits
-    logits = logits[:, n_virtual:, :][:, :-1].float()
-    return logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
-
-
-def token_loss_sum(model, batch, n_virtual: int, device="cpu"):
-    """Summed next-token cross-entropy over trained positions (so accumulation is token-exact)."""
-    import torch.nn.functional as F
-
-    logits, labels = next_token_targets(model, batch, n_virtual, device, trained_only=True)
-    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-
-
-def evaluate(model, rows, args, n_virtual: int, dist=None) -> dict:
-    """Token-mean loss and next-token accuracy on the validation split (sharded over ranks)."""
-    import torch
-    import torch.nn.functional as F
-
-    from utils.training.batches import collate
-
-    rank, world, device = (dist.rank, dist.world_size, dist.device) if dist else (0, 1, "cpu")
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    with torch.no_grad():
-        order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), i))[rank::world]
-        mb = args["micro_batch_size"]
-        batches = [collate([rows[j] for j in order[i:i + mb]], 0) for i in range(0, len(order), mb)]
-        if dist is not None and dist.fsdp:  # every rank must join every forward
-            batches += [empty_batch()] * (dist.most(len(batches)) - len(batches))
-        for batch in batches:
-            logits, labels = next_token_targets(model, batch, n_virtual, device)
-            mask = labels != -100
-            loss_sum += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
-            correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
-            count += int(mask.sum())
-    if dist is not None:
-        loss_sum, correct, count = dist.all_reduce_(torch.tensor([loss_sum, correct, count], dtype=torch.float64)).tolist()
-        correct, count = int(correct), int(count)
-    return {"eval_loss": round(loss_sum / max(count, 1), 6), "eval_token_accuracy": round(correct / max(count, 1), 6),
-            "eval_tokens": count}
+# -- pieces ---------------------------------------------------------------------------------------------------
 
 
 class StopFlag:

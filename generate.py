@@ -35,11 +35,12 @@ from typing import Any, Literal
 from utils.args import Group, StageArgs, unfingerprinted
 from utils.artifacts import sha256_json
 from utils.cli import run
-from utils.data.templates import Message
+from utils.data.templates import Message, TemplateError, load_template
 from utils.distributed import from_env
 from utils.errors import SuiteError, UsageError
-from utils.inference.loading import template_problems
+from utils.inference.loading import load_model, prepare, template_problems
 from utils.jsonl import JsonlAppender, done_keys, key_of, line_refs, read_keyed, write_jsonl
+from utils.data.records import bad_fraction_error
 
 EXIT_WORDS = ("exit", "stop", "quit")
 CLEAR_WORDS = ("clear", "reset")
@@ -316,7 +317,6 @@ def file_problems(io: BatchIO) -> list[str]:
 def plan_loading(loading: Loading, prompting: Prompting, raw: bool = False):
     """Check the model arguments and load tokenizer and template, without reading weights (utils.inference.loading.prepare).
     A raw ``--prompt`` has no template; otherwise a model that carries none gets alpaca."""
-    from utils.inference.loading import prepare
 
     plan = prepare(loading.base_model or None, loading.lora_weights or None,
                    prompt_template=prompting.prompt_template or None, dtype=loading.dtype, device=loading.device,
@@ -327,7 +327,6 @@ def plan_loading(loading: Loading, prompting: Prompting, raw: bool = False):
         plan.template = None  # sent as is: EOS and --stop end it, never a template's stop strings
         plan.info["template"] = None
     elif plan.template is None:
-        from utils.data.templates import load_template
 
         plan.template = load_template("alpaca")
         plan.info["template"] = "alpaca"
@@ -339,7 +338,6 @@ def plan_loading(loading: Loading, prompting: Prompting, raw: bool = False):
 def build_engine(loading: Loading, prompting: Prompting, log=None, plan=None, raw: bool = False):
     """(Engine, Loaded) for the arguments; ``plan`` from ``plan_loading`` when the checks already ran."""
     from utils.inference.generation import Engine
-    from utils.inference.loading import load_model
 
     loaded = load_model(plan or plan_loading(loading, prompting, raw=raw), log=log)
     fast = {"auto": None, "on": True, "off": False}[loading.fast]
@@ -653,7 +651,6 @@ class StopSignals:
 def check_bad_fraction(path: str, total: int, bad: dict[str, list[int]], max_bad_fraction: float) -> None:
     """prepare_data.py's rule: more than ``max_bad_fraction`` of the rows malformed fails before anything is
     written, with the counts and line numbers by reason."""
-    from utils.data.records import bad_fraction_error
 
     summary = "; ".join(f"{reason}: {len(v)} (first at {line_refs(path, v, 3)})" for reason, v in bad.items())
     if message := bad_fraction_error(sum(map(len, bad.values())), total, max_bad_fraction, f"Malformed: {summary}."):
@@ -773,7 +770,6 @@ def check_output(out: Path, done: dict[str, dict], key: dict, overwrite: bool) -
 def render_rows(rows: list[dict], template, bad: dict[str, list[int]], io: BatchIO) -> dict[int, tuple[str, bool]]:
     """Prompts of the rows the template can render (rendering needs only the template); the others are added to
     ``bad``, before the bad-row limit is applied."""
-    from utils.data.templates import TemplateError
 
     rendered: dict[int, tuple[str, bool]] = {}
     for i, r in enumerate(rows):

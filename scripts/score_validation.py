@@ -19,10 +19,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.errors import SuiteError, UsageError
+from utils.artifacts import base_fingerprint, sha256_json, write_json  # noqa: E402
 from utils.cli import run  # noqa: E402
+from utils.errors import SuiteError, UsageError  # noqa: E402
+from utils.training.evaluate import evaluate  # noqa: E402
+from utils.training.prepared import check_prepared, prepared_rows  # noqa: E402
+from utils.weights.folders import check_model_dir  # noqa: E402
+from utils.weights.pretrained import load_base_model  # noqa: E402
 
 STAGE = "score_validation"
 
@@ -44,8 +49,6 @@ def main(
         micro_batch_size: Rows per forward pass (the scores do not depend on it beyond float rounding).
         overwrite: Replace an output_file that holds other scores or was not written by this script.
     """
-    from utils.weights.folders import check_model_dir
-
     problems = check_model_dir(model, flag="--model")
     if not Path(data_path).is_dir():
         problems.append(f"--data_path {data_path}: no such folder (give a prepare_data.py output folder)")
@@ -56,12 +59,10 @@ def main(
     if problems:
         raise UsageError("\n".join(problems))
 
-    import finetune
-    from utils.artifacts import base_fingerprint, read_meta, sha256_json, write_json
-
     # finetune.py's own check: a complete prepared folder, tokenized with this model's tokenizer.
-    data_dir = finetune.prepare({"data_path": [data_path], "base_model": model})
-    scored = {"model": base_fingerprint(model), "data": read_meta(data_dir)["fingerprint"]}
+    data_dir = Path(data_path)
+    prepared = check_prepared(data_dir, model)
+    scored = {"model": base_fingerprint(model), "data": prepared.fingerprint}
     fingerprint = sha256_json(scored)
     out = Path(output_file)
     previous = read_existing(out)
@@ -74,15 +75,10 @@ def main(
         what = "other scores" if previous is not None else "a file this script did not write"
         raise SuiteError(f"--output_file {out} holds {what}; pass --overwrite to replace it")
 
-    from datasets import load_from_disk
-
-    from utils.weights.pretrained import load_base_model
-
-    splits = load_from_disk(str(data_dir / "dataset"))
-    if "validation" not in splits or len(splits["validation"]) == 0:
+    rows = prepared_rows(data_dir, "validation").get("validation")
+    if not rows:
         raise SuiteError(f"--data_path {data_dir} has no validation split (prepare it with --val_set_size > 0)")
-    rows = list(zip(splits["validation"]["input_ids"], splits["validation"]["labels"]))
-    scores = finetune.evaluate(load_base_model(model), rows, {"micro_batch_size": micro_batch_size}, n_virtual=0)
+    scores = evaluate(load_base_model(model), rows, micro_batch_size, n_virtual=0)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"stage": STAGE, "fingerprint": fingerprint, **scores, "validation_rows": len(rows),
                      "model_path": model, "data_path": str(data_dir), **scored})

@@ -137,3 +137,68 @@ def pytest_configure(config):
                                        "docstring says why it cannot be smaller); left out of make test-fast")
     config.addinivalue_line("markers", "multiprocess: starts several processes (torchrun, gloo); left out of "
                                        "make test-fast")
+
+
+# -- shared builders: tiny models, prepared GSM8K slices, finetune runs ------------------------------------------
+
+
+def tiny_config(kind: str, *, vocab: int, width: int = 32, intermediate: int | None = None,
+                positions: int | None = None, **over):
+    """A 2-layer config of architecture ``kind`` (llama, qwen2, gpt2, glm): 4 heads (2 key/value heads where the
+    architecture has them), MLP ``intermediate`` wide (2 x width unless given)."""
+    from transformers import GlmConfig, GPT2Config, LlamaConfig, Qwen2Config
+
+    if kind == "gpt2":
+        pos = {} if positions is None else {"n_positions": positions}
+        return GPT2Config(n_embd=width, n_layer=2, n_head=4, vocab_size=vocab, **pos, **over)
+    pos = {} if positions is None else {"max_position_embeddings": positions}
+    extra = {"head_dim": width // 4} if kind == "glm" else {}
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "glm": GlmConfig}[kind]
+    return cls(hidden_size=width, intermediate_size=intermediate or 2 * width, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, **pos, **extra, **over)
+
+
+def tiny_model(kind: str, folder: Path, tokenizer_dir: Path = STORIES, *, seed: int = 0, shard: str | None = None,
+               token_ids: bool = False, **config) -> Path:
+    """A tiny randomly initialised model (``tiny_config``) saved in ``folder`` with the tokenizer beside it, its
+    vocabulary the tokenizer's. ``token_ids``: take eos / pad (and GPT-2's bos) from the tokenizer;
+    ``shard``: save sharded at that size."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    if token_ids:
+        config = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                  **({"bos_token_id": tok.eos_token_id} if kind == "gpt2" else {}), **config}
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, vocab=len(tok), **config))
+    model.save_pretrained(str(folder), **({"max_shard_size": shard} if shard else {}))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+# The shapes of the conversion tests' models (sharded at 60KB, so every export handles several shards).
+EXPORT_SHAPE = dict(shard="60KB", width=64, intermediate=96, positions=128)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_prepared(tmp_path_factory):
+    """``make(n, *prepare_data flags)``: the first ``n`` GSM8K rows prepared with stories260K's tokenizer, once per
+    session for each (n, flags) (tests only read it)."""
+    made: dict = {}
+
+    def make(n: int, *flags: str) -> Path:
+        if (n, flags) not in made:
+            made[n, flags] = prepare_gsm8k(tmp_path_factory.mktemp("gsm8k"), gsm8k_rows(n), *flags)
+        return made[n, flags]
+
+    return make
+
+
+def run_finetune(out: Path, data: Path, *flags: str, base: Path = STORIES) -> Path:
+    """finetune.py in this process, as its command line would run it; returns ``out``."""
+    import finetune
+    from utils.cli import run
+
+    run(finetune.main, ["--base_model", str(base), "--data_path", str(data), "--output_dir", str(out), *flags])
+    return out

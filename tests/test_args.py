@@ -38,6 +38,8 @@ IDS = [f"{stage}-{cls.__name__}" for stage, cls, _ in PAIRS]
 
 def placeholder(tp):
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return typing.get_args(tp)[0]
     if origin in (list, typing.List) or tp is list:
         return ["x"]
     if tp is int:
@@ -57,8 +59,12 @@ def default_args(cls: type[StageArgs]) -> StageArgs:
     return cls.from_flags(flags)
 
 
-def changed(value):
-    """A different value of the same kind (validity does not matter: only the fingerprint is computed)."""
+def changed(value, tp=None):
+    """A different value of the same kind (validity does not matter: only the fingerprint is computed; a choice
+    among fixed values takes another of them)."""
+    choices = [c for c in typing.get_args(tp) if c != value] if typing.get_origin(tp) is typing.Literal else []
+    if choices:
+        return choices[0]
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
@@ -100,8 +106,9 @@ def test_each_field_counts_in_the_fingerprint_unless_marked(stage, cls, fingerpr
     wrong = []
     for name, group in args.groups().items():
         container = next(f for f in dataclasses.fields(cls) if f.name == name)
+        hints = typing.get_type_hints(type(group))
         for f in dataclasses.fields(group):
-            other = dataclasses.replace(group, **{f.name: changed(getattr(group, f.name))})
+            other = dataclasses.replace(group, **{f.name: changed(getattr(group, f.name), hints[f.name])})
             moved = fingerprint(with_group(args, name, other), INPUTS) != base
             if moved != (counts(container) and counts(f)):
                 wrong.append(f"{name}.{f.name}: {'changes' if moved else 'does not change'} the fingerprint")
@@ -136,15 +143,17 @@ def test_the_inputs_count_in_the_fingerprint(stage, cls, fingerprint):
     assert fingerprint(args, INPUTS) != fingerprint(args, {**INPUTS, "data": "other"})
 
 
+@dataclasses.dataclass(frozen=True)
+class One(Group):
+    a_flag: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Both(StageArgs):
+    one: One
+
+
 def test_from_flags_refuses_a_flag_in_no_group():
-    @dataclasses.dataclass(frozen=True)
-    class One(Group):
-        a_flag: int = 1
-
-    @dataclasses.dataclass(frozen=True)
-    class Both(StageArgs):
-        one: One
-
     assert Both.from_flags({"a_flag": 3}).one.a_flag == 3
     with pytest.raises(TypeError, match="flags in no group: stray"):
         Both.from_flags({"a_flag": 3, "stray": 1})

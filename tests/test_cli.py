@@ -658,7 +658,9 @@ def test_known_library_deprecations_silenced_ours_kept():
     assert len(after) == 1
 
 
+@pytest.mark.slow
 def test_stage_subprocess_stderr_has_no_library_deprecation_warning(tmp_path):
+    """Slow: It runs stages as subprocesses on a real adapter: the warnings appear only when the libraries really load."""
     # A plain-peft LoRA adapter: loading it makes peft read transformers' deprecated is_gradient_checkpointing.
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, STORIES
-from test_export import build_model, call, hf_logits
+from conftest import EXPORT_SHAPE, REPO, STORIES, tiny_model
+from test_export import call, hf_logits
 from utils.errors import SuiteError
 
 
@@ -35,7 +35,7 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("delta")
-    base = build_model("llama", root / "base", STORIES, tie_word_embeddings=False)
+    base = tiny_model("llama", root / "base", STORIES, tie_word_embeddings=False, **EXPORT_SHAPE)
     model = AutoModelForCausalLM.from_pretrained(str(base))
     tok = AutoTokenizer.from_pretrained(str(base))
     tok.add_special_tokens({"pad_token": "<pad>"})
@@ -92,7 +92,7 @@ def test_wrong_base_is_refused_before_anything_is_written(tmp_path, pair):
     base, target = pair
     d = tmp_path / "delta"
     delta("make", "--base_model_path", str(base), "--target_model_path", str(target), "--delta_path", str(d))
-    other = build_model("llama", tmp_path / "other", STORIES, seed=9, tie_word_embeddings=False)
+    other = tiny_model("llama", tmp_path / "other", STORIES, seed=9, tie_word_embeddings=False, **EXPORT_SHAPE)
     with pytest.raises(SuiteError, match="differs from the base the delta was made from"):
         delta("apply", "--base_model_path", str(other), "--delta_path", str(d), "--target_model_path", str(tmp_path / "t"))
     assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.tmp-*"))

@@ -16,36 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, STORIES, gsm8k_rows, prepare_gsm8k
+from conftest import EXPORT_SHAPE, REPO, STORIES, gsm8k_rows, prepare_gsm8k, tiny_model
 from utils.errors import SuiteError
 from utils.cli import run
 
 PROMPT = [[1, 17, 250, 3, 99, 411, 7]]
 
 
-def build_model(kind: str, folder: Path, tokenizer_dir: Path, seed: int = 0, shard: str = "60KB", **over) -> Path:
-    """A tiny randomly initialised model saved sharded, with the tokenizer copied beside it."""
-    import torch
-    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    torch.manual_seed(seed)
-    vocab = len(tok)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                             max_position_embeddings=128, **over))
-    elif kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                             max_position_embeddings=128, **over))
-    else:
-        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab, n_positions=128,
-                                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, **over))
-    model.save_pretrained(str(folder), max_shard_size=shard)
-    tok.save_pretrained(str(folder))
-    return folder
 
 
 def make_adapter(base: Path, out: Path, seed: int = 1, scale: float = 0.05, **lora) -> Path:
@@ -112,9 +89,9 @@ def export(*argv: str) -> None:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, bpe_tokenizer_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {"llama": build_model("llama", root / "llama", STORIES, tie_word_embeddings=False),
-            "qwen2": build_model("qwen2", root / "qwen2", bpe_tokenizer_dir),
-            "gpt2": build_model("gpt2", root / "gpt2", bpe_tokenizer_dir)}
+    return {"llama": tiny_model("llama", root / "llama", STORIES, tie_word_embeddings=False, **EXPORT_SHAPE),
+            "qwen2": tiny_model("qwen2", root / "qwen2", bpe_tokenizer_dir, **EXPORT_SHAPE),
+            "gpt2": tiny_model("gpt2", root / "gpt2", bpe_tokenizer_dir, token_ids=True, **EXPORT_SHAPE)}
 
 
 CASES = [
@@ -154,9 +131,9 @@ def test_layerwise_forward_equals_transformers(tmp_path, models):
     from utils.weights.config import read_config
     from utils.weights.shards import ModelWeights
 
-    llama31 = build_model("llama", tmp_path / "llama31", STORIES, rope_parameters={
+    llama31 = tiny_model("llama", tmp_path / "llama31", STORIES, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16})
+        "original_max_position_embeddings": 16}, **EXPORT_SHAPE)
     for folder in [*models.values(), STORIES, llama31]:
         config = read_config(folder, "x")
         got = forward.logits(config, forward.WeightSource(ModelWeights(folder)), PROMPT[0])
@@ -324,7 +301,9 @@ def test_destination_rules(tmp_path, models, capsys):
         export("--base_model", str(base), "--lora_weight", str(adapter), "--output_dir", str(tmp_path / "x"))
 
 
+@pytest.mark.slow
 def test_kill_during_export_leaves_no_destination(tmp_path, models):
+    """Slow: A real export_hf.py subprocess has to be killed in the middle of writing shards."""
     base = models["llama"]
     adapter = make_adapter(base, tmp_path / "ad")
     out = tmp_path / "merged"

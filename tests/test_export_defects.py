@@ -16,8 +16,8 @@ from typing import Optional
 
 import pytest
 
-from conftest import REPO, STORIES
-from test_export import build_model, call, export, hf_logits, make_adapter
+from conftest import EXPORT_SHAPE, REPO, STORIES, tiny_model
+from test_export import call, export, hf_logits, make_adapter
 from utils.errors import SuiteError, UsageError
 
 SPM = STORIES.parent / "tok512.model"  # stories260K's SentencePiece model (its hf folder has no tokenizer.model)
@@ -181,8 +181,8 @@ def test_params_json_loads_in_llama2_and_keeps_a_non_default_rope_theta(tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(hf_logits(back), hf_logits(STORIES))
 
-    llama3 = build_model("llama", tmp_path / "l3", STORIES, rope_parameters={"rope_type": "default",
-                                                                            "rope_theta": 500000.0})
+    llama3 = tiny_model("llama", tmp_path / "l3", STORIES, rope_parameters={"rope_type": "default",
+                                                                            "rope_theta": 500000.0}, **EXPORT_SHAPE)
     out3, back3 = tmp_path / "meta3", tmp_path / "back3"
     sd("--base_model", str(llama3), "--output_dir", str(out3))
     assert json.loads((out3 / "params.json").read_text())["rope_theta"] == 500000.0  # Llama 3 style
@@ -262,7 +262,9 @@ USES = {  # what each stage does with the model folder: every defect matters, ex
 
 
 @pytest.mark.parametrize("use,defect", [(u, d) for u, ds in USES.items() for d in ds])
+@pytest.mark.slow
 def test_an_incomplete_model_folder_is_a_clean_error(tmp_path, stories_delta, use, defect):
+    """Slow: export subprocesses, one per kind of damaged folder."""
     folder, out = broken_model(tmp_path, defect), tmp_path / "out"
     argv = {
         "export_hf": ("export_hf.py", "--base_model", folder, "--output_dir", out),
@@ -446,11 +448,13 @@ def write_lora(folder: Path, base: Path, dim: int, hidden: int, layers: int, voc
     return sum(t.numel() * 4 for t in state.values())
 
 
+@pytest.mark.slow
 def test_merge_peak_memory_is_bounded_by_the_largest_tensor(tmp_path):
     """README: the peak is one weight matrix plus the adapter, whatever the model size. Measured as the peak
     resident size (ru_maxrss) of a process that merges a ~375 MB model whose largest tensor is 32 MiB: it stays
     below the interpreter's own high-water mark + 3x the largest tensor + the adapter, a bound that a merge
-    holding the model (or a fraction of it) would break."""
+    holding the model (or a fraction of it) would break.
+    Slow: The merge runs in a subprocess whose peak memory is measured: large enough tensors to measure."""
     shape = {"dim": 1024, "hidden": 2816, "layers": 6, "vocab": 8192}
     tiny = {"dim": 64, "hidden": 128, "layers": 1, "vocab": 256}
     write_llama(tmp_path / "tiny", **tiny)

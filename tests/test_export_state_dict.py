@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STORIES
-from test_export import build_model, call, export, hf_logits, make_adapter, peft_logits
+from conftest import EXPORT_SHAPE, STORIES, tiny_model
+from test_export import call, export, hf_logits, make_adapter, peft_logits
 from utils.errors import SuiteError
 
 LLAMA2C = STORIES.parent / "llama2c_stories260K.bin"
@@ -75,7 +75,7 @@ def test_consolidated_round_trip_is_exact(tmp_path, shards):
 
 def test_adapter_is_merged_before_a_sharded_export(tmp_path):
     """A GQA llama + non-zero LoRA -> 2 consolidated shards -> back to HF: the merged model's logits."""
-    base = build_model("llama", tmp_path / "base", STORIES, tie_word_embeddings=False)
+    base = tiny_model("llama", tmp_path / "base", STORIES, tie_word_embeddings=False, **EXPORT_SHAPE)
     adapter = make_adapter(base, tmp_path / "ad", use_dora=True)
     meta, back = tmp_path / "meta", tmp_path / "hf"
     sd("--base_model", str(base), "--lora_weights", str(adapter), "--output_dir", str(meta), "--num_shards", "2",
@@ -96,7 +96,7 @@ def test_adapter_is_merged_before_a_sharded_export(tmp_path):
 
 
 def test_refusals(tmp_path, bpe_tokenizer_dir):
-    qwen = build_model("qwen2", tmp_path / "qwen", bpe_tokenizer_dir)
+    qwen = tiny_model("qwen2", tmp_path / "qwen", bpe_tokenizer_dir, **EXPORT_SHAPE)
     with pytest.raises(SuiteError, match="model_type 'qwen2'"):
         sd("--base_model", str(qwen), "--output_dir", str(tmp_path / "o"))
     with pytest.raises(SuiteError, match="--num_shards 3 must divide"):

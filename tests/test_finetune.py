@@ -12,33 +12,29 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REAL_SETS, REPO, STORIES, gsm8k_rows, interrupt_finetune, prepare_gsm8k
+from conftest import REAL_SETS, REPO, STORIES, interrupt_finetune, run_finetune, tiny_model
 from utils.cli import run
 
 COMMON = ["--batch_size", "16", "--micro_batch_size", "8", "--logging_steps", "0", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
+def prepared(gsm8k_prepared) -> Path:
     """300 GSM8K rows prepared once (cutoff 320, 48 validation examples)."""
-    return prepare_gsm8k(tmp_path_factory.mktemp("ft"), gsm8k_rows(300), "--cutoff_len", "320", "--val_set_size", "48")
+    return gsm8k_prepared(300, "--cutoff_len", "320", "--val_set_size", "48")
 
-
-def finetune(out: Path, data: Path, *extra: str) -> None:
-    import finetune as ft
-
-    run(ft.main, ["--base_model", str(STORIES), "--data_path", str(data), "--output_dir", str(out), *COMMON, *extra])
-
+def finetune(out: Path, data: Path, *extra: str) -> Path:
+    return run_finetune(out, data, *COMMON, *extra)
 
 def base_eval_loss(prepared: Path) -> float:
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
-    import finetune as ft
+    from utils.training.evaluate import evaluate
 
     val = load_from_disk(str(prepared / "dataset"))["validation"]
     model = AutoModelForCausalLM.from_pretrained(str(STORIES))
-    return ft.evaluate(model, list(zip(val["input_ids"], val["labels"])), {"micro_batch_size": 8}, 0)["eval_loss"]
+    return evaluate(model, list(zip(val["input_ids"], val["labels"])), 8, 0)["eval_loss"]
 
 
 @pytest.mark.parametrize("method,extra,gain", [
@@ -46,7 +42,9 @@ def base_eval_loss(prepared: Path) -> float:
     # A random prefix first hurts (peft initialises it N(0, 1)); it has to learn its way back and past.
     ("prefix", ["--learning_rate", "1e-1", "--num_virtual_tokens", "8", "--max_steps", "50"], 0.2),
 ])
+@pytest.mark.slow
 def test_training_lowers_validation_loss(tmp_path, prepared, method, extra, gain):
+    """Slow: Learning has to be measured on real data over tens of steps; fewer steps leave the fall inside the noise."""
     out = tmp_path / method
     finetune(out, prepared, "--method", method, *extra)
     meta = json.loads((out / "pipeline.json").read_text())
@@ -56,7 +54,9 @@ def test_training_lowers_validation_loss(tmp_path, prepared, method, extra, gain
     assert len(losses) == meta["args"]["max_steps"] and sum(losses[-5:]) < sum(losses[:5])
 
 
+@pytest.mark.slow
 def test_lora_artifact_loads_in_plain_peft(tmp_path, prepared):
+    """Slow: A training run whose artifact is then loaded by plain peft and transformers."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -89,7 +89,9 @@ def test_raw_files_are_prepared_into_the_run_folder(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
 
 
+@pytest.mark.slow
 def test_rerun_is_noop_and_other_args_need_overwrite(tmp_path, prepared, capsys):
+    """Slow: It needs a finished run, then re-runs the stage three times to show each outcome."""
     out = tmp_path / "r"
     finetune(out, prepared, "--max_steps", "2")
     stamp = (out / "pipeline.json").stat().st_mtime_ns
@@ -145,9 +147,11 @@ def _cmd(out: Path, data: Path, *extra: str) -> list[str]:
             "--output_dir", str(out), *COMMON, "--max_steps", "20", "--save_steps", "1000", *extra]
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bitwise_identical(tmp_path, prepared):
     """Interrupted mid-epoch by SIGTERM, resumed: same adapter bytes and loss log as an uninterrupted run.
-    20 steps run past the end of the first epoch (234 training rows, 16 per step): resume crosses epochs."""
+    20 steps run past the end of the first epoch (234 training rows, 16 per step): resume crosses epochs.
+    Slow: Three real training runs (whole, killed, resumed) as subprocesses, long enough to cross an epoch: a shorter run would not show resume across the epoch boundary."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
     subprocess.run(_cmd(ref, prepared), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
@@ -171,7 +175,9 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, prepared):
     assert (out / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_skipped(tmp_path, prepared, capsys):
+    """Slow: Training runs that write checkpoints, then a resume past a damaged one."""
     out = tmp_path / "d"
     finetune(out, prepared, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5")
     (out / "pipeline.json").unlink()  # pretend the run stopped before finishing
@@ -183,34 +189,13 @@ def test_damaged_checkpoint_is_skipped(tmp_path, prepared, capsys):
     assert "checkpoint-2: trainable.safetensors does not match its hash" in capsys.readouterr().err
 
 
-def _tiny_model(kind: str, folder: Path, tokenizer_dir: Path) -> Path:
-    """A tiny randomly initialised model of architecture ``kind`` with the locally built BPE tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, GlmConfig, GPT2Config, LlamaConfig, Qwen2Config
-    from transformers import AutoModelForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    common = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = {
-        "llama": lambda: LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, **common),
-        "qwen2": lambda: Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, **common),
-        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, bos_token_id=tok.eos_token_id, **common),
-        "glm": lambda: GlmConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=8, **common),
-    }[kind]()
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return folder
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "glm"])
 def test_architectures_lora_all_linear_and_prefix(tmp_path, kind, bpe_tokenizer_dir):
     from safetensors.torch import load_file
 
-    base = _tiny_model(kind, tmp_path / kind, bpe_tokenizer_dir)
+    base = tiny_model(kind, tmp_path / kind, bpe_tokenizer_dir, token_ids=True)
     rows = json.loads(Path(REAL_SETS["alpaca"]).read_text(encoding="utf-8"))[:24]
     src = tmp_path / "d.json"
     src.write_text(json.dumps(rows))
@@ -227,7 +212,9 @@ def test_architectures_lora_all_linear_and_prefix(tmp_path, kind, bpe_tokenizer_
             assert any("lora_B" in k and float(v.abs().max()) > 0 for k, v in state.items())
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_trained_weights(tmp_path, prepared):
+    """Slow: Two training runs in a row: the second must start from the first's weights."""
     import torch
     from safetensors.torch import load_file
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REAL_SETS, REPO, STORIES, gsm8k_rows, interrupt_finetune, prepare_gsm8k, read_jsonl
+from conftest import REAL_SETS, REPO, STORIES, gsm8k_rows, interrupt_finetune, prepare_gsm8k, read_jsonl, run_finetune
 from utils.cli import run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -28,19 +28,13 @@ COMMON = ["--batch_size", "8", "--micro_batch_size", "4", "--logging_steps", "0"
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
+def prepared(gsm8k_prepared) -> Path:
     """120 GSM8K rows prepared at cutoff 320 with 16 validation examples: values that differ from finetune.py's
     own defaults for the data stage (cutoff 256, val_set_size 0.05)."""
-    return prepare_gsm8k(tmp_path_factory.mktemp("claims"), gsm8k_rows(120), "--cutoff_len", "320",
-                         "--val_set_size", "16")
-
+    return gsm8k_prepared(120, "--cutoff_len", "320", "--val_set_size", "16")
 
 def finetune(out: Path, data: Path, *extra: str) -> Path:
-    import finetune as ft
-
-    run(ft.main, ["--base_model", str(STORIES), "--data_path", str(data), "--output_dir", str(out), *COMMON, *extra])
-    return out
-
+    return run_finetune(out, data, *COMMON, *extra)
 
 def meta(out: Path) -> dict:
     return json.loads((out / "pipeline.json").read_text(encoding="utf-8"))
@@ -109,10 +103,12 @@ def _cmd(out: Path, data: Path, *extra: str) -> list[str]:
             "--output_dir", str(out), *COMMON, "--max_steps", "40", "--save_steps", "1000", *extra]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, prepared):
     """README: SIGTERM or Ctrl-C saves a checkpoint at the next step boundary (143 / 130); loss.png is drawn
     beside metrics.jsonl at that checkpoint without entering its hash manifest. (Resuming such a checkpoint
-    is tested after SIGTERM in test_finetune.py.)"""
+    is tested after SIGTERM in test_finetune.py.)
+    Slow: A real finetune.py subprocess has to be interrupted mid-run to show what a signal does."""
     from utils.training.checkpoint import MANIFEST, complete_checkpoints
 
     out = tmp_path / "int"
@@ -133,14 +129,16 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, prepared):
     ("lora", ["--use_rslora", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj"]),
     ("prefix", ["--prefix_projection", "--num_virtual_tokens", "4", "--encoder_hidden_size", "16"]),
 ])
+@pytest.mark.slow
 def test_rslora_and_prefix_projection_end_to_end(tmp_path, prepared, method, extra):
     """Trained, saved, loaded by plain peft (PeftModel.from_pretrained) and generated from: the loaded adapter
     gives the run's own final eval loss, so what was saved is what was trained (rsLoRA's alpha / sqrt(r)
-    scaling and the prefix MLP's output included)."""
+    scaling and the prefix MLP's output included).
+    Slow: A training run per method, then its export and generation."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import finetune as ft
+    from utils.training.evaluate import evaluate
 
     out = finetune(tmp_path / method, prepared, "--method", method, "--max_steps", "6", "--learning_rate", "1e-2",
                    *extra)
@@ -153,8 +151,8 @@ def test_rslora_and_prefix_projection_end_to_end(tmp_path, prepared, method, ext
     else:
         assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["prefix_projection"] is True
     rows = val_rows(prepared)
-    reloaded = ft.evaluate(loaded, rows, {"micro_batch_size": 4}, 0)["eval_loss"]
-    base = ft.evaluate(AutoModelForCausalLM.from_pretrained(str(STORIES)), rows, {"micro_batch_size": 4}, 0)
+    reloaded = evaluate(loaded, rows, 4, 0)["eval_loss"]
+    base = evaluate(AutoModelForCausalLM.from_pretrained(str(STORIES)), rows, 4, 0)
     final = meta(out)["final_eval"]["eval_loss"]
     assert reloaded == pytest.approx(final, abs=1e-4) and abs(reloaded - base["eval_loss"]) > 1e-3
     prompt = torch.tensor([rows[0][0][:40]])
@@ -167,19 +165,21 @@ def test_rslora_and_prefix_projection_end_to_end(tmp_path, prepared, method, ext
 # --- bf16 -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bf16_trains_and_saves_the_documented_dtypes(tmp_path, prepared):
     """README: --dtype bf16 runs the base model in bf16; adapter weights are trained and saved in fp32, a full
-    fine-tune is saved in bf16. The loss falls."""
+    fine-tune is saved in bf16. The loss falls.
+    Slow: Two bf16 runs (LoRA and full) long enough for the loss to fall; bf16 matmuls are slow on CPU."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    import finetune as ft
+    from utils.training.evaluate import evaluate
 
     out = finetune(tmp_path / "bf16", prepared, "--dtype", "bf16", "--max_steps", "12", "--learning_rate", "3e-3")
     state = load_file(str(out / "adapter_model.safetensors"))
     assert state and {v.dtype for v in state.values()} == {torch.float32}
     base = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.bfloat16)
-    before = ft.evaluate(base, val_rows(prepared), {"micro_batch_size": 4}, 0)["eval_loss"]
+    before = evaluate(base, val_rows(prepared), 4, 0)["eval_loss"]
     assert meta(out)["final_eval"]["eval_loss"] < before - 0.05, (before, meta(out)["final_eval"])
     losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert sum(losses[-3:]) < sum(losses[:3])
@@ -234,7 +234,9 @@ def test_prepared_folder_values_are_recorded(tmp_path, prepared, capsys):
 # --- loss.png --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loss_png_is_drawn_and_hashed(tmp_path, prepared, capsys):
+    """Slow: A training run with checkpoints and evaluations, whose plot is then read back."""
     from PIL import Image
 
     from utils.artifacts import sha256_file
@@ -315,7 +317,9 @@ def test_step_progress_bar_or_lines():
 
 
 @pytest.mark.parametrize("tty", [True, False])
+@pytest.mark.slow
 def test_finetune_shows_a_bar_only_on_a_terminal(tmp_path, prepared, capsys, monkeypatch, tty):
+    """Slow: A finetune.py subprocess on a pseudo-terminal and one without: the bar depends on the real stream."""
     import utils.training.tracking
 
     monkeypatch.setattr(utils.training.tracking, "on_terminal", lambda stream=None: tty)
@@ -343,9 +347,11 @@ def test_prepare_data_shows_a_bar_only_on_a_terminal(tmp_path, capsys, monkeypat
 # --- interrupted while preparing the data, and Hub ids ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_during_data_preparation_says_nothing_was_written(tmp_path):
     """finetune.py on raw files, SIGTERM while the rows are tokenized: exit 143 with a message that says what was
-    kept (nothing) and how to go on, no traceback, no half-written data folder."""
+    kept (nothing) and how to go on, no traceback, no half-written data folder.
+    Slow: A real subprocess has to be interrupted while it tokenizes, so the data must take a few seconds."""
     out = tmp_path / "run"
     cmd = [sys.executable, "finetune.py", "--base_model", str(STORIES), "--data_path", str(REAL_SETS["alpaca"]),
            "--output_dir", str(out), *COMMON, "--max_steps", "1"]

@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import STORIES, gsm8k_rows, prepare_gsm8k, read_jsonl
+from conftest import STORIES, gsm8k_rows, prepare_gsm8k, read_jsonl, run_finetune, tiny_config
 from utils.training.batches import collate, collate_packed, pack
 from utils.errors import SuiteError
 from utils.cli import run
@@ -48,11 +48,7 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def finetune(out: Path, data: Path, *extra: str) -> Path:
-    import finetune as ft
-
-    run(ft.main, ["--base_model", str(STORIES), "--data_path", str(data), "--output_dir", str(out), *extra])
-    return out
-
+    return run_finetune(out, data, *extra)
 
 def train_losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
@@ -96,30 +92,23 @@ def plain(prepared, tmp_path_factory) -> Path:
 # Packing
 
 
-def _tiny_config(kind: str):
-    from transformers import GlmConfig, GPT2Config, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=300, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
-    return {
-        "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, **common),
-        "qwen2": lambda: Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, **common),
-        "gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common),
-        "glm": lambda: GlmConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=16, pad_token_id=0, **common),
-    }[kind]()
+
+
+def features_config(kind: str):
+    return tiny_config(kind, vocab=300, width=64, intermediate=128, positions=128 if kind == "gpt2" else None,
+                       initializer_range=0.1, bos_token_id=1, eos_token_id=2, **({"pad_token_id": 0} if kind == "glm" else {}))
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "glm"])
 def test_packed_loss_equals_padded_loss(kind):
     from transformers import AutoModelForCausalLM
 
-    import finetune as ft
+    from utils.training.evaluate import token_loss_sum
     from utils.training.methods import check_packing
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_tiny_config(kind)).eval()  # eval: GPT-2 has dropout
+    model = AutoModelForCausalLM.from_config(features_config(kind)).eval()  # eval: GPT-2 has dropout
     check_packing(model)  # must not raise
 
     gen = torch.Generator().manual_seed(1)
@@ -137,15 +126,15 @@ def test_packed_loss_equals_padded_loss(kind):
                for m in micro for row in m), bins
 
     with torch.no_grad():
-        padded = float(ft.token_loss_sum(model, collate(rows, 0), 0))
-        packed = sum(float(ft.token_loss_sum(model, collate_packed(m, 0), 0)) for m in micro)
+        padded = float(token_loss_sum(model, collate(rows, 0), 0))
+        packed = sum(float(token_loss_sum(model, collate_packed(m, 0), 0)) for m in micro)
         assert packed == pytest.approx(padded, rel=1e-5)
         # The comparison is sensitive: positions that do not restart (attention across examples) show.
         leaky = 0.0
         for m in micro:
             batch = collate_packed(m, 0)
             batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]).clone()
-            leaky += float(ft.token_loss_sum(model, batch, 0))
+            leaky += float(token_loss_sum(model, batch, 0))
         assert abs(leaky - padded) > 1e-4 * abs(padded), (leaky, padded)
     # Every trained token is still trained once packed (the first label of an example is never predicted).
     n_padded = int((collate(rows, 0)["labels"][:, 1:] != -100).sum())
@@ -215,7 +204,9 @@ def packed(prepared, plain, tmp_path_factory):
     return out, per_row
 
 
+@pytest.mark.slow
 def test_packing_trains_like_padding(plain, packed):
+    """Slow: Two training runs (padded, packed) compared step by step."""
     out, per_row = packed
     assert per_row and max(per_row) >= 2, per_row  # examples really shared rows
     assert_losses_close(out, plain, rel=1e-4)
@@ -251,9 +242,9 @@ def test_batch_size_must_divide_over_processes(tmp_path, prepared, capsys, monke
     assert exc.value.code == 2 and "--batch_size 12 must be a multiple of --micro_batch_size 4 x 2 processes" in err
     assert not (tmp_path / "o").exists()
     ok = bind_args(ft.main, [*argv, "--batch_size", "16", "--micro_batch_size", "4"])
-    ft.validate_args(**{**ok, "lora_target_modules": list(ok["lora_target_modules"])})  # 16 = 4 x 2 x 2: fine
+    ft.validate_args(ft.Args.from_flags(ok))  # 16 = 4 x 2 x 2: fine
     monkeypatch.setenv("WORLD_SIZE", "1")
-    ft.validate_args(**{**ok, "batch_size": 12, "lora_target_modules": list(ok["lora_target_modules"])})
+    ft.validate_args(ft.Args.from_flags({**ok, "batch_size": 12}))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,7 +271,9 @@ def checkpointed(prepared, tmp_path_factory):
     return out, len(calls)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_same_losses(plain, checkpointed):
+    """Slow: Two training runs (with and without activation checkpointing) compared step by step."""
     out, n_calls = checkpointed
     assert n_calls > 0  # activations really were recomputed
     assert_losses_close(out, plain, rel=1e-5)
@@ -301,7 +294,9 @@ def early(prepared, tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow
 def test_early_stopping_and_keep_best(early):
+    """Slow: Early stopping needs evaluations on a run that starts to overfit: a dozen steps with evaluation between them."""
     out = early["best"]
     meta, evals = pipeline(out), periodic_evals(out)
     assert meta["stopped_early"] is True and meta["steps"] < 12
@@ -315,7 +310,9 @@ def test_early_stopping_and_keep_best(early):
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, meta["steps"] + 1))
 
 
+@pytest.mark.slow
 def test_without_keep_best_the_last_weights_are_written(early):
+    """Slow: Needs the early-stopping training runs."""
     out, ref = early["last"], early["best"]
     meta, evals = pipeline(out), periodic_evals(out)
     assert meta["stopped_early"] is True and meta["steps"] == pipeline(ref)["steps"]
@@ -332,9 +329,11 @@ def test_early_stopping_flags_need_eval_steps(tmp_path, prepared, capsys, flag):
     assert exc.value.code == 2 and "need --eval_steps" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_early_stopping_state(tmp_path, early, prepared):
     """The checkpoint holds the best evaluation, the bad-evaluation count and the best weights; a run resumed from
-    it stops at the same step and writes the same weights as the uninterrupted one."""
+    it stops at the same step and writes the same weights as the uninterrupted one.
+    Slow: An early-stopping run interrupted and resumed."""
     from safetensors.torch import load_file
 
     ref = early["best"]
@@ -360,7 +359,9 @@ def test_resume_keeps_the_early_stopping_state(tmp_path, early, prepared):
                                                                if r["step"] > step]
 
 
+@pytest.mark.slow
 def test_keep_best_never_writes_worse_weights_than_the_last(tmp_path, prepared, plain):
+    """Slow: Training runs with evaluation between steps, compared with the plain run."""
     # plain: same run without keep-best; its eval loss keeps falling (step 2, then the final weights at step 4).
     assert pipeline(plain)["final_eval"]["eval_loss"] < periodic_evals(plain)[-1]["eval_loss"]
     out = finetune(tmp_path / "best", prepared, *PLAIN, "--load_best_model_at_end")
@@ -374,7 +375,9 @@ def test_keep_best_never_writes_worse_weights_than_the_last(tmp_path, prepared, 
 # TensorBoard and wandb
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_match_metrics(plain, checkpointed):
+    """Slow: Reads the event files of two training runs."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(plain / "tensorboard"), size_guidance={"scalars": 0})

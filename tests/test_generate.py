@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA, REPO, STORIES, gsm8k_rows, prepare_gsm8k, read_jsonl
+from conftest import DATA, REPO, STORIES, gsm8k_rows, prepare_gsm8k, read_jsonl, tiny_model
 from utils.errors import SuiteError
 from utils.cli import run
 
@@ -115,7 +115,9 @@ def _gen(*argv: str) -> None:
     run(generate.main, list(argv))
 
 
+@pytest.mark.slow
 def test_one_shot_prints_only_the_response(runs):
+    """Slow: Several generate.py subprocesses on trained runs: what a shell pipeline reads on stdout."""
     from utils.inference.loading import load_for_inference
 
     proc = subprocess.run([sys.executable, "generate.py", "--lora_weights", str(runs["lora"]), "--instruction",
@@ -307,21 +309,12 @@ def test_batch_bad_input_files(tmp_path):
         generate.main(base_model=str(STORIES), input_file=str(useless), output_file=str(tmp_path / "o.jsonl"))
 
 
-def _tiny_llama(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, bos_token_id=1)
-    LlamaForCausalLM(cfg).save_pretrained(str(folder))
-    AutoTokenizer.from_pretrained(str(STORIES)).save_pretrained(str(folder))
-    return folder
 
 
 def test_adapter_on_the_wrong_base_fails_before_generating(runs, tmp_path):
     from utils.inference.loading import load_for_inference
 
-    other = _tiny_llama(tmp_path / "other")
+    other = tiny_model("llama", tmp_path / "other", eos_token_id=2, bos_token_id=1)
     with pytest.raises(SuiteError, match="different model.*--allow_base_mismatch") as exc:
         load_for_inference(str(other), str(runs["lora"]), log=lambda m: None)
     assert "does not fit" in str(exc.value) and "model.layers.0." in str(exc.value)  # shapes checked too
@@ -407,7 +400,8 @@ def test_bf16_8bit_and_4bit_loading_generate_and_keep_the_loss_of_fp32(capsys, t
     assert abs(mean_nll(int8, texts) - fp32) < 0.02
     from utils.inference.generation import Engine, Settings
 
-    loaded = load_for_inference(str(_tiny_llama(tmp_path / "tiny64", hidden=64)), load_4bit=True, log=lambda m: None)
+    tiny = tiny_model("llama", tmp_path / "tiny64", width=64, eos_token_id=2, bos_token_id=1)
+    loaded = load_for_inference(str(tiny), load_4bit=True, log=lambda m: None)
     assert type(loaded.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     c = Engine(loaded.model, loaded.tokenizer).generate([[1, 50, 60]], Settings(max_new_tokens=6))[0]
     assert len(c.token_ids) == 6
@@ -500,7 +494,9 @@ def test_device_map_loading_runs_where_there_is_only_a_cpu():
         load_for_inference(str(STORIES), max_memory="cpu=1GiB", log=lambda m: None)
 
 
+@pytest.mark.multiprocess
 def test_data_parallel_batch_under_torchrun_matches_one_process(runs, tmp_path):
+    """Multi-process: Batch generation under torchrun with two processes, against one process."""
     write_questions(tmp_path / "q.jsonl")
     common = ["--lora_weights", str(runs["lora"]), "--input_file", str(tmp_path / "q.jsonl"), "--max_new_tokens", "16",
               "--batch_size", "2", "--max_bad_fraction", "0.2"]

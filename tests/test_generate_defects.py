@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED, STORIES, read_jsonl
+from conftest import REPO, SHARED, STORIES, read_jsonl, tiny_model
 from utils.errors import SuiteError
 from utils.cli import run
 
@@ -79,7 +79,9 @@ def test_a_llama2c_import_without_tokenizer_is_a_clean_error_naming_the_folder(t
 
 
 @pytest.mark.parametrize("case", ["no_config", "no_weights", "truncated_weights", "missing_shard"])
+@pytest.mark.slow
 def test_incomplete_model_folders_fail_before_loading_naming_what_is_missing(tmp_path, case):
+    """Slow: One generate.py subprocess per kind of damaged folder, as a shell script would meet it."""
     if case == "no_config":
         folder, expected = _model_copy(tmp_path, case, ("config.json",)), "no config.json"
     elif case == "no_weights":
@@ -101,7 +103,9 @@ def test_incomplete_model_folders_fail_before_loading_naming_what_is_missing(tmp
 
 
 @pytest.mark.parametrize("case", ["no_adapter_weights", "truncated_adapter_weights"])
+@pytest.mark.slow
 def test_incomplete_adapter_folders_fail_before_loading(tmp_path, adapter, case):
+    """Slow: One generate.py subprocess per kind of damaged adapter, as a shell script would meet it."""
     folder = tmp_path / case
     shutil.copytree(adapter, folder)
     weights = folder / "adapter_model.safetensors"
@@ -147,7 +151,9 @@ def test_a_hub_id_says_nothing_is_ever_downloaded():
 # -- a mistyped template (item 5) ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unknown_template_is_a_usage_error_before_loading_with_the_closest_name():
+    """Slow: generate.py subprocesses, each importing the libraries before refusing."""
     proc = gen("--base_model", str(STORIES), "--prompt_template", "alpacca", "--instruction", "Say hi")
     assert_clean_failure(proc, 2, "--prompt_template alpacca", "did you mean alpaca?")
     proc = gen("--base_model", str(STORIES), "--prompt_template", "no/such/template.json", "--instruction", "Hi")
@@ -218,21 +224,12 @@ def test_a_finished_batch_rerun_is_a_no_op_that_says_so(tmp_path, capsys):
     assert (out2.read_bytes(), out2.stat().st_mtime_ns) == before
 
 
-def _tiny_llama(folder: Path, seed: int) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, bos_token_id=1)
-    LlamaForCausalLM(cfg).save_pretrained(str(folder))
-    AutoTokenizer.from_pretrained(str(STORIES)).save_pretrained(str(folder))
-    return folder
 
 
 def test_batch_refuses_answers_made_by_another_model(tmp_path, capsys):
     """README: answers made with other settings *or another model* are refused without --overwrite."""
-    first, second = _tiny_llama(tmp_path / "first", seed=0), _tiny_llama(tmp_path / "second", seed=1)
+    first, second = (tiny_model("llama", tmp_path / name, seed=seed, eos_token_id=2, bos_token_id=1)
+                     for name, seed in (("first", 0), ("second", 1)))
     q, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     _questions(q, 3)
     common = ["--input_file", str(q), "--output_file", str(out), "--max_new_tokens", "4", "--prompt_template", "alpaca"]
@@ -247,7 +244,9 @@ def test_batch_refuses_answers_made_by_another_model(tmp_path, capsys):
     assert len(rows) == 3 and {r["generation"]["model"]["base_model"] for r in rows} == {str(second.resolve())}
 
 
+@pytest.mark.slow
 def test_sigterm_during_batch_generation_says_what_was_kept_and_the_rerun_resumes(tmp_path):
+    """Slow: A real generate.py subprocess is interrupted mid-batch and run again to resume."""
     q, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     _questions(q, 12)
     partial = tmp_path / "a.jsonl.partial"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, STORIES, gsm8k_rows, prepare_gsm8k
-from test_export import build_model, call, make_adapter
+from conftest import EXPORT_SHAPE, REPO, STORIES, gsm8k_rows, prepare_gsm8k, tiny_model
+from test_export import call, make_adapter
 from utils.cli import run
 
 FT = ["--batch_size", "8", "--micro_batch_size", "8", "--logging_steps", "0", "--learning_rate", "1e-2",
@@ -65,7 +65,8 @@ def prepared(root) -> Path:
 @pytest.fixture(scope="module")
 def pair(root) -> tuple[Path, Path]:
     """Two tiny llamas of the same shapes (built from configs): a base and a 'fine-tuned' target."""
-    return build_model("llama", root / "base", STORIES), build_model("llama", root / "target", STORIES, seed=1)
+    return (tiny_model("llama", root / "base", STORIES, **EXPORT_SHAPE),
+            tiny_model("llama", root / "target", STORIES, seed=1, **EXPORT_SHAPE))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,9 @@ def stage_commands(raw: Path, pair, adapter: Path) -> dict[str, tuple[str, list[
 
 
 @pytest.mark.parametrize("stage", ["finetune", "prepare_data", "export_hf", "export_state_dict", "apply_delta"])
+@pytest.mark.slow
 def test_foreign_folder_is_refused_before_any_work(tmp_path, raw, pair, adapter, stage):
+    """Slow: Every stage runs as a real subprocess under tripwires (a subprocess is the only way to show no work started), importing transformers each time."""
     script, argv = stage_commands(raw, pair, adapter)[stage]
     out = user_folder(tmp_path / "mine")
     driver = tmp_path / "driver.py"
@@ -213,7 +216,8 @@ def test_failed_finetune_leaves_no_folder_and_no_lock(tmp_path, raw, prepared, p
     data = {"bad_data": tmp_path / "bad.json", "empty_file": tmp_path / "empty.jsonl", "unknown_module": raw,
             "tokenizer_mismatch": prepared}[case]
     # The prepared folder was tokenized with stories260K's tokenizer; this base has another one.
-    base = build_model("llama", tmp_path / "other", bpe_tokenizer_dir) if case == "tokenizer_mismatch" else pair[0]
+    other = case == "tokenizer_mismatch"
+    base = tiny_model("llama", tmp_path / "other", bpe_tokenizer_dir, **EXPORT_SHAPE) if other else pair[0]
     out = tmp_path / "run" if existing else tmp_path / "new" / "run"
     if existing:
         out.mkdir()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, SHARED, STORIES
 
 
@@ -34,8 +36,10 @@ def summary_value(stdout: str, label: str) -> str:
     return match.group(1).strip()
 
 
+@pytest.mark.slow
 def test_readme_pipeline_command_runs_end_to_end(tmp_path):
-    """`make pipeline` fine-tunes the pretrained stories260K on GSM8K, and its summary shows that it learned."""
+    """`make pipeline` fine-tunes the pretrained stories260K on GSM8K, and its summary shows that it learned.
+    Slow: It is the README's demo itself (about two minutes): its claim is the end-to-end run on the real model."""
     run_dir = tmp_path / "demo"
     env = {**os.environ, "RUN_DIR": str(run_dir), "SHARED": str(SHARED), "PYTHON": sys.executable}
     cmd = readme_commands()[0].split()

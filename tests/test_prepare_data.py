@@ -132,7 +132,9 @@ def test_bad_arguments_reported_together(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_inspect_marks_trained_text(tmp_path, capsys):
+    """Slow: The whole alpaca set of ../shared through the stage (its first rows are the ones shown)."""
     prepare(tmp_path / "o", "--inspect", "2", "--cutoff_len", "1024", data=[REAL_SETS["alpaca"]])
     out = capsys.readouterr().out
     assert out.count("--- ") == 2 and "⟦" in out and "⟧" in out
@@ -141,7 +143,9 @@ def test_inspect_marks_trained_text(tmp_path, capsys):
     assert trained.split("⟧")[0].endswith("</s>")
 
 
+@pytest.mark.slow
 def test_mixed_formats_need_one_template(tmp_path, capsys):
+    """Slow: Two whole real data sets of ../shared through the stage, refused then prepared."""
     data = [REAL_SETS["alpaca"], REAL_SETS["sharegpt"]]
     err = fails(capsys, tmp_path / "o", data=data, code=2)
     assert "--prompt_template_name" in err and "alpaca" in err and "vicuna_v1.1" in err
@@ -187,7 +191,9 @@ def test_trust_remote_code_is_off_by_default(tmp_path, capsys):
     ("pair", []),
     ("sharegpt", ["--prompt_template_name", "phoenix", "--cutoff_len", "1024"]),
 ])
+@pytest.mark.slow
 def test_real_data_sets(tmp_path, fmt, extra):
+    """Slow: Each real data set of ../shared goes through the whole stage, tokenizer and all."""
     out = tmp_path / fmt
     prepare(out, *extra, data=[REAL_SETS[fmt]])
     report = json.loads((out / "data_report.json").read_text(encoding="utf-8"))

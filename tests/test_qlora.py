@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, REAL_SETS, STORIES
+from conftest import DATA, REAL_SETS, STORIES, tiny_model
 from utils.cli import run
 
 pytest.importorskip("bitsandbytes")
@@ -18,18 +18,8 @@ pytest.importorskip("bitsandbytes")
 def base64(tmp_path_factory) -> Path:
     """A tiny Llama (linear layers in multiples of 64, bitsandbytes' block size) with the stories260K
     tokenizer (vocabulary 512)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("q") / "base"
-    tok = AutoTokenizer.from_pretrained(str(STORIES))
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return folder
+    return tiny_model("llama", tmp_path_factory.mktemp("q") / "base", width=128, intermediate=256, positions=512,
+                      bos_token_id=1, eos_token_id=2)  # stories260K's bos / eos
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +43,10 @@ def _train(base: Path, data: Path, out: Path, *extra: str, steps: int = 6, metho
 def _eval_loss(model, data_dir: Path) -> float:
     from datasets import load_from_disk
 
-    import finetune as ft
+    from utils.training.evaluate import evaluate
 
     val = load_from_disk(str(data_dir / "dataset"))["validation"]
-    return ft.evaluate(model, list(zip(val["input_ids"], val["labels"])), {"micro_batch_size": 4}, 0)["eval_loss"]
+    return evaluate(model, list(zip(val["input_ids"], val["labels"])), 4, 0)["eval_loss"]
 
 
 @pytest.mark.parametrize("flags,layer", [
@@ -64,7 +54,9 @@ def _eval_loss(model, data_dir: Path) -> float:
     (["--qlora_quant_type", "fp4", "--noqlora_double_quant"], "Linear4bit"),
     (["--qlora_bits", "8"], "Linear8bitLt"),
 ])
+@pytest.mark.slow
 def test_qlora_quantizes_the_base_and_learns(tmp_path, base64, data, flags, layer):
+    """Slow: A QLoRA training run per quantization, through bitsandbytes' CPU kernels."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -133,9 +125,11 @@ def stories_lora(tmp_path_factory, data) -> dict:
 #   for a fall of 1.5 nats. Bound: 10% of the fp32 run's fall. A QLoRA run that learned at half the speed
 #   (gradients lost through the quantized layers) would miss it by five times.
 @pytest.mark.parametrize("bits,base_rel_bound", [(4, 0.20), (8, 0.02)])
+@pytest.mark.slow
 def test_qlora_on_real_stories260k_tracks_fp32(tmp_path, data, stories_lora, bits, base_rel_bound):
     """stories260K's MLP is 172 wide (not a multiple of 64); through its 4-bit or 8-bit base, the loss stays
-    close to fp32's before training, and QLoRA learns as much as fp32 LoRA with the same seed."""
+    close to fp32's before training, and QLoRA learns as much as fp32 LoRA with the same seed.
+    Slow: It compares a QLoRA run with an fp32 run on the real model: two trainings, through bitsandbytes' slow CPU kernels."""
     from utils.weights.pretrained import load_base_model
 
     quant = {"bits": bits, "quant_type": "nf4", "double_quant": True, "compute_dtype": "fp32"}

@@ -19,10 +19,9 @@ def load_script():
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    return prepare_gsm8k(tmp_path_factory.mktemp("sv"), gsm8k_rows(24), "--val_set_size", "6",
-                         "--prompt_template_name", "alpaca_short", "--cutoff_len", "384", "--on_overlength", "drop")
-
+def prepared(gsm8k_prepared):
+    return gsm8k_prepared(24, "--val_set_size", "6", "--prompt_template_name", "alpaca_short", "--cutoff_len", "384",
+                          "--on_overlength", "drop")
 
 def test_base_score_is_finetune_eval_of_an_unchanged_model(tmp_path, prepared):
     """A LoRA run that cannot move the weights (B starts at zero, learning rate 1e-12) evaluates the base

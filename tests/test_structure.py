@@ -5,7 +5,6 @@ two public ``utils`` names alike, and the README's Layout lists every module."""
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import pytest
@@ -128,15 +127,34 @@ def test_no_two_public_utils_functions_or_classes_share_a_name():
     assert {n: o for n, o in owners.items() if len(o) > 1} == {}
 
 
-def test_readme_layout_lists_every_module():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+def layout_paths(readme: str) -> set[str]:
+    """The files the README's Layout tree names, as paths (a name indented under ``folder/`` is inside it)."""
     layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"^\s*([\w/]+\.py)\b", layout, re.M))
+    tree = layout.split("```", 2)[1]
+    paths, stack = set(), []
+    for line in tree.splitlines():
+        if not line.strip():
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        stack = stack[:depth] + [name]
+        if name.endswith(".py"):
+            paths.add("".join(stack))
+    return paths
+
+
+def test_readme_layout_lists_every_module():
+    listed = layout_paths((REPO / "README.md").read_text(encoding="utf-8"))
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "utils").rglob("*.py") if p.name != "__init__.py"}
     stages = {p.name for p in REPO.glob("*.py")}
     scripts = {p.relative_to(REPO).as_posix() for p in [*(REPO / "scripts").glob("*.py"), *(REPO / "eval").glob("*.py")]}
     assert sorted((modules | stages | scripts) - listed) == []
     assert sorted(listed - (modules | stages | scripts)) == []
+
+
+def test_layout_tree_reading():
+    readme = "## Layout\n```\nrun.py  x\nutils/\n  a.py   y\n  sub/\n    b.py  z\nscripts/\n  c.py\n```\n## Next\n"
+    assert layout_paths(readme) == {"run.py", "utils/a.py", "utils/sub/b.py", "scripts/c.py"}
 
 
 @pytest.mark.parametrize("path", [p.relative_to(REPO).as_posix() for p in python_files(REPO)
@@ -147,3 +165,16 @@ def test_scripts_run_from_the_repository_root(path):
     text = (REPO / path).read_text(encoding="utf-8")
     if "/" in path and "utils" in text:
         assert "sys.path.insert(0, str(Path(__file__).resolve().parents[1]))" in text, path
+
+
+def test_every_slow_test_says_why_it_cannot_be_smaller():
+    """The slow tiers are where CI's minutes go: each test in them says why in its docstring."""
+    silent = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            marks = {d.attr for d in node.decorator_list if isinstance(d, ast.Attribute)}
+            if marks & {"slow", "multiprocess"} and not ast.get_docstring(node):
+                silent.append(f"{path.name}::{node.name}")
+    assert silent == []

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, STORIES, gsm8k_rows, prepare_gsm8k
+from conftest import REPO, STORIES
 from utils.cli import run
 
 BASE_FLAGS = ["--batch_size", "8", "--micro_batch_size", "2", "--lora_dropout", "0", "--learning_rate", "3e-3",
@@ -24,9 +24,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    return prepare_gsm8k(tmp_path_factory.mktemp("tr"), gsm8k_rows(120), "--cutoff_len", "320", "--val_set_size", "16")
-
+def prepared(gsm8k_prepared) -> Path:
+    return gsm8k_prepared(120, "--cutoff_len", "320", "--val_set_size", "16")
 
 def _flags(extra) -> list[str]:
     """BASE_FLAGS, less those that ``extra`` sets itself, then ``extra``."""
@@ -83,7 +82,9 @@ NO_DEEPSPEED = pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not
     pytest.param(["--deepspeed", str(REPO / "examples/deepspeed_zero2.json")], marks=NO_DEEPSPEED),
     pytest.param(["--deepspeed", str(REPO / "examples/deepspeed_zero3.json")], marks=NO_DEEPSPEED),
 ], ids=["ddp", "fsdp", "zero2", "zero3"])
+@pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path, prepared, extra):
+    """Multi-process: Two torchrun processes against one: data parallelism cannot be shown in one process."""
     one = tmp_path / "one"
     _finetune(one, prepared, "--max_steps", "3", "--save_steps", "2")
     two = tmp_path / "two"

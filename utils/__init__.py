@@ -1,1 +1,2 @@
-"""Shared code for the pipeline stages: CLI, templates, data, encoding, artifacts."""
+"""Shared code for the pipeline stages, grouped by concern (see the README's Layout): data/, training/, weights/,
+inference/, and at the top what every stage uses (cli, errors, args, artifacts, dtypes, distributed, jsonl)."""

@@ -31,6 +31,7 @@ from utils.data.records import (POLICY_DROPS, ROW_ERRORS, Columns, DataError, Ro
 from utils.errors import SuiteError, UsageError
 from utils.training import tracking
 from utils.weights.folders import missing_folder, tokenizer_problems
+from utils.data.templates import load_template
 
 STAGE = "prepare_data"
 FORMAT_TEMPLATE = {"alpaca": "alpaca", "moss": "moss", "pair": "chatglm"}  # sharegpt/openai: see _resolve_template
@@ -312,7 +313,6 @@ def _read_sources(paths, records: RecordArgs):
 
 
 def _resolve_template(name: str, formats: list[str], paths, tokenizer):
-    from utils.data.templates import load_template
 
     if name != "auto":
         return load_template(name, tokenizer)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 from utils.errors import SuiteError
 from utils.data.templates import Message
+from utils.weights.folders import looks_like_hub_id
 
 # category -> what it means (shown in reports)
 ROW_ERRORS = {
@@ -62,7 +63,6 @@ def bad_fraction_error(n_bad: int, total: int, max_bad_fraction: float, details:
 def missing_path_message(flag: str, path: str, what: str) -> str:
     """The problem line for a data path that does not exist. One spelled like a Hugging Face Hub dataset id
     (tatsu-lab/alpaca) gets the reason: this suite reads local files only and never downloads anything."""
-    from utils.weights.folders import looks_like_hub_id
 
     text = f"{flag} {path}: no such {what}"
     if not looks_like_hub_id(path):

@@ -44,6 +44,9 @@ from utils.cli import parse_size
 from utils.dtypes import torch_dtype_of
 from utils.errors import SuiteError
 from utils.weights.folders import (check_model_dir, missing_folder, needs_remote_code, safetensors_problem, tokenizer_problems)
+from utils.data.templates import available_templates, load_template, template_from_dict
+from utils.artifacts import base_fingerprint, read_meta
+from utils.weights.pretrained import bnb_config, keep_bnb_cpu_layout
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -89,7 +92,6 @@ def template_problems(name: str | None, flag: str = "--prompt_template") -> list
     is loaded: a bad argument, not bad input."""
     import difflib
 
-    from utils.data.templates import available_templates
 
     if not name:
         return []
@@ -157,7 +159,6 @@ def resolve_source(base_model: str | None, lora_weights: str | None) -> ModelSou
 
 
 def _finetune_meta(folder: Path) -> dict | None:
-    from utils.artifacts import read_meta
 
     meta = read_meta(folder)
     if meta and meta.get("stage") == "finetune":
@@ -232,7 +233,6 @@ def _base_mismatch(source: ModelSource, folder: Path, allow_base_mismatch: bool)
     recorded = (source.meta or {}).get("base_model", {}).get("fingerprint")
     if not recorded or source.meta.get("method") == "full":
         return []
-    from utils.artifacts import base_fingerprint  # the same fingerprint finetune.py records
 
     try:
         actual = base_fingerprint(source.base)
@@ -565,7 +565,6 @@ def _load_kwargs(source: ModelSource, device: str, torch_dtype, load_8bit: bool,
     """from_pretrained's quantization and placement arguments."""
     kwargs: dict = {}
     if load_8bit or load_4bit:
-        from utils.weights.pretrained import bnb_config
 
         kwargs["quantization_config"] = bnb_config({"bits": 8 if load_8bit else 4, "quant_type": "nf4",
                                                     "double_quant": True}, torch_dtype)
@@ -610,7 +609,6 @@ def load_model(plan: Plan, log=None) -> Loaded:
     if "device_map" not in kwargs and device != "cpu":
         model.to(device)
     if info["quantization"] == "4bit":
-        from utils.weights.pretrained import keep_bnb_cpu_layout
 
         keep_bnb_cpu_layout(model)  # odd widths (stories260K's 172-wide MLP) would fail in the packed CPU kernel
     if source.adapter:
@@ -645,7 +643,6 @@ def load_for_inference(base_model: str | None = None, lora_weights: str | None =
 
 def load_template_for(source: ModelSource, prompt_template: str | None, tokenizer) -> Any:
     """The caller's template, else the one the artifact carries, else None."""
-    from utils.data.templates import load_template, template_from_dict
 
     if prompt_template:
         return load_template(prompt_template, tokenizer=tokenizer)

@@ -1,1 +1,2 @@
-"""Training: batches, the tuning-method registry, checkpoints and resume, torchrun set-up, metrics and progress."""
+"""Training: batches, the tuning-method registry, the process backends (single, DDP, FSDP, DeepSpeed), checkpoints
+and resume, evaluation, metrics and progress."""

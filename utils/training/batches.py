@@ -106,3 +106,9 @@ def collate_packed(bins: list[list[tuple[list[int], list[int]]]], pad_id: int) -
         positions[r, at:] = torch.arange(width - at)
     return {"input_ids": input_ids, "position_ids": positions, "labels": labels,
             "real_tokens": sum(len(ids) for b in bins for ids, _ in b)}
+
+
+def empty_batch() -> dict:
+    """A micro-batch with nothing to learn (loss 0): a rank's turn in a collective it has no rows for."""
+    return {"input_ids": torch.zeros((1, 2), dtype=torch.long), "attention_mask": torch.ones((1, 2), dtype=torch.long),
+            "labels": torch.full((1, 2), IGNORE_INDEX, dtype=torch.long), "real_tokens": 0}

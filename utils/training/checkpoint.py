@@ -17,8 +17,10 @@ import uuid
 from pathlib import Path
 
 from utils.artifacts import (META_FILE, META_VERSION, Lock, apply_umask, install, library_versions, read_meta,
-                             sha256_file, write_json, write_meta)
+                             read_output, sha256_file, write_json, write_meta)
 from utils.errors import SuiteError
+from utils.artifacts import claim_output_dir, transient
+from utils.training.methods import trainable_state
 
 MANIFEST = "manifest.json"
 
@@ -67,7 +69,6 @@ class RunFolder:
         self.lock, self.created, self.marked, self.had_data = None, [], False, True
 
     def __enter__(self):
-        from utils.artifacts import claim_output_dir
 
         claim_output_dir(self.out, "finetune", self.overwrite, resumable=unfinished_run)
         # The folders this run creates, innermost first (the output folder and any missing parents).
@@ -106,7 +107,6 @@ class RunFolder:
                     break
 
     def _undo(self, keep_data: bool) -> None:
-        from utils.artifacts import transient
 
         fresh_data = not self.had_data and not keep_data
         rest = [p for p in self.out.iterdir() if not transient(p.name) and p.name != META_FILE
@@ -252,7 +252,6 @@ def gather_rng(dist) -> list:
 
 def trainable_copy(model) -> dict:
     """A CPU copy of the trained parameters by name."""
-    from utils.training.methods import trainable_state
 
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_state(model).items()}
 
@@ -266,8 +265,10 @@ def copy_weights(model, weights: dict) -> None:
             params[name].copy_(tensor)
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, dist=None) -> tuple[int, dict, dict | None]:
-    """Restore a checkpoint; returns (step, early-stopping state, best weights or None)."""
+def load_checkpoint(folder: Path, model, scheduler, backend) -> tuple[int, dict, dict | None]:
+    """Restore a checkpoint into ``model``, its optimizer and ``scheduler`` through ``backend`` (see
+    ``utils.training.backends``: it knows how its weights and optimizer state are held); returns (step,
+    early-stopping state, best weights or None)."""
     import torch
     from safetensors.torch import load_file
 
@@ -276,18 +277,10 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, dist=None) -> tup
     if set(state) != expected:
         raise SuiteError(f"--resume_from_checkpoint {folder}: its weights do not match this run's trainable "
                          f"parameters ({len(state)} vs {len(expected)}); was it made with other flags?")
-    optim = torch.load(folder / "optimizer.pt", weights_only=True)
-    if dist is not None and dist.engine is not None:
-        # DeepSpeed's own files (written by this run, hash-checked by the manifest) hold weights and optimizer.
-        dist.engine.load_checkpoint(str(folder / "deepspeed"), tag="ds", load_optimizer_states=True,
-                                    load_lr_scheduler_states=False)
-    elif dist is not None and dist.fsdp:
-        dist.load_state(model, optimizer, state, optim)
-    else:
-        copy_weights(model, state)
-        optimizer.load_state_dict(optim)
+    backend.load_state(folder, state, torch.load(folder / "optimizer.pt", weights_only=True))
+    dist = backend.dist
     ranks = torch.load(folder / "rng.pt", weights_only=True)["ranks"]
-    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    rank, world = dist.rank, dist.world_size
     if len(ranks) != world:
         print(f"finetune: checkpoint was written by {len(ranks)} processes, this run has {world}; dropout "
               "randomness will differ from an uninterrupted run", file=sys.stderr)
@@ -392,39 +385,26 @@ def verify_artifact(out: Path, model, method: str) -> None:
             raise SuiteError(f"saved adapter in {out} is all zeros: training changed nothing")
 
 
-def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, base: dict, summary: dict,
-               state_dict: dict | None = None) -> None:
+def save_final(out: Path, model, data_dir: Path, *, method: str, max_shard_size: str, fingerprint: str,
+               recorded_args: dict, base_model: str, base: dict, summary: dict, state_dict: dict | None = None) -> None:
     """Write the adapter (or model), tokenizer, template and report into ``out``, then pipeline.json.
-    ``state_dict``: the gathered weights of a sharded (FSDP) model."""
-    from transformers import AutoTokenizer
 
+    Args:
+        method: The tuning method (``full`` saves the whole model, in shards of at most ``max_shard_size``).
+        recorded_args: The run's arguments as pipeline.json records them.
+        base_model: The base model folder; ``base`` its fingerprint.
+        summary: How the run went (steps, final evaluation, ...), recorded as it is.
+        state_dict: The gathered weights of a sharded (FSDP, DeepSpeed) model.
+    """
     out = Path(out)
-    tmp = out / f".final.tmp-{uuid.uuid4().hex[:6]}"
-    tmp.mkdir()
-    extra = {} if state_dict is None else {"state_dict": state_dict}
-    try:
-        if args["method"] == "full":
-            model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=args["max_shard_size"], **extra)
-        else:
-            model.save_pretrained(str(tmp), safe_serialization=True, **extra)
-        AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"), local_files_only=True).save_pretrained(str(tmp))
-        for name in ("template.json", "data_report.json"):
-            shutil.copyfile(data_dir / name, tmp / name)
-        verify_artifact(tmp, model, args["method"])
-        apply_umask(tmp)
-        written = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        # Only our own files are replaced: the folder may hold the user's (kept, reported) under --overwrite.
-        install(tmp, out, "finetune", owned=run_owned)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    data_meta = read_meta(data_dir)
+    written = _write_final_files(out, model, data_dir, method, max_shard_size, state_dict)
     meta = {
         "stage": "finetune",
         "fingerprint": fingerprint,
-        "args": args,
-        "method": args["method"],
-        "base_model": {"path": os.path.abspath(args["base_model"]), "fingerprint": base},
-        "data": {"path": os.path.abspath(data_dir), "fingerprint": data_meta["fingerprint"]},
+        "args": recorded_args,
+        "method": method,
+        "base_model": {"path": os.path.abspath(base_model), "fingerprint": base},
+        "data": {"path": os.path.abspath(data_dir), "fingerprint": read_output(data_dir).fingerprint},
         "template": {"name": json.loads((out / "template.json").read_text())["name"], "file": "template.json"},
         **summary,
         "versions": library_versions("torch", "transformers", "peft"),
@@ -433,3 +413,29 @@ def save_final(out: Path, model, args: dict, data_dir: Path, fingerprint: str, b
     # nor anything else the folder holds (a later --overwrite removes exactly what is listed here).
     files = {name: sha256_file(out / name) for name in sorted({*written, *RUN_FILES}) if (out / name).is_file()}
     write_meta(out, meta, files)
+
+
+def _write_final_files(out: Path, model, data_dir: Path, method: str, max_shard_size: str,
+                       state_dict: dict | None) -> list[str]:
+    """Save, check and install the final files into ``out``; returns their names."""
+    from transformers import AutoTokenizer
+
+    tmp = out / f".final.tmp-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    try:
+        if method == "full":
+            model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size, **extra)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True, **extra)
+        AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"), local_files_only=True).save_pretrained(str(tmp))
+        for name in ("template.json", "data_report.json"):
+            shutil.copyfile(data_dir / name, tmp / name)
+        verify_artifact(tmp, model, method)
+        apply_umask(tmp)
+        written = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        # Only our own files are replaced: the folder may hold the user's (kept, reported) under --overwrite.
+        install(tmp, out, "finetune", owned=run_owned)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written

@@ -3,9 +3,57 @@ parameters it trains; and the checks a method needs of the model (linear layer n
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
+from utils.args import Group
 from utils.errors import SuiteError
+
+PROMPT_METHODS = ("prompt", "ptuning")  # peft prepends virtual tokens to the inputs (and logits)
+
+
+@dataclass(frozen=True)
+class MethodArgs(Group):
+    """The tuning method and its own settings: LoRA (and qlora's quantized base), virtual tokens."""
+
+    method: Literal["lora", "qlora", "prefix", "ptuning", "prompt", "full"] = "lora"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    use_rslora: bool = False
+    use_dora: bool = False
+    qlora_bits: int = 4
+    qlora_quant_type: Literal["nf4", "fp4"] = "nf4"
+    qlora_double_quant: bool = True
+    num_virtual_tokens: int = 16
+    prefix_projection: bool = False
+    encoder_hidden_size: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.lora_target_modules, list):  # frozen groups hold lists as tuples
+            object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+
+    def problems(self) -> list[str]:
+        problems = [f"--{name} must be >= 1, got {getattr(self, name)}" for name in ("lora_r", "num_virtual_tokens")
+                    if getattr(self, name) < 1]
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.qlora_bits not in (4, 8):
+            problems.append(f"--qlora_bits must be 4 or 8, got {self.qlora_bits}")
+        return problems
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Virtual tokens peft prepends to the logits (0 for methods that prepend none to them)."""
+        return self.num_virtual_tokens if self.method in PROMPT_METHODS else 0
+
+    def quantization(self, compute_dtype: str) -> dict | None:
+        """How load_base_model quantizes the frozen base for qlora (None for every other method)."""
+        if self.method != "qlora":
+            return None
+        return {"bits": self.qlora_bits, "quant_type": self.qlora_quant_type, "double_quant": self.qlora_double_quant,
+                "compute_dtype": compute_dtype}
 
 
 def check_packing(model, device: str = "cpu") -> None:
@@ -44,10 +92,10 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def lora_config(a: dict, model) -> Any:
+def lora_config(settings: MethodArgs, model) -> Any:
     from peft import LoraConfig, TaskType
 
-    targets = a["lora_target_modules"]
+    targets = list(settings.lora_target_modules)
     available = linear_module_names(model)
     if targets in (["all-linear"], ["all_linear"]):
         targets = available
@@ -55,34 +103,34 @@ def lora_config(a: dict, model) -> Any:
     if missing:
         raise SuiteError(f"--lora_target_modules: the model has no linear layer named {', '.join(missing)}; "
                          f"its linear layers are: {', '.join(available)} (or use all-linear)")
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=a["lora_r"], lora_alpha=a["lora_alpha"],
-                      lora_dropout=a["lora_dropout"], target_modules=targets, use_rslora=a["use_rslora"],
-                      use_dora=a["use_dora"])
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                      lora_dropout=settings.lora_dropout, target_modules=targets, use_rslora=settings.use_rslora,
+                      use_dora=settings.use_dora)
 
 
-def prefix_config(a: dict, model) -> Any:
+def prefix_config(settings: MethodArgs, model) -> Any:
     from peft import PrefixTuningConfig, TaskType
 
-    return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a["num_virtual_tokens"],
-                              prefix_projection=a["prefix_projection"],
-                              encoder_hidden_size=a["encoder_hidden_size"] or model.config.hidden_size)
+    return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=settings.num_virtual_tokens,
+                              prefix_projection=settings.prefix_projection,
+                              encoder_hidden_size=settings.encoder_hidden_size or model.config.hidden_size)
 
 
-def ptuning_config(a: dict, model) -> Any:
+def ptuning_config(settings: MethodArgs, model) -> Any:
     from peft import PromptEncoderConfig, TaskType
 
-    return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a["num_virtual_tokens"],
-                               encoder_hidden_size=a["encoder_hidden_size"] or model.config.hidden_size)
+    return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=settings.num_virtual_tokens,
+                               encoder_hidden_size=settings.encoder_hidden_size or model.config.hidden_size)
 
 
-def prompt_config(a: dict, model) -> Any:
+def prompt_config(settings: MethodArgs, model) -> Any:
     from peft import PromptTuningConfig, TaskType
 
-    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a["num_virtual_tokens"])
+    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=settings.num_virtual_tokens)
 
 
 # --method -> builder of its peft config (None: every weight is trained)
-METHODS: dict[str, Callable[[dict, Any], Any] | None] = {
+METHODS: dict[str, Callable[[MethodArgs, Any], Any] | None] = {
     "lora": lora_config,
     "qlora": lora_config,  # on a base loaded through bitsandbytes (load_base_model's quantization)
     "prefix": prefix_config,
@@ -92,22 +140,22 @@ METHODS: dict[str, Callable[[dict, Any], Any] | None] = {
 }
 
 
-def prepare_model(model, method: str, args: dict):
-    """Wrap ``model`` for ``method``; returns the model whose trainable parameters are the ones to train."""
-    builder = METHODS[method]
+def prepare_model(model, settings: MethodArgs, gradient_checkpointing: bool = False):
+    """Wrap ``model`` for ``settings.method``; returns the model whose trainable parameters are the ones to
+    train."""
+    builder = METHODS[settings.method]
     if builder is None:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     from peft import get_peft_model
 
-    if method == "qlora":
+    if settings.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         # Casts norms to fp32 and makes the (frozen, quantized) inputs carry gradients.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.get("gradient_checkpointing",
-                                                                                           False))
-    return get_peft_model(model, builder(args, model))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return get_peft_model(model, builder(settings, model))
 
 
 def trainable_state(model) -> dict:

@@ -8,38 +8,64 @@ resumed run writes them again), so the record reads as one uninterrupted run.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from utils.args import Group
 from utils.training.checkpoint import append_metrics, truncate_metrics
 
 EVAL_KEYS = ("eval_loss", "eval_token_accuracy", "eval_tokens")
 LOSS_PLOT = "loss.png"  # beside metrics.jsonl: train and eval loss against step
 
 
+@dataclass(frozen=True)
+class TrackingArgs(Group):
+    """Where metrics go besides metrics.jsonl, and how progress is shown."""
+
+    logging_steps: int = 10
+    tensorboard: bool = True
+    wandb_project: str = ""
+    wandb_run_name: str = ""
+    wandb_watch: Literal["", "false", "gradients", "all"] = ""
+    wandb_log_model: bool = False
+
+    @property
+    def wants_wandb(self) -> bool:
+        return bool(self.wandb_project or self.wandb_log_model or self.wandb_watch not in ("", "false"))
+
+    def problems(self) -> list[str]:
+        if self.wants_wandb and not self.wandb_project:
+            return ["--wandb_watch / --wandb_log_model need --wandb_project"]
+        return []
+
+
 class Tracker:
-    def __init__(self, out: Path, args: dict, step: int, main: bool = True):
-        self.main, self.args, self.tb, self.run = main, args, None, None
+    """The sinks of one run's metrics. ``config``: the run's arguments, as Weights & Biases records them."""
+
+    def __init__(self, out: Path, tracking: TrackingArgs, config: dict, step: int, main: bool = True):
+        self.main, self.tracking, self.tb, self.run = main, tracking, None, None
         self.plot_warned = False
         if not main:
             return
         self.path = Path(out) / "metrics.jsonl"
         truncate_metrics(self.path, step)
-        if args["tensorboard"]:
+        if tracking.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides events at or after `step` left by an interrupted run.
             self.tb = SummaryWriter(log_dir=str(Path(out) / "tensorboard"), purge_step=step if step else None)
-        if args["wandb_project"]:
+        if tracking.wandb_project:
             import wandb
 
-            self.run = wandb.init(project=args["wandb_project"], name=args["wandb_run_name"] or None,
-                                  config=args, dir=str(out), resume="allow")
+            self.run = wandb.init(project=tracking.wandb_project, name=tracking.wandb_run_name or None,
+                                  config=config, dir=str(out), resume="allow")
 
     def watch(self, model) -> None:
-        if self.run is not None and self.args["wandb_watch"] in ("gradients", "all"):
+        if self.run is not None and self.tracking.wandb_watch in ("gradients", "all"):
             import wandb
 
-            wandb.watch(model, log=self.args["wandb_watch"])
+            wandb.watch(model, log=self.tracking.wandb_watch)
 
     def log(self, record: dict) -> None:
         if not self.main:
@@ -77,7 +103,7 @@ class Tracker:
 
     def finish(self, out: Path | None) -> None:
         """Upload the finished folder if asked (--wandb_log_model), then close every sink."""
-        if self.run is not None and self.args["wandb_log_model"] and out is not None:
+        if self.run is not None and self.tracking.wandb_log_model and out is not None:
             import wandb
 
             artifact = wandb.Artifact(name=f"model-{self.run.id}", type="model")

@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 from utils.errors import SuiteError
+from utils.artifacts import TOKENIZER_FILES, sha256_file
+from utils.data.chat_template import check_jinja, to_jinja
+from utils.data.templates import template_from_dict
 
 
 def log(stage: str, message: str) -> None:
@@ -61,7 +64,6 @@ class Deferred:
 
 def weight_hashes(folder: str | Path) -> dict[str, str]:
     """sha256 of every weight file (and index) of a model folder, and its config."""
-    from utils.artifacts import sha256_file
 
     folder = Path(folder)
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and (
@@ -75,7 +77,6 @@ def quick_hashes(folder: str | Path) -> dict:
     small files. For inputs whose content is verified otherwise (a delta's recorded tensor hashes)."""
     import struct
 
-    from utils.artifacts import sha256_file
 
     folder = Path(folder)
     out = {}
@@ -99,7 +100,6 @@ def quick_hashes(folder: str | Path) -> dict:
 
 def tokenizer_source(*folders: str | Path | None) -> Path | None:
     """The first folder holding tokenizer files."""
-    from utils.artifacts import TOKENIZER_FILES
 
     for f in folders:
         if f and any((Path(f) / n).is_file() for n in TOKENIZER_FILES):
@@ -123,7 +123,6 @@ def no_tokenizer_warning(stage: str, folders: dict[str, str | Path | None], fix:
 
 
 def copy_tokenizer(src: Path | None, dst: Path) -> list[str]:
-    from utils.artifacts import TOKENIZER_FILES
 
     copied = []
     if src is None:
@@ -139,8 +138,6 @@ def carry_template(template_file: Path | None, dst: Path, eos: str, stage: str) 
     """Copy ``template.json`` and install it as the tokenizer's chat template (checked by rendering)."""
     if template_file is None or not template_file.is_file():
         return None
-    from utils.data.chat_template import check_jinja, to_jinja
-    from utils.data.templates import template_from_dict
 
     data = json.loads(template_file.read_text(encoding="utf-8"))
     shutil.copyfile(template_file, dst / "template.json")

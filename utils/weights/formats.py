@@ -7,6 +7,7 @@ from pathlib import Path
 
 from utils.dtypes import CONFIG_NAMES
 from utils.errors import SuiteError
+from utils.weights.config import rope_params
 
 # llama2.c's per-layer tensors, in file order.
 LLAMA2C_LAYER_ORDER = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
@@ -99,7 +100,6 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None
 def llama_dims(config: dict, flag: str = "--base_model") -> dict:
     """The Llama shape numbers of a Hugging Face config; refuses what Meta's format cannot hold. ``flag``
     names the input in the messages (the flag and its folder)."""
-    from utils.weights.config import rope_params
 
     mt = config.get("model_type")
     if mt not in ("llama", "mistral"):

@@ -15,6 +15,8 @@ import math
 
 from utils.errors import SuiteError
 from utils.weights.config import rope_params
+from utils.weights.shards import Scratch, row_chunks
+from utils.weights.merge import lora_forward_extra, merge_weight
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
@@ -34,7 +36,6 @@ class WeightSource:
     """Weights by name from a ``ModelWeights``, with an optional adapter applied unmerged."""
 
     def __init__(self, weights, adapter=None):
-        from utils.weights.shards import Scratch
 
         self.w, self.adapter = weights, adapter
         self.replace = adapter.replacements if adapter else {}
@@ -63,7 +64,6 @@ class WeightSource:
             out = out + self.get(module + ".bias")
         target = self.target(module + ".weight")
         if target is not None:
-            from utils.weights.merge import lora_forward_extra
 
             out = lora_forward_extra(target, inputs, w_oi, out)
         return out
@@ -76,7 +76,6 @@ class WeightSource:
         if target is None:
             return rows
         if "m" in target.parts:  # DoRA on an embedding needs the norm over the whole vocabulary
-            from utils.weights.merge import merge_weight
 
             return merge_weight(target, self.get(name), False)[ids]
         ea = target.parts["EA"].T[ids]  # [T, r]
@@ -86,7 +85,6 @@ class WeightSource:
         """hidden @ W_head.T, reading the (possibly vocabulary-sized) head in row chunks."""
         import torch
 
-        from utils.weights.shards import row_chunks
 
         if self.target(name) is not None or name in self.replace:
             return self.linear(name[: -len(".weight")], hidden)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import SuiteError
+from utils.weights.config import read_folder_json
+from utils.weights.shards import read_entry, read_header
 
 PREFIX = "base_model.model."
 MERGEABLE = ("LORA",)
@@ -72,7 +74,6 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def read_adapter_config(folder: Path, flag: str = "--lora_weights") -> dict:
-    from utils.weights.config import read_folder_json
 
     return read_folder_json(folder, "adapter_config.json", flag, " (not a PEFT adapter folder)")
 
@@ -95,7 +96,6 @@ def check_adapter_dir(folder: str | Path, allow_pickle: bool, flag: str = "--lor
     read_adapter_config(Path(folder), flag)
     path = adapter_weights_file(Path(folder), allow_pickle, flag)
     if path.suffix == ".safetensors":
-        from utils.weights.shards import read_header
 
         read_header(path, flag)
 
@@ -104,7 +104,6 @@ def load_state(path: Path, flag: str = "--lora_weights") -> dict:
     import torch
 
     if path.suffix == ".safetensors":
-        from utils.weights.shards import read_entry, read_header
 
         entries, _ = read_header(path, flag)
         return {k: read_entry(e) for k, e in entries.items()}

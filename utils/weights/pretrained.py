@@ -55,10 +55,12 @@ def keep_bnb_cpu_layout(model) -> int:
     return count
 
 
-def bnb_config(q: dict, compute_dtype):
+def bnb_config(quantization: dict, compute_dtype):
+    """The transformers config of ``quantization`` ({bits, quant_type, double_quant}; see load_base_model)."""
     from transformers import BitsAndBytesConfig
 
-    if q["bits"] == 8:
+    if quantization["bits"] == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
-                              bnb_4bit_use_double_quant=q["double_quant"], bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization["quant_type"],
+                              bnb_4bit_use_double_quant=quantization["double_quant"],
+                              bnb_4bit_compute_dtype=compute_dtype)

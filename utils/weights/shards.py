@@ -28,6 +28,7 @@ from typing import Iterable, Iterator
 
 from utils.errors import SuiteError
 from utils.dtypes import SAFETENSORS_DTYPES, dtype_code, dtype_size, torch_dtype
+from utils.artifacts import sha256_file, write_json
 
 MAX_HEADER = 100 << 20  # the safetensors library's own limit
 CHUNK_BYTES = 4 << 20  # row chunk for tensors processed piecewise
@@ -451,7 +452,6 @@ class ShardWriter:
         HASHES.drain()
         self.hashes.update({name: h.hexdigest() for name, h in self._closed})
         if len(self.names) > 1:
-            from utils.artifacts import sha256_file, write_json
 
             total = sum(math.prod(s) * dtype_size(c) for _, c, s in self.plan)
             index = self.folder / "model.safetensors.index.json"
