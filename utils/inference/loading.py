@@ -45,7 +45,7 @@ from utils.dtypes import torch_dtype_of
 from utils.errors import SuiteError
 from utils.weights.folders import (check_model_dir, missing_folder, needs_remote_code, safetensors_problem, tokenizer_problems)
 from utils.data.templates import available_templates, load_template, template_from_dict
-from utils.artifacts import base_fingerprint, read_meta
+from utils.artifacts import OutputInfo, base_fingerprint, finished_output
 from utils.weights.pretrained import bnb_config, keep_bnb_cpu_layout
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,7 +72,7 @@ class ModelSource:
     method: str | None = None  # lora, prefix, prompt, ptuning, ... (peft_type lower-cased) or None
     template_file: str | None = None
     tokenizer_dir: str = ""
-    meta: dict | None = None  # the finetune pipeline.json of the adapter (or full model)
+    meta: OutputInfo | None = None  # the finetune pipeline.json of the adapter (or full model)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -134,9 +134,9 @@ def resolve_source(base_model: str | None, lora_weights: str | None) -> ModelSou
             raise SuiteError(f"--lora_weights {lora_weights}: {ADAPTER_CONFIG} is not valid JSON")
         adapter = str(folder)
         method = str(cfg.get("peft_type", "?")).lower()
-        meta = _finetune_meta(folder)
+        meta = _finetune_meta(folder, "--lora_weights")
         if base_model is None:
-            recorded = (meta or {}).get("base_model", {}).get("path") or cfg.get("base_model_name_or_path")
+            recorded = (meta.base_model.get("path") if meta else None) or cfg.get("base_model_name_or_path")
             if not recorded:
                 raise SuiteError(f"--lora_weights {lora_weights} does not record its base model; pass --base_model")
             if not Path(recorded).is_dir():
@@ -145,7 +145,7 @@ def resolve_source(base_model: str | None, lora_weights: str | None) -> ModelSou
             base_model = recorded
     if base_model is None:
         raise SuiteError("--base_model is required (a model folder, or a finetune output folder)")
-    base_meta = _finetune_meta(Path(base_model))
+    base_meta = _finetune_meta(Path(base_model), "--base_model")
     if meta is None and base_meta is not None:
         meta = base_meta  # a full fine-tune: the model folder is the finetune output
     template_file = None
@@ -158,14 +158,9 @@ def resolve_source(base_model: str | None, lora_weights: str | None) -> ModelSou
                   tokenizer_dir=str(tokenizer_dir), meta=meta)
 
 
-def _finetune_meta(folder: Path) -> dict | None:
-
-    meta = read_meta(folder)
-    if meta and meta.get("stage") == "finetune":
-        if not meta.get("complete"):
-            raise SuiteError(f"{folder}: an unfinished finetune run (pipeline.json not complete)")
-        return meta
-    return None
+def _finetune_meta(folder: Path, flag: str) -> OutputInfo | None:
+    """The record of the finetune run ``folder`` holds (None if it is not one); refused if it did not finish."""
+    return finished_output(folder, "finetune", flag)
 
 
 # -- checks before loading ------------------------------------------------------------------------
@@ -230,8 +225,8 @@ def _adapter_shapes(folder: Path, allow_pickle_weights: bool) -> tuple[dict | No
 
 def _base_mismatch(source: ModelSource, folder: Path, allow_base_mismatch: bool) -> list[str]:
     """The base differs from the one the adapter was trained on (the base fingerprint finetune.py recorded)."""
-    recorded = (source.meta or {}).get("base_model", {}).get("fingerprint")
-    if not recorded or source.meta.get("method") == "full":
+    recorded = source.meta.base_model.get("fingerprint") if source.meta else None
+    if not recorded or source.meta.raw.get("method") == "full":
         return []
 
     try:
@@ -240,7 +235,7 @@ def _base_mismatch(source: ModelSource, folder: Path, allow_base_mismatch: bool)
         actual = {"error": str(exc)}
     if actual == recorded or allow_base_mismatch:
         return []
-    return [f"--lora_weights {folder} was trained on {source.meta['base_model'].get('path')}, and --base_model "
+    return [f"--lora_weights {folder} was trained on {source.meta.base_model.get('path')}, and --base_model "
             f"{source.base} is a different model (its config or weights differ from the recorded fingerprint); "
             "pass the base it was trained on, or --allow_base_mismatch if you know they are equivalent"]
 
@@ -521,7 +516,7 @@ def prepare(base_model: str | None = None, lora_weights: str | None = None, *, p
     info = {
         "base_model": os.path.abspath(source.base),
         "adapter": os.path.abspath(source.adapter) if source.adapter else None,
-        "method": source.method or ((source.meta or {}).get("method")),
+        "method": source.method or (source.meta.raw.get("method") if source.meta else None),
         "template": getattr(template, "name", None),
         "dtype": dtype_name,
         "device": device if device_map is None else f"device_map={device_map}",
