@@ -355,7 +355,7 @@ def main(
     validate_args(args)
     dist = from_env(STAGE)
     with contextlib.ExitStack() as stack:
-        stack.callback(dist.close)
+        stack.push(lambda kind, exc, tb: dist.close(clean=kind is None))  # a barrier first, on success only
         stack.enter_context(ckpt.sigterm_exits())  # so that the folder's lock is released on SIGTERM too
         # Before any work: the destination rule, the folder and its lock. Only rank 0 holds them; its
         # refusal reaches every rank.

@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -620,7 +621,6 @@ class StopSignals:
     def __init__(self):
         self.requested: str | None = None
         self.writing = False
-        import threading
 
         # Signal handlers can only be installed from the main thread (batch() called from a worker thread, as a
         # server might, keeps the default behaviour).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import filecmp
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -235,8 +237,6 @@ def _free_name(path: Path) -> Path:
 
 
 def _same_file_content(a: Path, b: Path) -> bool:
-    import filecmp
-
     return a.is_file() and not a.is_symlink() and filecmp.cmp(a, b, shallow=False)
 
 
@@ -364,8 +364,6 @@ def write_meta(folder: Path, meta: dict, files: dict[str, str]) -> dict:
 
 
 def library_versions(*names: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in names:
         try:

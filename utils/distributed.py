@@ -84,11 +84,16 @@ class Dist:
             raise SuiteError(error)
         return result
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Destroy the process group. ``clean`` (every rank got here without an error): first wait for all
+        ranks, so that none tears down its side while another still has a collective in flight (gloo then
+        aborts the process: "terminate called without an active exception")."""
         if self.active:
             import torch.distributed as td
 
             if td.is_initialized():
+                if clean:
+                    td.barrier()
                 td.destroy_process_group()
 
 

@@ -31,6 +31,7 @@ spreads decoder layers over the GPUs by their size (``plan_device_map``, ChatGLM
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import os
@@ -90,7 +91,6 @@ def _has_tokenizer(folder: Path) -> bool:
 def template_problems(name: str | None, flag: str = "--prompt_template") -> list[str]:
     """An unknown template name (with the closest built-in one) or a missing template file, found before anything
     is loaded: a bad argument, not bad input."""
-    import difflib
 
 
     if not name:

@@ -17,6 +17,7 @@ Two runners share one interface (``prefill``, ``step``, ``keep``):
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -242,8 +243,6 @@ class LlamaRunner:
         return out.float()
 
     def _tune_head(self, h: torch.Tensor) -> bool:
-        import time
-
         best = {False: float("inf"), True: float("inf")}
         for use_t in (False, True, False, True):
             t = time.perf_counter()

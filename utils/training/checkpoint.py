@@ -9,9 +9,11 @@ optimizer state is a tensor-only ``torch.save`` read back with ``weights_only=Tr
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -45,7 +47,6 @@ def unfinished_run(out: Path) -> bool:
 
 def mark_unfinished(out: Path) -> None:
     """Mark ``out`` as this stage's run in progress (pipeline.json, complete: false) until save_final."""
-    import datetime as dt
 
     write_json(Path(out) / META_FILE, {
         "meta_version": META_VERSION, "stage": "finetune", "complete": False, "files": {},
@@ -124,7 +125,6 @@ def sigterm_exits():
     """While inside, SIGTERM raises SystemExit(143) (as Ctrl-C raises KeyboardInterrupt), so that cleanup
     runs (the run folder's lock is released) instead of the process dying where it stands. The training
     loop installs its own handler (save a checkpoint first) and restores this one after."""
-    import signal
 
     def handle(signum, frame):
         raise SystemExit(128 + signum)

@@ -7,7 +7,10 @@ resumed run writes them again), so the record reads as one uninterrupted run.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -167,9 +170,6 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     """Draw train and eval loss against step from ``metrics`` (metrics.jsonl) into ``png``, atomically (a
     temporary dot-file renamed into place, so a reader never sees half an image and no hash manifest
     or pipeline.json ever lists the temporary). Returns ``png``, or None when there is nothing to draw."""
-    import json
-    import os
-    import uuid
 
     train, evals = [], []
     if metrics.exists():

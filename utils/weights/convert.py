@@ -12,9 +12,12 @@ on the next start.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import struct
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from utils.errors import SuiteError
@@ -50,8 +53,6 @@ class Deferred:
         if now:
             self._value, self._future = fn(), None
         else:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
             self._future = self._pool.submit(fn)
 
@@ -75,7 +76,6 @@ def quick_hashes(folder: str | Path) -> dict:
     """Identity of a model folder's files without reading their data: size, modification time and the sha256
     of the safetensors header (every tensor's name, dtype, shape and offsets) for weight files; the sha256 of
     small files. For inputs whose content is verified otherwise (a delta's recorded tensor hashes)."""
-    import struct
 
 
     folder = Path(folder)
@@ -88,7 +88,6 @@ def quick_hashes(folder: str | Path) -> dict:
             with open(p, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = f.read(min(n, 100 << 20))
-            import hashlib
 
             out[p.name] = [st.st_size, st.st_mtime_ns, hashlib.sha256(header).hexdigest()]
         elif st.st_size < 1 << 24:

@@ -3,6 +3,7 @@ permutation, model-parallel split dimensions, params.json, and the llama2.c head
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 from utils.dtypes import CONFIG_NAMES
@@ -176,8 +177,6 @@ def rope_tables(dims: dict):
 
 
 def read_llama2c_header(path: Path) -> dict:
-    import struct
-
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(28)

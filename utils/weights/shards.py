@@ -17,11 +17,14 @@ library in the tests.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
 import os
 import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -42,7 +45,6 @@ def return_freed_memory() -> None:
     multi-MB tensors in turn would then keep the high-water mark of all of them. A fixed threshold
     keeps the resident size at what is live.
     """
-    import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -57,8 +59,6 @@ class HashQueue:
     the GIL on large buffers). At most ``limit`` bytes wait; ``drain()`` before reading a digest."""
 
     def __init__(self, limit: int = 64 << 20):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
         self.pending: list = []
         self.limit = limit
@@ -395,7 +395,6 @@ class ShardWriter:
         raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as the library writes it
         delay = float(os.environ.get("SUITE_TEST_WRITE_DELAY", "0") or 0)
         if delay:  # fault-injection tests: a window in which to kill a conversion mid-write
-            import time
 
             time.sleep(delay)
         self._file = open(self.folder / self.names[self._shard], "wb")
