@@ -3,6 +3,7 @@ custom code only by flag, never the Hub), optionally quantized through bitsandby
 
 from __future__ import annotations
 
+from utils.dtypes import torch_dtype_of
 from utils.errors import SuiteError
 from utils.weights.folders import needs_remote_code
 
@@ -11,13 +12,12 @@ def load_base_model(path: str, *, dtype: str = "fp32", trust_remote_code: bool =
                     allow_pickle_weights: bool = False, device: str = "cpu", quantization: dict | None = None):
     """Load a local causal LM. ``quantization`` ({bits, quant_type, double_quant, compute_dtype}) loads the
     frozen base through bitsandbytes (QLoRA)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     if needs_remote_code(path) and not trust_remote_code:
         raise SuiteError(f"--base_model {path} needs custom code (auto_map in config.json); pass "
                          "--trust_remote_code if you trust it")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = torch_dtype_of(dtype)
     kwargs = {}
     if quantization is not None:
         kwargs = {"quantization_config": bnb_config(quantization, torch_dtype), "device_map": {"": device}}
