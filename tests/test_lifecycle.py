@@ -34,11 +34,24 @@ def tripwire(*a, **k):
     sys.stderr.flush()
     os._exit(99)
 
+import builtins
 import utils.artifacts
 utils.artifacts.sha256_file = tripwire
-import transformers
-transformers.AutoTokenizer.from_pretrained = tripwire
-transformers.AutoModelForCausalLM.from_pretrained = tripwire
+
+# transformers is wired the moment a stage first imports it (importing it here would cost every run seconds).
+real_import = builtins.__import__
+
+def wiring_import(name, *args, **kwargs):
+    module = real_import(name, *args, **kwargs)
+    lib = sys.modules.get("transformers")
+    # once transformers has finished initialising (not while its own imports run), and only once
+    if lib is not None and not getattr(lib.__spec__, "_initializing", False) and not getattr(lib, "_tripwired", False):
+        lib._tripwired = True
+        lib.AutoTokenizer.from_pretrained = tripwire
+        lib.AutoModelForCausalLM.from_pretrained = tripwire
+    return module
+
+builtins.__import__ = wiring_import
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")
@@ -103,9 +116,8 @@ def stage_commands(raw: Path, pair, adapter: Path) -> dict[str, tuple[str, list[
 
 
 @pytest.mark.parametrize("stage", ["finetune", "prepare_data", "export_hf", "export_state_dict", "apply_delta"])
-@pytest.mark.slow
 def test_foreign_folder_is_refused_before_any_work(tmp_path, raw, pair, adapter, stage):
-    """Slow: Every stage runs as a real subprocess under tripwires (a subprocess is the only way to show no work started), importing transformers each time."""
+    """Each stage as a real subprocess under tripwires: the only way to show that no work started."""
     script, argv = stage_commands(raw, pair, adapter)[stage]
     out = user_folder(tmp_path / "mine")
     driver = tmp_path / "driver.py"

@@ -1,6 +1,6 @@
 """One entry point to load anything the suite writes, for generation, serving, evaluation and quantization.
 
-``load(base_model, lora_weights, ...)`` accepts:
+``load_for_inference(base_model, lora_weights, ...)`` accepts:
 
 * a base model folder (Hugging Face layout, safetensors);
 * a ``finetune.py`` output folder, given as either argument: its ``pipeline.json`` names the base
