@@ -39,7 +39,7 @@ from utils.weights.config import check_config, config_dtype, read_config, set_co
 from utils.weights.convert import (Deferred, check_destination, copy_tokenizer, floating, log, no_tokenizer_warning,
                                    quick_hashes, weight_hashes)
 from utils.weights.folders import check_model_dir, missing_folder
-from utils.weights.shards import HASHES, ModelWeights, Scratch, ShardWriter, conversion_setup, row_chunks
+from utils.weights.shards import HASHES, ModelWeights, OutputWeights, Scratch, ShardWriter, conversion_setup, row_chunks
 
 STAGES = {"make": "make_delta", "apply": "apply_delta"}
 
@@ -81,21 +81,6 @@ class Folders(Group):
 
 
 @dataclass(frozen=True)
-class Writing(Group):
-    """How the output's weights are written."""
-
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    max_shard_size: str = "2GB"
-
-    def problems(self) -> list[str]:
-        try:
-            parse_size(self.max_shard_size)
-        except SuiteError as exc:
-            return [str(exc)]
-        return []
-
-
-@dataclass(frozen=True)
 class Permissions(Group):
     """What may be read or replaced."""
 
@@ -110,7 +95,7 @@ class ApplyDeltaArgs(StageArgs):
     read and which is written."""
 
     folders: Folders
-    writing: Writing
+    writing: OutputWeights
     permissions: Permissions
 
     @property

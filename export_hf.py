@@ -64,27 +64,12 @@ class Destination(Group):
 
 
 @dataclass(frozen=True)
-class OutputWeights(Group):
-    """How the output's weights are written."""
-
-    dtype: Literal["auto", "fp32", "bf16", "fp16"]
-    max_shard_size: str
-
-    def problems(self) -> list[str]:
-        try:
-            parse_size(self.max_shard_size)
-        except SuiteError as exc:
-            return [str(exc)]
-        return []
-
-
-@dataclass(frozen=True)
 class ExportHfArgs(StageArgs):
     STAGE = STAGE
 
     destination: Destination
     inputs: MergeInputs
-    weights: OutputWeights
+    weights: shards.OutputWeights
 
 
 Args = ExportHfArgs

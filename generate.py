@@ -40,6 +40,7 @@ from utils.data.templates import Message, TemplateError, load_template
 from utils.distributed import from_env
 from utils.errors import SuiteError, UsageError
 from utils.inference.loading import load_model, prepare, template_problems
+from utils.inference.settings import Settings
 from utils.jsonl import JsonlAppender, done_keys, key_of, line_refs, read_keyed, write_jsonl
 from utils.data.records import bad_fraction_error
 
@@ -102,35 +103,6 @@ class OneShot(Group):
 
 
 @dataclass(frozen=True)
-class Sampling(Group):
-    """Decoding: the fields of utils.inference.generation.Settings, which ``settings()`` builds."""
-
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-    regulation_start: int = 0
-    max_time: float = 0.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        object.__setattr__(self, "stop", tuple(self.stop))
-
-    def settings(self):
-        from utils.inference.generation import Settings  # imports torch
-
-        return Settings(**{**self.values(), "stop": list(self.stop)})
-
-    def problems(self) -> list[str]:
-        return self.settings().problems()
-
-
-@dataclass(frozen=True)
 class BatchIO(Group):
     """Batch mode: the files, the row fields, batching and the bad-row rule."""
 
@@ -166,7 +138,7 @@ class GenerateArgs(StageArgs):
     loading: Loading
     prompting: Prompting
     request: OneShot
-    sampling: Sampling
+    sampling: Settings
     batch: BatchIO
 
 
@@ -283,15 +255,10 @@ def main(
         chat(engine, loaded, args.prompting, settings)
 
 
-def generation_settings(sampling: Sampling):
-    """The engine's Settings for the sampling flags."""
-    return sampling.settings()
-
-
 def validate(args: GenerateArgs):
     """All argument problems at once; returns (settings, mode)."""
     request, io = args.request, args.batch
-    settings = generation_settings(args.sampling)
+    settings = args.sampling
     one = [flag for flag, value in (("instruction", request.instruction), ("prompt", request.prompt),
                                     ("input_file", io.input_file)) if value is not None]
     problems = settings.problems() + args.loading.problems()

@@ -27,8 +27,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal
 
+from utils.args import Group
+from utils.cli import parse_size
 from utils.errors import SuiteError
 from utils.dtypes import SAFETENSORS_DTYPES, dtype_code, dtype_size, torch_dtype
 from utils.artifacts import sha256_file, write_json
@@ -134,6 +137,21 @@ def conversion_setup():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class OutputWeights(Group):
+    """How a stage writes its output's weights (export_hf.py, apply_delta.py): their dtype and shard size."""
+
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    max_shard_size: str = "2GB"
+
+    def problems(self) -> list[str]:
+        try:
+            parse_size(self.max_shard_size)
+        except SuiteError as exc:
+            return [str(exc)]
+        return []
 
 
 class Entry:
