@@ -317,3 +317,49 @@ def test_settings_are_validated():
     text = "\n".join(problems)
     for flag in ("--max_new_tokens", "--temperature", "--top_p", "--stop"):
         assert flag in text
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "hf"])
+def test_rows_joining_a_running_batch_decode_as_they_do_alone(stories, reference, fast):
+    """Continuous batching: prompts arrive while others decode (the scheduler prefills them on their own and merges
+    their cache into the running batch, right-aligned); greedy rows give token for token what they give alone, and a
+    seeded sampling row what it samples alone, whatever joins or leaves around them."""
+    model, tok = stories
+    ids, ref = reference
+    engine = Engine(model, tok, fast=fast)
+    sampled = Settings(max_new_tokens=40, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    alone = engine.generate([ids[3]], sampled)[0].token_ids
+    sched = engine.scheduler(max_rows=4)
+    rows = []
+    arrivals = {0: [0, 1], 3: [2], 4: [3], 9: [4, 5]}  # tick -> prompts arriving (4 rows at most run at once)
+    tick = 0
+    while tick <= max(arrivals) or not sched.idle:
+        for i in arrivals.get(tick, []):
+            row = engine.row(ids[i], sampled if i == 3 else Settings(max_new_tokens=48), tag=i)
+            rows.append(row)
+            sched.submit([row])
+        sched.tick()
+        assert sched.running <= 4
+        tick += 1
+    got = {r.tag: r.completion.token_ids for r in rows}
+    assert got[3] == alone
+    assert [got[i] for i in (0, 1, 2, 4, 5)] == [ref[i] for i in (0, 1, 2, 4, 5)]
+    assert all(r.completion.text == tok.decode(r.completion.token_ids, skip_special_tokens=True) for r in rows)
+
+
+def test_a_cancelled_row_leaves_the_batch_at_the_next_step(stories, reference):
+    model, tok = stories
+    ids, ref = reference
+    engine = Engine(model, tok)
+    sched = engine.scheduler(max_rows=4)
+    a, b = engine.row(ids[0], Settings(max_new_tokens=48)), engine.row(ids[1], Settings(max_new_tokens=48))
+    sched.submit([a])
+    sched.submit([b])
+    sched.tick()  # both prefilled (a first token each) and one step (a second)
+    sched.tick()
+    assert sched.running == 2
+    sched.cancel([a])
+    assert sched.running == 1 and a.completion.finish_reason == "interrupted" and len(a.completion.token_ids) == 3
+    while not sched.idle:
+        sched.tick()
+    assert b.completion.token_ids == ref[1]

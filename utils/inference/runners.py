@@ -1,7 +1,12 @@
 """Forward passes for the decoding engine: a batch of left-padded prompts in, last-position logits out,
 then one token per live row per step, with a KV cache that drops finished rows.
 
-Two runners share one interface (``prefill``, ``step``, ``keep``):
+Two runners share one interface: ``prefill`` (a new batch), ``step`` (one token per row), ``keep`` (drop
+rows), ``fork`` (a runner with no rows on the same weights) and ``absorb`` (take another runner's rows into
+this batch: the continuous batcher prefills newcomers on a fork, then merges them in). Caches are
+right-aligned: every row's tokens end at the same column, shorter rows are padded (masked) on the left, and
+each row keeps its own positions, so merging or dropping rows never changes a row's arithmetic; columns no row
+uses any more are trimmed when rows leave.
 
 * ``HFRunner`` works for any causal LM transformers loads, PEFT-wrapped included: LoRA layers run
   unmerged inside the model; prefix (P-tuning v2) adapters seed the cache with their virtual keys
@@ -17,6 +22,7 @@ Two runners share one interface (``prefill``, ``step``, ``keep``):
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -98,8 +104,44 @@ class HFRunner:
 
     def keep(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.device)
-        self.cache.batch_select_indices(rows)
-        self.mask, self.next_pos = self.mask[rows], self.next_pos[rows]
+        first = int(self.mask[rows].any(0).long().argmax())  # columns before it are padding in every kept row
+        for layer in self._layers():
+            layer.keys, layer.values = layer.keys[rows, :, first:], layer.values[rows, :, first:]
+        self.mask, self.next_pos = self.mask[rows, first:], self.next_pos[rows]
+
+    def _layers(self) -> list:
+        return list(self.cache.layers)
+
+    def fork(self) -> "HFRunner":
+        twin = copy.copy(self)
+        twin.cache = twin.mask = None
+        return twin
+
+    def can_absorb(self) -> bool:
+        """Caches merge when every layer is a plain dynamic layer (sliding-window and other layouts do not)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return self.cache is not None and all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def absorb(self, other: "HFRunner") -> None:
+        """Append ``other``'s rows (right-aligned: the shorter side is padded on the left)."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self._layers(), other._layers()):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)], 0)
+            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)], 0)
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)], 0)
+        self.next_pos = torch.cat([self.next_pos, other.next_pos], 0)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros before its entries along ``dim`` up to ``width`` (zeros, not garbage: a masked column
+    still enters the attention product with weight 0, and 0 * NaN would be NaN)."""
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim)
 
 
 def fast_path_problem(model: Any) -> str | None:
@@ -297,11 +339,44 @@ class LlamaRunner:
 
     def keep(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.device)
-        self.cache_k = self.cache_k.index_select(1, rows)
-        self.cache_v = self.cache_v.index_select(1, rows)
-        self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+        valid = self.valid[rows]
+        first = int(valid[:, :self.length].any(0).long().argmax())  # padding in every kept row before it
+        self.cache_k = self.cache_k[:, :, :, first:].index_select(1, rows)
+        self.cache_v = self.cache_v[:, :, :, first:].index_select(1, rows)
+        self.valid, self.next_pos = valid[:, first:], self.next_pos[rows]
+        self.length -= first
+        self.capacity -= first
         if self.padded:
             self.padded = not bool(self.valid[:, :self.length].all())
+
+    def fork(self) -> "LlamaRunner":
+        twin = copy.copy(self)  # the fused weights are shared; only the cache is per batch
+        twin.cache_k = twin.cache_v = None
+        return twin
+
+    def can_absorb(self) -> bool:
+        return self.cache_k is not None
+
+    def absorb(self, other: "LlamaRunner") -> None:
+        """Append ``other``'s rows. Both caches are right-aligned at the longer length; the room left for new
+        tokens is the larger of the two (``step`` grows it when that runs out)."""
+        length = max(self.length, other.length)
+        capacity = length + max(self.capacity - self.length, other.capacity - other.length, 1)
+        b1, b2 = self.cache_k.shape[1], other.cache_k.shape[1]
+        shape = (len(self.layers), b1 + b2, self.kv_heads, capacity, self.head_dim)
+        # Zeros, not empty memory: masked columns still meet the attention product with weight 0 (0 * NaN = NaN).
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        valid = torch.zeros(b1 + b2, capacity, dtype=torch.bool, device=self.device)
+        for rows, src in ((slice(0, b1), self), (slice(b1, b1 + b2), other)):
+            cols = slice(length - src.length, length)
+            k[:, rows, :, cols] = src.cache_k[:, :, :, :src.length]
+            v[:, rows, :, cols] = src.cache_v[:, :, :, :src.length]
+            valid[rows, cols] = src.valid[:, :src.length]
+        self.cache_k, self.cache_v, self.valid = k, v, valid
+        self.next_pos = torch.cat([self.next_pos, other.next_pos], 0)
+        self.length, self.capacity = length, capacity
+        self.padded = not bool(valid[:, :length].all())
 
 
 def make_runner(model: Any, fast: bool | None = None):
