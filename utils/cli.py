@@ -421,6 +421,10 @@ def help_text(main: Callable, prog: str) -> str:
                        for title, body in sections if body)
 
 
+# Flags whose values never reach a log (API keys, passwords).
+SECRET_FLAGS = frozenset({"api_key", "ui_auth"})
+
+
 def run(main: Callable, argv: list[str] | None = None) -> None:
     """Run ``main`` as a strict Fire command. Exit 2 on bad arguments, 1 on a ``SuiteError``."""
     prog = os.path.basename(sys.argv[0]) if argv is None else f"{main.__module__}.{main.__name__}"
@@ -438,7 +442,8 @@ def run(main: Callable, argv: list[str] | None = None) -> None:
         print(f"{prog}: invalid arguments\n{exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     if os.environ.get("RANK", "0") == "0":  # once per torchrun job, not once per process
-        print(f"{prog}: resolved arguments " + json.dumps(kwargs, ensure_ascii=False, default=str), file=sys.stderr)
+        shown = {k: ("<redacted>" if k in SECRET_FLAGS and v else v) for k, v in kwargs.items()}
+        print(f"{prog}: resolved arguments " + json.dumps(shown, ensure_ascii=False, default=str), file=sys.stderr)
 
     import fire
 

@@ -180,14 +180,16 @@ class Sequence:
     """
 
     def __init__(self, engine: "Engine", prompt: Seq[int], settings: Settings, *, seed: int | None = None,
-                 variant: str = "default", logprobs: int | None = None, ignore_eos: bool = False, tag: Any = None):
+                 variant: str = "default", logprobs: int | None = None, ignore_eos: bool = False, tag: Any = None,
+                 template_stops: bool = True):
         self.prompt = list(prompt)
         self.settings = settings
         self.variant = variant
         self.tag = tag  # the caller's: which request and choice this row answers
         self.want_logprobs = logprobs  # None: none; k >= 0: each token's logprob and the k most likely tokens
         template = engine.template if variant == "default" else engine.variants[variant].template
-        strings, self.stop_ids = engine.stops(settings, template)
+        # A raw completion prompt has no template, so only EOS and the request's stop strings end it.
+        strings, self.stop_ids = engine.stops(settings, template if template_stops else None)
         self.eos_ids = set() if ignore_eos else set(engine.eos_ids)
         ends = sorted(self.eos_ids | self.stop_ids)
         self.end_t = torch.tensor(ends, dtype=torch.long) if ends else None

@@ -1,0 +1,1 @@
+"""The server: OpenAI protocol, engine thread, HTTP app, served models, web UI."""
