@@ -264,7 +264,7 @@ def one_shot(engine, loaded, request: OneShot, prompting: Prompting, settings) -
         what = "--instruction"
     ids = fitted_ids(engine, text, special, settings.max_new_tokens, prompting.truncate_prompt, what)
     started = time.perf_counter()
-    stream = engine.stream(ids, settings)
+    stream = engine.stream(ids, settings, in_context=request.prompt is not None)
     out = sys.stdout
     for chunk in stream:
         out.write(chunk)

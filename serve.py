@@ -79,8 +79,6 @@ class ServerFlags(Group):
         for flag in ("max_batch_size", "max_queue", "max_n"):
             if getattr(self, flag) < (0 if flag == "max_queue" else 1):
                 p.append(f"--{flag} must be >= {0 if flag == 'max_queue' else 1}, got {getattr(self, flag)}")
-        if self.max_n > self.max_batch_size:
-            p.append(f"--max_n ({self.max_n}) must not exceed --max_batch_size ({self.max_batch_size})")
         if self.max_model_len < 0:
             p.append(f"--max_model_len must be >= 1 (0: the model's context), got {self.max_model_len}")
         for flag in ("max_body_mb", "request_timeout", "shutdown_timeout"):
@@ -176,7 +174,7 @@ def main(
         max_batch_size: Sequences decoding together (a request with n choices takes n).
         max_queue: Requests that may wait for room in the batch; beyond that, 429 with Retry-After.
         max_model_len: Most tokens of prompt + completion (0: the model's context).
-        max_n: Most choices per request.
+        max_n: Most choices per request (and at most --max_batch_size: a request's rows decode together).
         max_body_mb: Largest request body, in MiB (413 beyond, never read whole).
         request_timeout: Seconds a request may take, waiting included (504, or an error event when streaming).
         shutdown_timeout: Seconds in-flight requests may take to finish after SIGTERM / SIGINT.
@@ -248,7 +246,8 @@ def serve(args: ServeArgs, artifacts: list[Artifact]) -> None:
 
     flags = args.server
     config = ServeConfig(host=flags.host, port=flags.port, max_batch_size=flags.max_batch_size,
-                         max_queue=flags.max_queue, max_model_len=flags.max_model_len or None, max_n=flags.max_n,
+                         max_queue=flags.max_queue, max_model_len=flags.max_model_len or None,
+                         max_n=min(flags.max_n, flags.max_batch_size),
                          max_body_mb=flags.max_body_mb, request_timeout=flags.request_timeout,
                          shutdown_timeout=flags.shutdown_timeout, api_keys=tuple(flags.keys()),
                          cors_origins=tuple(o.strip() for o in flags.cors_origins.split(",") if o.strip()))

@@ -117,11 +117,13 @@ class Detokenizer:
     """Incremental decoding: each token's new text from a window of the last few tokens, withheld while it
     ends in an incomplete character (U+FFFD from a partial UTF-8 sequence)."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, context: Seq[int] = ()):
         self.tok = tokenizer
-        self.ids: list[int] = []
+        # A raw prompt's last tokens as context: a continuation's first word keeps the space its token carries
+        # (a tokenizer drops it at the start of a decode), so prompt + completion reads as the model wrote it.
+        self.ids: list[int] = list(context)
         self.prefix = 0  # window start
-        self.read = 0  # tokens whose text has been emitted
+        self.read = len(self.ids)  # tokens whose text has been emitted (or that are context)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -181,7 +183,7 @@ class Sequence:
 
     def __init__(self, engine: "Engine", prompt: Seq[int], settings: Settings, *, seed: int | None = None,
                  variant: str = "default", logprobs: int | None = None, ignore_eos: bool = False, tag: Any = None,
-                 template_stops: bool = True):
+                 template_stops: bool = True, in_context: bool = False):
         self.prompt = list(prompt)
         self.settings = settings
         self.variant = variant
@@ -201,7 +203,7 @@ class Sequence:
             self.seen = torch.zeros(engine.vocab, dtype=torch.bool)
             self.seen[torch.tensor([t for t in self.prompt if t < engine.vocab], dtype=torch.long)] = True
         self.log_lp = math.log(settings.length_penalty) if settings.length_penalty != 1.0 and ends else 0.0
-        self.detok = Detokenizer(engine.tok)
+        self.detok = Detokenizer(engine.tok, self.prompt[-4:] if in_context else ())
         self.stopper = StopText(strings)
         self.texts: list[str] = []
         self.new_ids: list[int] = []
@@ -540,11 +542,12 @@ class Engine:
         return Scheduler(self, max_rows)
 
     # -- public API ----------------------------------------------------------------------------
-    def stream(self, prompt: str | list[int], settings: Settings | None = None) -> "Stream":
-        """A generator of text chunks for one prompt (a string is tokenized as is, special tokens added)."""
+    def stream(self, prompt: str | list[int], settings: Settings | None = None, in_context: bool = False) -> "Stream":
+        """A generator of text chunks for one prompt (a string is tokenized as is, special tokens added);
+        ``in_context``: the text continues the prompt's (a raw prompt: its first word keeps its space)."""
         settings = settings or Settings()
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return Stream(self, ids, settings)
+        return Stream(self, ids, settings, in_context)
 
     def generate(self, prompts: Seq[list[int]], settings: Settings | None = None, batch_size: int = 16,
                  on_result: Callable[[int, Completion], None] | None = None,
@@ -673,8 +676,8 @@ class Stream:
     """Iterator over the text chunks of one completion; ``completion`` is set when it ends. ``close()`` (or
     Ctrl-C in the consumer) ends it early with finish_reason ``interrupted``."""
 
-    def __init__(self, engine: Engine, ids: list[int], settings: Settings):
-        self.engine, self.ids, self.settings = engine, ids, settings
+    def __init__(self, engine: Engine, ids: list[int], settings: Settings, in_context: bool = False):
+        self.engine, self.ids, self.settings, self.in_context = engine, ids, settings, in_context
         self.completion: Completion | None = None
         self._parts: list[str] = []
         self._gen = self._run()
@@ -687,7 +690,7 @@ class Stream:
                     yield completion.text  # beam search: the whole answer at once
             return
         sched = self.engine.scheduler(1)
-        row = self.engine.row(self.ids, self.settings)
+        row = self.engine.row(self.ids, self.settings, in_context=self.in_context)
         sched.submit([row])
         try:
             while row.completion is None:

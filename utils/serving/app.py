@@ -259,14 +259,16 @@ class Service:
 
     # -- running a request ------------------------------------------------------------------------
     def rows(self, prompts: list[list[int]], settings, served: Served, req, logprobs: int | None,
-             template_stops: bool = True) -> list:
+             raw: bool = False) -> list:
+        """A request's rows (``n`` per prompt, row j seeded with seed + j). ``raw``: a completions prompt, so no
+        template stop strings, and the text continues the prompt's (its first word keeps its space)."""
         engine = self.worker.engine
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         rows = []
         for ids in prompts:
             for j in range(req.n):
                 rows.append(engine.row(ids, settings, seed=seed + j, variant=served.variant, logprobs=logprobs,
-                                       ignore_eos=req.ignore_eos, template_stops=template_stops))
+                                       ignore_eos=req.ignore_eos, template_stops=not raw, in_context=raw))
         return rows
 
     async def run(self, rows: list, arrived: float) -> AsyncIterator[list]:
@@ -507,17 +509,18 @@ def create_app(service: Service):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(len(rows))])
             async for updates in service.run(rows, arrived):
-                out = []
+                text, ends = [], []  # one entry per choice and chunk: the text first, then (as OpenAI) the end
                 for u in updates:
                     lp = chat_logprobs(service.tok, u.logprobs) if rows[u.index].want_logprobs is not None else None
                     if u.text or lp:
-                        out.append({"index": u.index, "delta": {"content": u.text}, "logprobs": lp,
-                                    "finish_reason": None})
+                        text.append({"index": u.index, "delta": {"content": u.text}, "logprobs": lp,
+                                     "finish_reason": None})
                     if u.completion is not None:
-                        out.append({"index": u.index, "delta": {}, "logprobs": None,
-                                    "finish_reason": finish_reason(u.completion)})
-                if out:
-                    yield chunk(out)
+                        ends.append({"index": u.index, "delta": {}, "logprobs": None,
+                                     "finish_reason": finish_reason(u.completion)})
+                for out in (text, ends):
+                    if out:
+                        yield chunk(out)
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield chunk([], usage=usage(prompt_tokens, [r.completion for r in rows]))
         except APIError as exc:
@@ -569,7 +572,7 @@ def create_app(service: Service):
             budgets.append(service.budget(ids, req.max_tokens, None, served, "prompt"))
         settings = service.settings(req, served, min(budgets), stops)
         logprobs = req.logprobs
-        rows = service.rows(prompts, settings, served, req, logprobs, template_stops=False)
+        rows = service.rows(prompts, settings, served, req, logprobs, raw=True)
         scored = None
         if req.echo and logprobs is not None:
             k = logprobs
