@@ -67,6 +67,7 @@ class Completion:
     finish_reason: str  # eos, stop, length, time, interrupted
     prompt_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked for
+    end: TokenLogprob | None = None  # the EOS or stop token that ended it (not in token_ids), when asked for
 
     @property
     def new_tokens(self) -> int:
@@ -208,6 +209,7 @@ class Sequence:
         self.texts: list[str] = []
         self.new_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
+        self.end: TokenLogprob | None = None
         self.step = 0
         self.max_new = settings.max_new_tokens  # capped by the context at admission
         self.started = time.monotonic()
@@ -235,10 +237,9 @@ class Sequence:
         ``completion`` is set when the row ends: EOS, a stop token or string, max_new_tokens or max_time."""
         self.step += 1
         reason, piece = None, ""
-        if token in self.eos_ids:
-            reason = "eos"
-        elif token in self.stop_ids:
-            reason = "stop"
+        if token in self.eos_ids or token in self.stop_ids:
+            reason = "eos" if token in self.eos_ids else "stop"
+            self.end = logprob
         else:
             self.new_ids.append(token)
             if logprob is not None:
@@ -267,7 +268,8 @@ class Sequence:
             self._finish("interrupted")
 
     def _finish(self, reason: str) -> None:
-        self.completion = Completion("".join(self.texts), self.new_ids, reason, len(self.prompt), self.logprobs)
+        self.completion = Completion("".join(self.texts), self.new_ids, reason, len(self.prompt), self.logprobs,
+                                     self.end)
 
 
 def sample(logits: torch.Tensor, rows: Seq[Sequence]) -> list[int]:
@@ -473,7 +475,7 @@ class Engine:
         """Another view of the base model (an adapter) that requests can pick by ``name``; a prompt-learning
         adapter's virtual tokens come off its context."""
         n_virtual = 0
-        if getattr(model, "peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
+        if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
             n_virtual = model.active_peft_config.num_virtual_tokens
         variant = Variant(name, model, make_runner(model, fast), template, self.max_context - n_virtual, activate)
         self.variants[name] = variant

@@ -535,17 +535,17 @@ def create_app(service: Service):
               responses={200: {"content": {"text/event-stream": {}}}})
     async def completions(req: CompletionRequest, request: Request):
         arrived = time.monotonic()
-        served, prompts, rows, scored = await completion_rows(req)
+        served, prompts, texts, rows, scored = await completion_rows(req)
         if req.stream:
             service.gate.check(len(rows))  # a refused stream gets its 429 before the 200
-            return stream_response(completion_stream(req, served, prompts, rows, scored, arrived))
-        return await until_disconnect(request, completion_result(req, served, prompts, rows, scored, arrived))
+            return stream_response(completion_stream(req, served, prompts, texts, rows, arrived))
+        return await until_disconnect(request, completion_result(req, served, prompts, texts, rows, scored, arrived))
 
     async def completion_rows(req: CompletionRequest):
         served = service.model(req.model)
         refuse_unsupported(req)
         service.check_n(req.n)
-        stops = stop_strings(req.stop)
+        stops = stop_strings(req.stop, implied=service.tok.eos_token)
         p = req.prompt
         if isinstance(p, str):
             texts = [p]
@@ -578,32 +578,38 @@ def create_app(service: Service):
             k = logprobs
             scored = [await service.worker.call(lambda e, ids=ids: e.prompt_logprobs(ids, k, served.variant))
                       for ids in prompts]
-        return served, prompts, rows, scored
+        return served, prompts, texts, rows, scored
 
-    def completion_choice(req, served, prompts, rows, scored, i) -> dict:
+    def completion_choice(req, served, prompts, texts, rows, scored, i) -> dict:
         r = rows[i]
         c = r.completion
         prompt_ids = prompts[i // req.n]
-        prompt_text = service.tok.decode(prompt_ids) if req.echo else ""
+        # The echoed prompt as given (token ids: decoded); the text after it continues it.
+        prompt_text = (texts[i // req.n] if texts else service.tok.decode(prompt_ids)) if req.echo else ""
         lp = None
         if req.logprobs is not None:
-            if scored:  # the echoed prompt, scored, then the completion
-                lp = completion_logprobs(service.tok, prompt_ids + c.token_ids, scored[i // req.n] + c.logprobs, 0)
+            # The token that ended the row (EOS, a stop token) is scored too, as vLLM does: lm-eval reads one
+            # entry per prompt token plus one, whatever was generated. It adds no text.
+            ids = prompt_ids + c.token_ids + ([c.end.token] if c.end is not None else [])
+            items = c.logprobs + ([c.end] if c.end is not None else [])
+            if scored:
+                lp = completion_logprobs(service.tok, ids, scored[i // req.n] + items, 0)
             else:
-                full = completion_logprobs(service.tok, prompt_ids + c.token_ids, [None] * len(prompt_ids) + c.logprobs, 0)
+                full = completion_logprobs(service.tok, ids, [None] * len(prompt_ids) + items, 0)
                 lp = {k: v[len(prompt_ids):] for k, v in full.items()}
-                lp["text_offset"] = [o - (full["text_offset"][len(prompt_ids)] if c.logprobs else 0) for o in lp["text_offset"]]
+                first = lp["text_offset"][0] if lp["text_offset"] else 0
+                lp["text_offset"] = [o - first for o in lp["text_offset"]]
         return {"index": i, "text": prompt_text + c.text, "logprobs": lp, "finish_reason": finish_reason(c)}
 
-    async def completion_result(req, served, prompts, rows, scored, arrived):
+    async def completion_result(req, served, prompts, texts, rows, scored, arrived):
         async for _ in service.run(rows, arrived):
             pass
-        choices = [completion_choice(req, served, prompts, rows, scored, i) for i in range(len(rows))]
+        choices = [completion_choice(req, served, prompts, texts, rows, scored, i) for i in range(len(rows))]
         prompt_tokens = sum(len(p) for p in prompts)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.name, "choices": choices, "usage": usage(prompt_tokens, [r.completion for r in rows])}
 
-    async def completion_stream(req, served, prompts, rows, scored, arrived):
+    async def completion_stream(req, served, prompts, texts, rows, arrived):
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(choices: list, **extra) -> dict:
@@ -612,7 +618,8 @@ def create_app(service: Service):
 
         try:
             if req.echo:
-                yield chunk([{"index": i, "text": service.tok.decode(prompts[i // req.n]), "logprobs": None,
+                yield chunk([{"index": i, "text": texts[i // req.n] if texts else service.tok.decode(prompts[i // req.n]),
+                              "logprobs": None,
                               "finish_reason": None} for i in range(len(rows))])
             async for updates in service.run(rows, arrived):
                 out = []

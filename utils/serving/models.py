@@ -77,19 +77,23 @@ def load_engine(artifacts: list[Artifact], fast: bool | None, log) -> tuple[Any,
     lora_model = None
     views: dict[str, Any] = {}
     activate: dict[str, Any] = {}
+    # PEFT's own adapter names, not the model ids: an id such as "lora" or "prefix" inside PEFT's parameter
+    # prefixes ("lora_", "prefix_tuning_") could make it re-initialise the weights it loads.
+    internal = {a.name: f"served{i}" for i, a in enumerate(artifacts)}
     for a in artifacts:
         if not a.plan.source.adapter:
             continue
         path = a.plan.source.adapter
+        tag = internal[a.name]
         try:
             if _lora_like(a.plan):
                 if lora_model is None:
-                    lora_model = PeftModel.from_pretrained(base, path, adapter_name=a.name, is_trainable=False)
+                    lora_model = PeftModel.from_pretrained(base, path, adapter_name=tag, is_trainable=False)
                 else:
-                    lora_model.load_adapter(path, adapter_name=a.name, is_trainable=False)
+                    lora_model.load_adapter(path, adapter_name=tag, is_trainable=False)
                 views[a.name] = lora_model
             else:
-                views[a.name] = PeftModel.from_pretrained(base, path, adapter_name=a.name, is_trainable=False)
+                views[a.name] = PeftModel.from_pretrained(base, path, adapter_name=tag, is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise SuiteError(f"adapter {a.name} ({path}): cannot be applied to {first.source.base}: "
                              f"{str(exc).splitlines()[0][:300]}") from None
@@ -109,7 +113,7 @@ def load_engine(artifacts: list[Artifact], fast: bool | None, log) -> tuple[Any,
         if not a.plan.source.adapter:
             views[a.name], activate[a.name] = (lora_model.get_base_model() if lora_model is not None else base), lora_off
         elif views[a.name] is lora_model:
-            activate[a.name] = selecting(a.name)
+            activate[a.name] = selecting(internal[a.name])
         else:
             activate[a.name] = lora_off
     head = artifacts[0]

@@ -249,10 +249,13 @@ def refuse_unsupported(req: _Sampling) -> None:
             raise invalid("best_of", "best_of must equal n (no server-side candidates are ranked)")
 
 
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+def stop_strings(stop: str | list[str] | None, implied: str | None = None) -> tuple[str, ...]:
+    """The request's stop strings (at most 4); ``implied``, the EOS token's text, is dropped first: EOS ends a
+    row anyway, and lm-eval adds it to a task's own stop strings."""
     if stop is None:
         return ()
     items = [stop] if isinstance(stop, str) else list(stop)
+    items = [s for s in items if not implied or s != implied]
     if len(items) > MAX_STOP:
         raise invalid("stop", f"stop: at most {MAX_STOP} stop strings, got {len(items)}")
     if any(not s for s in items):
