@@ -5,7 +5,7 @@
 # tuned one's. Each stage is a separate process reading the previous stage's output folder; re-running
 # is a no-op. Diagnostics go to stderr, the answers and the closing summary to stdout.
 # Environment: PY (python), RUN_DIR (outputs, default runs/demo), SHARED (default ../shared).
-# Usage: scripts/pipeline.sh [STAGE ...]: given stage names (data, score, finetune, generate, export), runs
+# Usage: scripts/pipeline.sh [STAGE ...]: given stage names (data, score, finetune, generate, export, serve), runs
 # only those, in that order, without the summary; e.g. `scripts/pipeline.sh finetune` re-runs one stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ QUESTION="Tom has 3 apples and buys 2 more. How many apples does he have?"
 # 40 steps of 16 examples (640 of the 5,291 training examples) take about two minutes on 2 CPU cores and
 # move the model from stories to worked arithmetic; the validation loss flattens after about 100 steps.
 STEPS=40
-STAGES=(data score finetune generate export)
+STAGES=(data score finetune generate export serve)
 
 stage_data() {
     echo "== 1. prepare data: GSM8K (alpaca format) -> tokenized, masked train/validation split" >&2
@@ -72,6 +72,32 @@ stage_export() {
     echo "merged generation: $MERGED_ANSWER"
 }
 
+stage_serve() {
+    echo "== 6. serve: the tuned adapter behind the OpenAI API (serve.py), asked the same question through the" \
+        "official openai client" >&2
+    local log="$RUN_DIR/serve.log" port="" pid
+    "$PY" serve.py --lora_weights "$RUN_DIR/lora" --model_name tuned --port 0 2> "$log" &
+    pid=$!
+    for _ in $(seq 1 600); do  # the port is announced once the model is loaded
+        port=$(sed -n 's/^serve: serving .* at http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log")
+        if [ -n "$port" ] || ! kill -0 "$pid" 2>/dev/null; then break; fi
+        sleep 0.2
+    done
+    if [ -z "$port" ]; then cat "$log" >&2; echo "pipeline.sh: serve.py did not start" >&2; exit 1; fi
+    SERVED_ANSWER=$("$PY" - "$port" "$QUESTION" <<'PY'
+import sys
+from openai import OpenAI
+client = OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="none")
+reply = client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": sys.argv[2]}],
+                                       max_tokens=40, temperature=0)
+print(reply.choices[0].message.content)
+PY
+)
+    kill -TERM "$pid"
+    wait "$pid"  # drains and exits 0
+    echo "served generation: $SERVED_ANSWER"
+}
+
 if [ $# -gt 0 ]; then
     for stage in "$@"; do  # every name checked before any work
         if [[ ! "$stage" =~ ^[a-z]+$ || ! " ${STAGES[*]} " == *" $stage "* ]]; then
@@ -89,12 +115,12 @@ for stage in "${STAGES[@]}"; do
 done
 
 echo "== summary" >&2
-"$PY" - "$RUN_DIR" "$BASE" "$QUESTION" "$BASE_ANSWER" "$TUNED_ANSWER" "$MERGED_ANSWER" <<'PY'
+"$PY" - "$RUN_DIR" "$BASE" "$QUESTION" "$BASE_ANSWER" "$TUNED_ANSWER" "$MERGED_ANSWER" "$SERVED_ANSWER" <<'PY'
 """What the run learned, read from the stages' own output files, and where everything is."""
 import json, sys
 from pathlib import Path
 
-run, base, question, base_answer, tuned_answer, merged_answer = sys.argv[1:]
+run, base, question, base_answer, tuned_answer, merged_answer, served_answer = sys.argv[1:]
 run = Path(run)
 before = json.loads((run / "base_eval.json").read_text(encoding="utf-8"))
 records = [json.loads(line) for line in (run / "lora" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
@@ -116,6 +142,7 @@ print(f"question: {question}")
 print(f"  base model:  {show(base_answer)}")
 print(f"  tuned model: {show(tuned_answer)}")
 print(f"  merged model gives the same answer as base + adapter: {'yes' if merged_answer == tuned_answer else 'NO'}")
+print(f"  served (serve.py, OpenAI API) gives the same answer: {'yes' if served_answer == tuned_answer else 'NO'}")
 print("(a 260K-parameter model learns the form of a worked answer, not arithmetic)")
 print("artifacts:")
 for what, path in [("prepared data and its report", run / "data"), ("base model's validation score", run / "base_eval.json"),
@@ -125,6 +152,7 @@ for what, path in [("prepared data and its report", run / "data"), ("base model'
         print(f"  {what + ':':32} {path}")
 print("next:")
 print(f"  {'chat with the tuned model:':32} python generate.py --lora_weights {run / 'lora'}")
+print(f"  {'serve it (OpenAI API, web UI):':32} python serve.py --lora_weights {run / 'lora'} --ui")
 print(f"  {'train longer (200 steps):':32} python finetune.py --base_model {base} --data_path {run / 'data'} "
       f"--output_dir {run / 'lora-200'} --max_steps 200 --batch_size 16 --micro_batch_size 8 --learning_rate 1e-2 "
       "--eval_steps 20")

@@ -77,6 +77,9 @@ def test_readme_pipeline_command_runs_end_to_end(tmp_path):
     assert base_answer != tuned_answer
     assert f"generation: {tuned_answer}" in out and f"merged generation: {tuned_answer}" in out
     assert summary_value(out, "merged model gives the same answer as base + adapter:") == "yes"
+    # The pipeline ends by asking the tuned adapter through serve.py with the openai client.
+    assert f"served generation: {tuned_answer}" in out
+    assert summary_value(out, "served (serve.py, OpenAI API) gives the same answer:") == "yes"
 
     # Where everything is, and what to run next.
     for path in (data, run_dir / "base_eval.json", lora, lora / "loss.png", run_dir / "answers.jsonl", merged):
