@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from conftest import DATA, REPO, STORIES, read_jsonl
+from conftest import DATA, STORIES, read_jsonl
+from serving import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +30,6 @@ QUESTIONS, CHOICES, GEN_PROMPTS = 10, 4, 3
 GEN_STOP, GEN_TOKENS = ["\n", "."], 12
 # The tolerance on a continuation's log-likelihood: fp32 on both sides, the server's batch padded differently.
 ATOL = 1e-4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _offline_env(tmp: Path) -> dict[str, str]:
@@ -106,14 +96,14 @@ def tasks(tmp_path_factory) -> Path:
 
 
 def lm_eval(tmp: Path, tasks: Path, task: str, model: str, model_args: str, *extra: str,
-            server_log: Path | None = None) -> tuple[dict, list[dict], str]:
+            server_log=None) -> tuple[dict, list[dict], str]:
     """Run ``python -m lm_eval`` offline on ``task`` (cwd ``tmp``); returns (results json, samples in doc_id order,
     stderr). On failure the message carries lm_eval's output and the server's stderr."""
     out = tmp / f"out_{model}_{task}"
     cmd = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args, "--tasks", task,
            "--include_path", str(tasks), "--output_path", str(out), "--log_samples", *extra]
     proc = subprocess.run(cmd, cwd=tmp, env=_offline_env(tmp), capture_output=True, text=True, timeout=300)
-    served = f"\nserver stderr:\n{server_log.read_text()[-4000:]}" if server_log else ""
+    served = f"\nserver stderr:\n{server_log.stderr()[-4000:]}" if server_log else ""
     assert proc.returncode == 0, (f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
                                   + served)
     [results] = out.rglob("results_*.json")
@@ -129,41 +119,16 @@ def _post(url: str, body: dict) -> dict:
 
 
 @contextmanager
-def _serve(model: Path, log: Path):
-    """serve.py on ``model`` on a free port (stderr to ``log``) until the block ends, then SIGTERM; yields its base
-    ``url`` and ``log``."""
-    port = _free_port()
-    with open(log, "w", encoding="utf-8") as err:
-        proc = subprocess.Popen([sys.executable, "serve.py", "--base_model", str(model), "--port", str(port),
-                                 "--model_name", MODEL_NAME], cwd=REPO, env=_offline_env(log.parent),
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, f"serve.py exited {proc.returncode}:\n{log.read_text()}"
-            assert time.time() < deadline, f"serve.py not healthy after 120 s:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.25)
-        yield SimpleNamespace(url=base, log=log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _serve(model: Path, log_dir: Path):
+    """serve.py on ``model`` (model id MODEL_NAME) until the block ends; yields the running ``serving.Server``."""
+    with start_server("--base_model", str(model), "--model_name", MODEL_NAME, log_dir=log_dir) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """serve.py on stories260K, shared by the module."""
-    with _serve(STORIES, tmp_path_factory.mktemp("lmeval_server") / "server.log") as served:
+    with _serve(STORIES, tmp_path_factory.mktemp("lmeval_server")) as served:
         yield served
 
 
@@ -191,7 +156,7 @@ def test_local_completions_matches_hf(server, tasks, hf_reference, tmp_path):
     results, samples, stderr = lm_eval(
         tmp_path, tasks, "stories_mc", "local-completions",
         f"model={MODEL_NAME},base_url={server.url}/v1/completions,num_concurrent=1,max_retries=1,"
-        "tokenized_requests=True", "--batch_size", "4", server_log=server.log)
+        "tokenized_requests=True", "--batch_size", "4", server_log=server)
     assert "Using remote tokenizer backend" in stderr, stderr[-3000:]
     assert [s["doc_id"] for s in samples] == [s["doc_id"] for s in hf_samples] == list(range(QUESTIONS))
     ours, ref = _choice_scores(samples), _choice_scores(hf_samples)
@@ -213,7 +178,7 @@ def test_local_chat_completions_generates(server, tasks, tmp_path):
     _, samples, _ = lm_eval(
         tmp_path, tasks, "stories_gen", "local-chat-completions",
         f"model={MODEL_NAME},base_url={server.url}/v1/chat/completions,num_concurrent=1,max_retries=1",
-        "--apply_chat_template", server_log=server.log)
+        "--apply_chat_template", server_log=server)
     assert [s["doc_id"] for s in samples] == list(range(GEN_PROMPTS))
     for sample, row in zip(samples, _gen_rows(), strict=True):
         [answer] = sample["filtered_resps"]
@@ -280,7 +245,7 @@ def test_completions_logprobs_hold_a_final_eos(tmp_path_factory):
         scored = logprobs[len(context) - 1:-1]
         target = torch.tensor(whole[len(context):])
         want.append((float(scored.gather(1, target[:, None]).sum()), bool((scored.argmax(-1) == target).all())))
-    with _serve(folder, tmp / "server.log") as served:
+    with _serve(folder, tmp) as served:
         reply = _post(f"{served.url}/v1/completions", {
             "model": MODEL_NAME, "prompt": [whole for _, whole in pairs], "temperature": 0, "max_tokens": 1,
             "logprobs": 1, "seed": 1234, "echo": True})

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, STORIES
+from conftest import STORIES
+from serving import start_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_TOKENS = 48
@@ -42,12 +37,6 @@ RECORD = """() => {
 }"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
@@ -59,34 +48,10 @@ def _get(url: str) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``serve.py --ui`` on stories260K as a subprocess on a free port; yields its base URL."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve_ui") / "stderr.txt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log, "wb") as err:
-        # A conversation template (stories260K has none of its own), so that a second turn renders the first.
-        proc = subprocess.Popen([sys.executable, "serve.py", "--base_model", str(STORIES), "--ui", "--port", str(port),
-                                 "--prompt_template", "vicuna_v1.1"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=err)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, f"serve.py exited {proc.returncode}:\n{log.read_text()}"
-            assert time.time() < deadline, f"serve.py not ready after 180 s:\n{log.read_text()}"
-            try:
-                if _get(base + "/health") == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    # A conversation template (stories260K has none of its own), so that a second turn renders the first.
+    with start_server("--base_model", str(STORIES), "--ui", "--prompt_template", "vicuna_v1.1", timeout=180,
+                      log_dir=tmp_path_factory.mktemp("serve_ui")) as served:
+        yield served.url
 
 
 def _api_answer(base: str, messages: list[dict]) -> str:

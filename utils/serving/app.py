@@ -887,10 +887,6 @@ class BodyLimit(_Middleware):
         await self.app(scope, replay, send)
 
 
-def loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-
-
 def sampling_defaults(model) -> dict:
     """The artifact's generation config as request defaults (greedy unless it samples)."""
     g = getattr(model, "generation_config", None)
