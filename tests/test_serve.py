@@ -217,3 +217,23 @@ def test_chatglm_route_is_stateless_and_validated(base_url):
     assert len(body["time"]) == len("2026-01-01 00:00:00")
     r = httpx.post(base_url + "/", json={"prompt": "hi", "history": [["only one"]]}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "history.0"
+
+
+def test_sampling_defaults_come_from_the_artifacts_generation_config(tmp_path):
+    """A model whose generation config samples (temperature 0.8, top_p 0.9) is served sampling by default: a seeded
+    request without temperature gives what the same request with those values gives, not the greedy text."""
+    import shutil
+
+    folder = tmp_path / "sampling"
+    shutil.copytree(STORIES, folder)
+    config = json.loads((folder / "generation_config.json").read_text()) if (
+        folder / "generation_config.json").is_file() else {}
+    config.update(do_sample=True, temperature=0.8, top_p=0.9)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    with start_server("--base_model", str(folder)) as server:
+        c = client(server.url)
+        ask = dict(model="sampling", prompt="Once upon a time", max_tokens=32, seed=5)
+        default = c.completions.create(**ask).choices[0].text
+        explicit = c.completions.create(**ask, temperature=0.8, top_p=0.9).choices[0].text
+        greedy = c.completions.create(**ask, temperature=0).choices[0].text
+    assert default == explicit != greedy
