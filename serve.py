@@ -267,6 +267,10 @@ def serve(args: ServeArgs, artifacts: list[Artifact]) -> None:
     def ready(engine) -> None:
         service.on_loaded(engine)
         server = server_box[0]
+        for _ in range(200):  # a tiny model can load before uvicorn has bound its socket
+            if server.started:
+                break
+            time.sleep(0.05)
         port = flags.port
         if server.servers and server.servers[0].sockets:
             port = server.servers[0].sockets[0].getsockname()[1]
