@@ -3,7 +3,8 @@
 ``start_server(*flags)`` is a context manager: it starts ``[sys.executable, "serve.py", *flags]`` from the
 repository root (offline), waits until ``GET /health`` answers 200 and yields a ``Server`` (its base URL, the
 process and its stderr); on exit it sends SIGTERM and waits (SIGKILL after a timeout). ``metrics`` reads
-``/metrics`` into numbers, ``sse_data`` splits a streamed body into its ``data:`` payloads.
+``/metrics`` into numbers, ``sse_data`` splits a streamed body into its ``data:`` payloads. Servers get
+``server_env()``: offline, one torch thread.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import httpx
 
@@ -42,6 +43,16 @@ def offline_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **OFFLINE, **extra}
 
 
+def server_env(**extra: str) -> dict[str, str]:
+    """``offline_env`` plus one intra-op thread for torch (unless the caller's environment sets one).
+
+    The server shares its cores with the test process (and, on a CI machine, with other jobs). With torch's
+    default of one thread per core, each decoding step of a tiny model waits on whichever thread is descheduled:
+    measured on 2 busy cores, 240 tokens for n=2 took 27 s with two threads and 1 s with one.
+    """
+    return offline_env(**{"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **extra})
+
+
 @dataclass
 class Server:
     """A running ``serve.py``: ``url`` (``http://127.0.0.1:PORT``), the process, and the file its stderr goes to."""
@@ -60,7 +71,7 @@ class Server:
 def launch(*flags: str, log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start ``serve.py *flags`` from the repository root, stdout discarded and stderr into ``log``."""
     with open(log, "wb") as err:
-        return subprocess.Popen([sys.executable, "serve.py", *flags], cwd=REPO, env=env or offline_env(),
+        return subprocess.Popen([sys.executable, "serve.py", *flags], cwd=REPO, env=env or server_env(),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
 
 
@@ -105,7 +116,7 @@ def start_server(*flags: str, env: dict | None = None, timeout: float = 120,
 
     Args:
         flags: serve.py's command line (``--base_model`` and the rest).
-        env: the environment (default: this one, offline).
+        env: the environment (default: ``server_env()``).
         timeout: seconds to wait for readiness.
         log_dir: where the stderr file goes (default: a temporary folder removed at the end).
     """
@@ -163,6 +174,9 @@ def metrics(url: str, headers: dict | None = None) -> dict[str, float]:
     return parse_metrics(r.text)
 
 
-def sse_data(lines: Iterator[str]) -> list[str]:
-    """The ``data:`` payloads of an SSE body given line by line (comments, pings and other fields skipped)."""
-    return [line[5:].strip() for line in lines if line.startswith("data:")]
+def sse_data(lines: Iterable[str]) -> Iterator[str]:
+    """The ``data:`` payloads of an SSE body given line by line, as they arrive (comments, pings and other fields
+    skipped)."""
+    for line in lines:
+        if line.startswith("data:"):
+            yield line[5:].strip()

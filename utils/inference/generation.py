@@ -277,11 +277,15 @@ def sample(logits: torch.Tensor, rows: Seq[Sequence]) -> list[int]:
     (Hugging Face's order), then a draw from the row's own generator."""
     out = logits.argmax(-1).tolist()
     for i, r in enumerate(rows):
-        if not r.greedy:
-            s = r.settings
-            row = logits[i:i + 1] / s.temperature
+        s = r.settings
+        # A temperature this small is greedy decoding in all but name; dividing by it overflows.
+        if not r.greedy and s.temperature >= 1e-5:
+            row = torch.nan_to_num(logits[i:i + 1] / s.temperature, nan=-math.inf,
+                                   posinf=torch.finfo(logits.dtype).max)
             filter_top_k_top_p_(row, s.top_k, s.top_p)
-            out[i] = int(torch.multinomial(row.softmax(-1), 1, generator=r.generator))
+            probs = row.softmax(-1)
+            if bool(torch.isfinite(probs).all()):  # else (extreme penalties): the row's best token
+                out[i] = int(torch.multinomial(probs, 1, generator=r.generator))
     return out
 
 

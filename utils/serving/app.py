@@ -276,8 +276,11 @@ class Service:
         iterator early (client gone, timeout) drops the rows from the batch."""
         deadline = arrived + self.config.request_timeout
         try:
-            await asyncio.wait_for(self.gate.acquire(len(rows)), max(deadline - time.monotonic(), 0.001))
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancellation that a client's
+            # disconnect sends when the awaited item has just arrived, and the request would decode to its end.
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                await self.gate.acquire(len(rows))
+        except TimeoutError:
             raise APIError(504, f"the request waited longer than {self.config.request_timeout:g} s",
                            type="timeout_error", code="timeout") from None
         job = Job(rows, asyncio.get_running_loop())
@@ -285,12 +288,13 @@ class Service:
         self.jobs.add(job)
         self.worker.submit(job)
         first = True
+        ended: set[int] = set()  # from the updates received, not the rows (the engine thread ends them earlier)
         try:
-            while not job.finished:
-                remaining = deadline - time.monotonic()
+            while len(ended) < len(rows):
                 try:
-                    item = await asyncio.wait_for(job.updates.get(), max(remaining, 0.001))
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                        item = await job.updates.get()
+                except TimeoutError:
                     raise APIError(504, f"the request took longer than {self.config.request_timeout:g} s "
                                    "(--request_timeout)", type="timeout_error", code="timeout") from None
                 if isinstance(item, APIError):
@@ -300,6 +304,7 @@ class Service:
                 if first:
                     self.metrics.ttft.observe(time.monotonic() - arrived)
                     first = False
+                ended.update(u.index for u in item if u.completion is not None)
                 yield item
         finally:
             self.jobs.discard(job)
@@ -384,6 +389,7 @@ def create_app(service: Service):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from sse_starlette import EventSourceResponse
+    from starlette.exceptions import HTTPException
     from starlette.concurrency import run_in_threadpool
 
     cfg = service.config
@@ -410,6 +416,15 @@ def create_app(service: Service):
         else:
             message = f"{param}: {first.get('msg', 'invalid value')}"
         return JSONResponse(error_body(message, param=param, code=kind or None), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc: HTTPException):
+        # Starlette's own errors (a body that is not UTF-8, an unknown route or method) in OpenAI's shape too.
+        if exc.status_code == 400:
+            body = error_body("the body is not valid JSON", param="body", code="json_invalid")
+        else:
+            body = error_body(str(exc.detail), code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
