@@ -363,3 +363,23 @@ def test_a_cancelled_row_leaves_the_batch_at_the_next_step(stories, reference):
     while not sched.idle:
         sched.tick()
     assert b.completion.token_ids == ref[1]
+
+
+def test_a_row_that_decoded_alone_keeps_its_tokens_when_others_join(stories, reference):
+    """The case continuous batching meets first: one request decodes alone (no padding anywhere) for a few steps,
+    then longer and shorter prompts join; the first row must still attend to every token it generated alone."""
+    model, tok = stories
+    ids, ref = reference
+    engine = Engine(model, tok, fast=True)
+    sched = engine.scheduler(max_rows=8)
+    first = engine.row(ids[2], Settings(max_new_tokens=48))
+    sched.submit([first])
+    for _ in range(6):
+        sched.tick()
+    others = [engine.row(ids[i], Settings(max_new_tokens=48), tag=i) for i in (3, 0)]
+    for r in others:
+        sched.submit([r])
+    while not sched.idle:
+        sched.tick()
+    assert first.completion.token_ids == ref[2]
+    assert [r.completion.token_ids for r in others] == [ref[3], ref[0]]

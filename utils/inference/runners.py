@@ -321,9 +321,10 @@ class LlamaRunner:
         if self.length >= self.capacity:
             self._grow()
         x = self.embed(tokens.view(-1, 1).to(self.device))
+        # Marked valid even when no row is padded: a batch merged in later (absorb) or trimmed (keep) reads it.
+        self.valid[:, self.length] = True
         mask = None
         if self.padded:
-            self.valid[:, self.length] = True
             mask = self.valid[:, None, None, :self.length + 1]
         x = self._forward(x, self.next_pos, self.length, mask)
         self.length += 1
