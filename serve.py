@@ -297,7 +297,7 @@ def serve(args: ServeArgs, artifacts: list[Artifact]) -> None:
     uv_config = uvicorn.Config(app, host=flags.host, port=flags.port, log_level="warning", access_log=False,
                                http="h11", h11_max_incomplete_event_size=1024 * 1024, timeout_graceful_shutdown=5,
                                lifespan="on" if flags.ui else "off")
-    server = DrainingServer(uv_config, service)
+    server = draining_server(uv_config, service)
     server_box.append(server)
     worker.start()
     server.run()
@@ -331,59 +331,51 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _uvicorn_server():
-    import uvicorn
-
-    return uvicorn.Server
-
-
-class DrainingServer:
+def draining_server(config, service):
     """uvicorn's server with our SIGTERM / SIGINT handling: stop taking requests (503), let in-flight ones finish
     for up to --shutdown_timeout, end the rest with an error, then exit 0. A second signal exits at once."""
+    import uvicorn
 
-    def __new__(cls, config, service):
-        base = _uvicorn_server()
+    class DrainingServer(uvicorn.Server):
+        def __init__(self):
+            super().__init__(config)
+            self.service = service
+            self.drain_started = False
+            self.loop = None
 
-        class _Server(base):
-            def __init__(self):
-                super().__init__(config)
-                self.service = service
-                self.drain_started = False
-                self.loop = None
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
 
-            async def serve(self, sockets=None):
-                self.loop = asyncio.get_running_loop()
-                await super().serve(sockets)
-
-            def handle_exit(self, sig, frame):
-                # Not recorded as captured: uvicorn would re-raise it at exit, and the process would end by the
-                # signal (status 143) instead of 0 after a clean drain.
-                if self.drain_started or self.loop is None or not self.service.ready:
-                    self.should_exit = True
-                    if self.drain_started:
-                        self.force_exit = True
-                    return
-                self.drain_started = True
-                self.service.draining = True
-                print("serve: draining (new requests get 503)", file=sys.stderr, flush=True)
-                self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
-
-            async def _drain(self):
-                deadline = time.monotonic() + self.service.config.shutdown_timeout
-                gate = self.service.gate
-                while (gate.holders or gate.waiting) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                left = self.service.abort_all()
-                if left:
-                    print(f"serve: {left} request(s) still running after --shutdown_timeout: ended with an error",
-                          file=sys.stderr, flush=True)
-                    for _ in range(40):  # let them send their error event and [DONE]
-                        if not gate.holders and not gate.waiting:
-                            break
-                        await asyncio.sleep(0.05)
+        def handle_exit(self, sig, frame):
+            # Not recorded as captured: uvicorn would re-raise it at exit, and the process would end by the
+            # signal (status 143) instead of 0 after a clean drain.
+            if self.drain_started or self.loop is None or not self.service.ready:
                 self.should_exit = True
+                if self.drain_started:
+                    self.force_exit = True
+                return
+            self.drain_started = True
+            self.service.draining = True
+            print("serve: draining (new requests get 503)", file=sys.stderr, flush=True)
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
-        return _Server()
+        async def _drain(self):
+            deadline = time.monotonic() + self.service.config.shutdown_timeout
+            gate = self.service.gate
+            while (gate.holders or gate.waiting) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            left = self.service.abort_all()
+            if left:
+                print(f"serve: {left} request(s) still running after --shutdown_timeout: ended with an error",
+                      file=sys.stderr, flush=True)
+                for _ in range(40):  # let them send their error event and [DONE]
+                    if not gate.holders and not gate.waiting:
+                        break
+                    await asyncio.sleep(0.05)
+            self.should_exit = True
+
+    return DrainingServer()
 
 
 if __name__ == "__main__":

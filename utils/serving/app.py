@@ -739,8 +739,8 @@ class ChatBackend:
         self.max_tokens_limit = limit
         self.defaults = {"max_tokens": min(d.get("max_new_tokens", CHATGLM_DEFAULTS["max_length"]), limit),
                          "top_p": d.get("top_p", CHATGLM_DEFAULTS["top_p"]),
-                         "temperature": d.get("temperature", CHATGLM_DEFAULTS["temperature"])
-                         if d.get("temperature") else CHATGLM_DEFAULTS["temperature"]}
+                         # a greedy artifact (temperature 0) still gets the demo's sampling slider default
+                         "temperature": d.get("temperature") or CHATGLM_DEFAULTS["temperature"]}
 
     async def stream_chat(self, model: str, messages: list[dict], max_tokens: int, top_p: float,
                           temperature: float) -> AsyncIterator[str]:
