@@ -177,6 +177,28 @@ def tiny_model(kind: str, folder: Path, tokenizer_dir: Path = STORIES, *, seed: 
     return folder
 
 
+def peft_adapters(base: Path, root: Path, virtual: int = 5) -> dict[str, Path]:
+    """LoRA (non-zero: a fresh LoRA is zero), prefix and prompt-tuning adapters on ``base``, their trainable
+    weights perturbed at random, saved by PEFT's own ``save_pretrained`` under ``root/{lora,prefix,prompt}``."""
+    import torch
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for name, config in [("lora", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")),
+                         ("prefix", PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual)),
+                         ("prompt", PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual))]:
+        torch.manual_seed(3)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True), config)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
+        model.save_pretrained(str(root / name))
+        out[name] = root / name
+    return out
+
+
 # The shapes of the conversion tests' models (sharded at 60KB, so every export handles several shards).
 EXPORT_SHAPE = dict(shard="60KB", width=64, intermediate=96, positions=128)
 

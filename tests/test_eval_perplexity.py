@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DATA, REPO, STORIES, tiny_model
+from conftest import DATA, REPO, STORIES, peft_adapters, tiny_model
 from utils.evaluation.perplexity import perplexity, plan_windows
 
 STORIES_TEXT = DATA / "tinystories" / "valid_sample.jsonl"
@@ -62,24 +62,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapters(tiny, tmp_path_factory):
-    """LoRA (random, non-zero), prefix and prompt-tuning adapters on the tiny Llama, saved as PEFT writes them."""
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("ppl_adapters")
-    out = {}
-    for name, config in [("lora", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")),
-                         ("prefix", PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5)),
-                         ("prompt", PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5))]:
-        torch.manual_seed(3)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny), local_files_only=True), config)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.3)
-        model.save_pretrained(str(root / name))
-        out[name] = root / name
-    return out
+    return peft_adapters(tiny, tmp_path_factory.mktemp("ppl_adapters"))
 
 
 def test_windows_score_every_token_after_the_first_exactly_once():
