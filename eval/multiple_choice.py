@@ -38,7 +38,8 @@ from utils.artifacts import sha256_json  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.errors import SuiteError, UsageError  # noqa: E402
 from utils.evaluation.stage import Destination, EvalOutput, artifact_record, emit, file_record  # noqa: E402
-from utils.inference.options import Loading, Prompting, plan_loading, render_prompt  # noqa: E402
+from utils.inference.loading import template_problems  # noqa: E402
+from utils.inference.options import ModelLoading, plan_loading, render_prompt  # noqa: E402
 
 STAGE = "multiple_choice"
 
@@ -55,7 +56,6 @@ class Benchmark(Group):
     k_shot: int = 5
     lang: Literal["auto", "en", "zh"] = "auto"
     subject_names: str = unfingerprinted("", why="counts as its content (the names are among the inputs)")
-    chat_template: bool = False
     strict: bool = unfingerprinted(False, why="decides whether a bad row stops the run; the rows used are hashed")
 
     def problems(self) -> list[str]:
@@ -75,6 +75,22 @@ class Benchmark(Group):
 
 
 @dataclass(frozen=True)
+class ChatTemplate(Group):
+    """Whether the prompts go inside a chat template, and which (scores move with it: always recorded)."""
+
+    chat_template: bool = False
+    prompt_template: str = ""
+    system: str | None = None
+
+    def problems(self) -> list[str]:
+        problems = template_problems(self.prompt_template)
+        if (self.prompt_template or self.system is not None) and not self.chat_template:
+            problems.append("--prompt_template and --system go with --chat_template (the benchmark prompts are "
+                            "otherwise sent as they are)")
+        return problems
+
+
+@dataclass(frozen=True)
 class Scoring(Group):
     """How the scoring runs (none of it changes a figure)."""
 
@@ -89,8 +105,8 @@ class Scoring(Group):
 class MultipleChoiceArgs(StageArgs):
     STAGE = STAGE
 
-    loading: Loading
-    prompting: Prompting
+    loading: ModelLoading
+    template: ChatTemplate
     benchmark: Benchmark
     scoring: Scoring
     destination: Destination
@@ -113,6 +129,7 @@ def main(
     subject_names: str = "",
     chat_template: bool = False,
     prompt_template: str = "",
+    system: str | None = None,
     batch_size: int = 8,
     output_dir: str = "",
     overwrite: bool = False,
@@ -148,6 +165,7 @@ def main(
             subject_mapping.json lists [English, Chinese, category]); default: the subject with spaces.
         chat_template: Put each prompt in the artifact's template (or --prompt_template) as the user's turn.
         prompt_template: With --chat_template: the template name or JSON path (default: the artifact's).
+        system: With --chat_template: the system message (default: the template's).
         batch_size: Questions per forward pass (the picks do not depend on it).
         output_dir: Also write the report (report.json, predictions.jsonl, pipeline.json) into this folder; an
             identical re-run is then a no-op.
@@ -166,17 +184,17 @@ def main(
     """
     args = MultipleChoiceArgs.from_flags(dict(locals()))
     problems = args.problems()
-    if args.prompting.prompt_template and not args.benchmark.chat_template:
-        problems.append("--prompt_template goes with --chat_template (the benchmark prompts are sent as they are)")
     if problems:
         raise UsageError("\n".join(problems))
     out = EvalOutput(args.destination, STAGE)  # a folder this stage may not write is refused before any work
     bench = args.benchmark
     questions, names = read_benchmark(bench)
     lang = bench.lang if bench.lang != "auto" else ("zh" if questions.format == "ceval" else "en")
-    plan = plan_loading(args.loading, args.prompting, raw=not bench.chat_template, stage=STAGE)
-    inputs = {"model": artifact_record(plan), "data": [file_record(f) for f in questions.files], "names": names}
-    fp = fingerprint(args, inputs)
+    chat = args.template
+    plan = plan_loading(args.loading, chat, raw=not chat.chat_template, stage=STAGE)
+    records = {"model": artifact_record(plan), "data": [file_record(f) for f in questions.files]}
+    fp = fingerprint(args, {"model": records["model"]["fingerprint"],
+                            "data": sorted(d["sha256"] for d in records["data"]), "names": names})
     stored = out.finished(fp)
     if stored is not None:
         return emit(stored)
@@ -187,14 +205,7 @@ def main(
     from utils.inference.loading import load_model
 
     loaded = load_model(plan)
-    template = loaded.template if bench.chat_template else None
-    render = None
-    if template is not None:
-        from utils.data.templates import Message
-
-        def render(prompt: str) -> tuple[str, bool]:
-            system = [Message("system", args.prompting.system)] if args.prompting.system else []
-            return render_prompt(template, system + [Message("user", prompt)])
+    render = chat_renderer(loaded.template, chat.system) if chat.chat_template else None
 
     started = time.perf_counter()
     prompted, too_long = prompt_questions(loaded.tokenizer, questions, bench.k_shot, lang,
@@ -213,14 +224,24 @@ def main(
               "malformed": {k: len(v) for k, v in questions.bad.items()},
               "malformed_rows": {k: v[:100] for k, v in questions.bad.items()},
               "format": questions.format, "split": bench.split if questions.format != "jsonl" else None,
-              "lang": lang, "chat_template": bench.chat_template,
-              "template": getattr(loaded.template, "name", None) if bench.chat_template else None,
-              "dtype": loaded.info.get("dtype"), "model": inputs["model"], "data": inputs["data"],
+              "lang": lang, "chat_template": chat.chat_template,
+              "template": getattr(loaded.template, "name", None) if chat.chat_template else None,
+              "system": chat.system, "dtype": loaded.info.get("dtype"), **records,
               "seconds": round(took, 3), "questions_per_second": round(len(predictions) / max(took, 1e-9), 2)}
     print(f"{STAGE}: acc {report['acc']:.4f}, acc_norm {report['acc_norm']:.4f} over {report['questions']} "
           f"questions in {len(report['subjects'])} subject(s) ({took:.1f}s)", file=sys.stderr)
-    out.write(fp, report, {"predictions.jsonl": predictions}, args=args.flags(), inputs=inputs)
+    out.write(fp, report, {"predictions.jsonl": predictions}, args=args.flags(), inputs={**records, "names": names})
     emit(report)
+
+
+def chat_renderer(template, system: str | None):
+    """The benchmark prompt as the user's turn of ``template``: prompt -> (text, add_special_tokens)."""
+    from utils.data.templates import Message
+
+    def render(prompt: str) -> tuple[str, bool]:
+        return render_prompt(template, ([Message("system", system)] if system else []) + [Message("user", prompt)])
+
+    return render
 
 
 def read_benchmark(bench: Benchmark):
@@ -259,10 +280,9 @@ def subject_names(path: str, lang: str) -> dict[str, str]:
 
 
 def fingerprint(args: MultipleChoiceArgs, inputs: dict) -> str:
-    """What determines the report: every flag that counts, the model, the data files' hashes and the names."""
-    return sha256_json({"args": args.fingerprint_values(),
-                        "inputs": {"model": inputs["model"]["fingerprint"],
-                                   "data": sorted(d["sha256"] for d in inputs["data"]), "names": inputs["names"]}})
+    """What determines the report: every flag that counts and ``inputs``, the hashes of the model and the data
+    files and the subjects' names. Pure: nothing is read."""
+    return sha256_json({"args": args.fingerprint_values(), "inputs": inputs})
 
 
 if __name__ == "__main__":

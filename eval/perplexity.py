@@ -31,7 +31,7 @@ from utils.artifacts import sha256_json  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.errors import SuiteError, UsageError  # noqa: E402
 from utils.evaluation.stage import Destination, EvalOutput, artifact_record, emit, file_record  # noqa: E402
-from utils.inference.options import Loading, Prompting, plan_loading  # noqa: E402
+from utils.inference.options import ModelLoading, Prompting, plan_loading  # noqa: E402
 
 STAGE = "perplexity"
 
@@ -77,7 +77,7 @@ class Windows(Group):
 class PerplexityArgs(StageArgs):
     STAGE = STAGE
 
-    loading: Loading
+    loading: ModelLoading
     text: Text
     windows: Windows
     destination: Destination
@@ -153,8 +153,8 @@ def main(
     plan = plan_loading(args.loading, Prompting(), raw=True, stage=STAGE)
     if args.windows.add_bos and getattr(plan.tokenizer, "bos_token_id", None) is None:
         raise UsageError("--add_bos: the tokenizer has no BOS token")
-    inputs = {"model": artifact_record(plan), "data": file_record(text.data_file)}
-    fp = fingerprint(args, inputs)
+    records = {"model": artifact_record(plan), "data": file_record(text.data_file)}
+    fp = fingerprint(args, {"model": records["model"]["fingerprint"], "data": records["data"]["sha256"]})
     stored = out.finished(fp)
     if stored is not None:
         return emit(stored)
@@ -175,12 +175,12 @@ def main(
     documents = result.pop("documents", None)
     report = {**result, "documents": len(texts), "malformed": {k: len(v) for k, v in bad.items()},
               "field": text.field if text.data_file.endswith((".json", ".jsonl")) else None,
-              "dtype": loaded.info.get("dtype"), "model": inputs["model"], "data": inputs["data"],
+              "dtype": loaded.info.get("dtype"), **records,
               "seconds": round(took, 3), "tokens_per_second": round(result["tokens_scored"] / max(took, 1e-9), 1)}
     print(f"{STAGE}: ppl {report['ppl']:.4f} over {report['tokens_scored']} tokens "
           f"({report['windows']} windows, {took:.1f}s)", file=sys.stderr)
     tables = {"documents.jsonl": [{"document": i + 1, **d} for i, d in enumerate(documents)]} if documents else {}
-    out.write(fp, report, tables, args=args.flags(), inputs=inputs)
+    out.write(fp, report, tables, args=args.flags(), inputs=records)
     emit(report)
 
 
@@ -196,9 +196,9 @@ def read_texts_reported(text: Text) -> tuple[list[str], dict[str, list[int]]]:
 
 
 def fingerprint(args: PerplexityArgs, inputs: dict) -> str:
-    """What determines the report: every flag that counts and the records of the model and the data."""
-    return sha256_json({"args": args.fingerprint_values(),
-                        "inputs": {"model": inputs["model"]["fingerprint"], "data": inputs["data"]["sha256"]}})
+    """What determines the report: every flag that counts and ``inputs``, the hashes of the model and the data
+    (not their paths: the same files named another way give the same report). Pure: nothing is read."""
+    return sha256_json({"args": args.fingerprint_values(), "inputs": inputs})
 
 
 if __name__ == "__main__":

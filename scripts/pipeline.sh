@@ -5,7 +5,7 @@
 # tuned one's. Each stage is a separate process reading the previous stage's output folder; re-running
 # is a no-op. Diagnostics go to stderr, the answers and the closing summary to stdout.
 # Environment: PY (python), RUN_DIR (outputs, default runs/demo), SHARED (default ../shared).
-# Usage: scripts/pipeline.sh [STAGE ...]: given stage names (data, score, finetune, generate, export, serve), runs
+# Usage: scripts/pipeline.sh [STAGE ...]: given stage names (data, score, finetune, generate, export, serve, eval), runs
 # only those, in that order, without the summary; e.g. `scripts/pipeline.sh finetune` re-runs one stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ QUESTION="Tom has 3 apples and buys 2 more. How many apples does he have?"
 # 40 steps of 16 examples (640 of the 5,291 training examples) take about two minutes on 2 CPU cores and
 # move the model from stories to worked arithmetic; the validation loss flattens after about 100 steps.
 STEPS=40
-STAGES=(data score finetune generate export serve)
+STAGES=(data score finetune generate export serve eval)
 
 stage_data() {
     echo "== 1. prepare data: GSM8K (alpaca format) -> tokenized, masked train/validation split" >&2
@@ -98,6 +98,36 @@ PY
     echo "served generation: $SERVED_ANSWER"
 }
 
+stage_eval() {
+    echo "== 7. evaluate: perplexity of the base model and of the tuned adapter (unmerged) on held-out text," \
+        "the answers of the validation split's GSM8K rows (never trained on)" >&2
+    # The validation rows' answers, taken from the data file by the line numbers the prepared split records.
+    "$PY" - "$RUN_DIR/data" "$RUN_DIR/heldout.jsonl" <<'PY'
+import json, sys
+from pathlib import Path
+from datasets import load_from_disk
+sys.path.insert(0, ".")
+from utils.data.records import Record, read_records
+from utils.jsonl import write_jsonl
+
+data = Path(sys.argv[1])
+validation = load_from_disk(str(data / "dataset" / "validation"))
+files = [i["path"] for i in json.loads((data / "pipeline.json").read_text(encoding="utf-8"))["inputs"]]
+wanted = {(files[s], n) for s, n in zip(validation["source"], validation["line"])}  # source: an index into inputs
+rows = [{"text": r.value["output"]} for path in sorted({p for p, _ in wanted}) for r in read_records(path)
+        if isinstance(r, Record) and (path, r.line) in wanted]
+if Path(sys.argv[2]).exists() and Path(sys.argv[2]).read_text(encoding="utf-8") == "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in rows):
+    sys.exit(0)  # unchanged: the evaluations below stay no-ops
+write_jsonl(sys.argv[2], rows)
+print(f"held-out text: {len(rows)} GSM8K answers -> {sys.argv[2]}", file=sys.stderr)
+PY
+    "$PY" eval/perplexity.py --base_model "$BASE" --data_file "$RUN_DIR/heldout.jsonl" \
+        --output_dir "$RUN_DIR/ppl-base" > /dev/null
+    "$PY" eval/perplexity.py --lora_weights "$RUN_DIR/lora" --data_file "$RUN_DIR/heldout.jsonl" \
+        --output_dir "$RUN_DIR/ppl-tuned" > /dev/null
+}
+
 if [ $# -gt 0 ]; then
     for stage in "$@"; do  # every name checked before any work
         if [[ ! "$stage" =~ ^[a-z]+$ || ! " ${STAGES[*]} " == *" $stage "* ]]; then
@@ -144,10 +174,15 @@ print(f"  tuned model: {show(tuned_answer)}")
 print(f"  merged model gives the same answer as base + adapter: {'yes' if merged_answer == tuned_answer else 'NO'}")
 print(f"  served (serve.py, OpenAI API) gives the same answer: {'yes' if served_answer == tuned_answer else 'NO'}")
 print("(a 260K-parameter model learns the form of a worked answer, not arithmetic)")
+ppl = {k: json.loads((run / f"ppl-{k}" / "report.json").read_text(encoding="utf-8")) for k in ("base", "tuned")}
+print(f"perplexity on held-out GSM8K answers ({ppl['base']['tokens_scored']} tokens, eval/perplexity.py): "
+      f"base {ppl['base']['ppl']:.2f} -> tuned {ppl['tuned']['ppl']:.2f} "
+      f"(bits per byte {ppl['base']['bits_per_byte']:.3f} -> {ppl['tuned']['bits_per_byte']:.3f})")
 print("artifacts:")
 for what, path in [("prepared data and its report", run / "data"), ("base model's validation score", run / "base_eval.json"),
                    ("LoRA adapter, metrics.jsonl", run / "lora"), ("training curve", run / "lora" / "loss.png"),
-                   ("Vicuna-80 answers", run / "answers.jsonl"), ("merged model", run / "merged")]:
+                   ("Vicuna-80 answers", run / "answers.jsonl"), ("merged model", run / "merged"),
+                   ("perplexity reports", run / "ppl-tuned")]:
     if path.exists():
         print(f"  {what + ':':32} {path}")
 print("next:")

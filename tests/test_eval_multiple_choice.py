@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from choice_sets import twelve_questions, write_ceval, write_jsonl, write_mmlu
-from conftest import REPO, STORIES, peft_adapters, tiny_model
+from conftest import REPO, peft_adapters, tiny_model
 from utils.cli import run
 from utils.evaluation.choice_data import LETTERS, build_prompt, pick_shots, read_questions, subject_title
 

@@ -81,6 +81,16 @@ def test_readme_pipeline_command_runs_end_to_end(tmp_path):
     assert f"served generation: {tuned_answer}" in out
     assert summary_value(out, "served (serve.py, OpenAI API) gives the same answer:") == "yes"
 
+    # It ends with the perplexity of base and tuned model on held-out text (the validation split's answers),
+    # from eval/perplexity.py's reports: training on GSM8K must lower it (about 112 -> 15).
+    ppl = {k: json.loads((run_dir / f"ppl-{k}" / "report.json").read_text()) for k in ("base", "tuned")}
+    assert ppl["base"]["tokens_scored"] == ppl["tuned"]["tokens_scored"] > 10000
+    assert ppl["tuned"]["ppl"] < ppl["base"]["ppl"] / 2, (ppl["base"]["ppl"], ppl["tuned"]["ppl"])
+    assert len((run_dir / "heldout.jsonl").read_text().splitlines()) == json.loads(
+        (data / "data_report.json").read_text())["splits"]["validation"]
+    printed = summary_value(out, "perplexity on held-out GSM8K answers")
+    assert f"base {ppl['base']['ppl']:.2f} -> tuned {ppl['tuned']['ppl']:.2f}" in printed, printed
+
     # Where everything is, and what to run next.
     for path in (data, run_dir / "base_eval.json", lora, lora / "loss.png", run_dir / "answers.jsonl", merged):
         assert path.exists() and f" {path}\n" in out, path

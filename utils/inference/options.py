@@ -20,8 +20,9 @@ _PERMISSION = "a permission: it only allows what is otherwise refused"
 
 
 @dataclass(frozen=True)
-class Loading(Group):
-    """Which model to load and how (utils.inference.loading.prepare's arguments)."""
+class ModelLoading(Group):
+    """Which model to load and how (utils.inference.loading.prepare's arguments): what every stage that runs a
+    model shares (generation adds its decode path, ``Loading``)."""
 
     base_model: str = unfingerprinted("", why=_RESOLVED)
     lora_weights: str = unfingerprinted("", why=_RESOLVED)
@@ -31,14 +32,20 @@ class Loading(Group):
     device: str = unfingerprinted("auto", why=_PLACEMENT)
     device_map: Literal["auto", "balanced", "sequential"] | None = unfingerprinted(None, why=_PLACEMENT)
     max_memory: str | None = unfingerprinted(None, why=_PLACEMENT)
-    fast: Literal["auto", "on", "off"] = unfingerprinted(
-        "auto", why="the lean decode path gives the generic path's tokens (tests/test_generate_engine.py)")
     trust_remote_code: bool = unfingerprinted(False, why=_PERMISSION)
     allow_pickle_weights: bool = unfingerprinted(False, why=_PERMISSION)
     allow_base_mismatch: bool = unfingerprinted(False, why=_PERMISSION)
 
     def problems(self) -> list[str]:
         return [] if self.base_model or self.lora_weights else ["--base_model or --lora_weights is required"]
+
+
+@dataclass(frozen=True)
+class Loading(ModelLoading):
+    """The model, as generate.py and serve.py load it: with the choice of decode path."""
+
+    fast: Literal["auto", "on", "off"] = unfingerprinted(
+        "auto", why="the lean decode path gives the generic path's tokens (tests/test_generate_engine.py)")
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class Prompting(Group):
         return template_problems(self.prompt_template)
 
 
-def plan_loading(loading: Loading, prompting: Prompting, raw: bool = False, stage: str = "generate"):
+def plan_loading(loading: ModelLoading, prompting: Prompting, raw: bool = False, stage: str = "generate"):
     """Check the model arguments and load tokenizer and template, without reading weights (utils.inference.loading.prepare).
     A raw ``--prompt`` has no template; otherwise a model that carries none gets alpaca."""
 
