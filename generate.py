@@ -405,7 +405,7 @@ def read_records(path: str, problem) -> list[tuple[int, Any]]:
         except json.JSONDecodeError as exc:
             raise SuiteError(f"--input_file {path}: not valid JSON ({exc})") from None
     records = []
-    for n, line in enumerate(raw.splitlines(), 1):
+    for n, line in enumerate(raw.split("\n"), 1):  # not splitlines(): U+2028 and friends may sit inside a row
         if not line.strip():
             continue
         try:

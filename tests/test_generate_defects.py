@@ -291,3 +291,16 @@ def test_a_raw_prompt_gets_no_template_stop_strings_only_eos_and_stop(tmp_path, 
     assert "using alpaca" not in captured.err  # no template is chosen for a raw prompt
     _gen("--base_model", str(model), "--prompt", "Once upon a time", "--max_new_tokens", "12", "--stop", "little")
     assert capsys.readouterr().out == ", there was a \n"
+
+
+def test_a_row_holding_a_unicode_line_separator_is_one_row(tmp_path):
+    """JSON written with ensure_ascii=False keeps U+2028 / U+2029 raw inside a string; str.splitlines() would cut
+    the row there and report two bad lines."""
+    import generate
+
+    path = tmp_path / "q.jsonl"
+    rows = [{"instruction": "first\u2028line"}, {"instruction": "second\u2029para\x1c"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    got, bad = generate.read_rows(str(path), generate.BatchIO(input_file=str(path), output_file="o.jsonl"))
+    assert bad == {} and [r["row"]["instruction"] for r in got] == [r["instruction"] for r in rows]
+    assert [r["line"] for r in got] == [1, 2]

@@ -24,7 +24,6 @@ scorer appends ``" " + letter``.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -348,57 +347,25 @@ def _group(questions: list[Question]) -> dict[str, list[Question]]:
     return dict(sorted(grouped.items()))
 
 
-class _NotJson:
-    """Stands for a line that does not parse."""
+@dataclass(frozen=True)
+class _Unreadable:
+    """Stands for a row that cannot be read: why."""
+
+    reason: str
 
 
 def _json_records(path: str, flag: str) -> list[tuple[int, Any]]:
-    """(line, value) of each JSONL line, or of each element of a JSON array; ``_NotJson`` for a broken line."""
-    p = Path(path)
-    if not p.is_file():
+    """(line, value) of each JSONL line, or of each element of a JSON array (``utils.data.records.read_records``,
+    the suite's one JSON reader); ``_Unreadable`` for a row that does not parse or is not valid UTF-8."""
+    from utils.data.records import DataError, RowError, read_records
+
+    if not Path(path).is_file():
         raise SuiteError(missing_path_message(flag, path, "file"))
     try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SuiteError(f"{flag} {path}: cannot read it as UTF-8 text ({exc})") from None
-    if text.lstrip().startswith("["):
-        return _array_records(text, path, flag)
-    records: list[tuple[int, Any]] = []
-    for line_no, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                records.append((line_no, json.loads(line)))
-            except json.JSONDecodeError:
-                records.append((line_no, _NotJson))
-    return records
-
-
-def _array_records(text: str, path: str, flag: str) -> list[tuple[int, Any]]:
-    """The elements of a JSON array with the line each starts on (so a bad row can be named by its line)."""
-    decoder = json.JSONDecoder()
-    records: list[tuple[int, Any]] = []
-
-    def skip(i: int) -> int:
-        while i < len(text) and text[i].isspace():
-            i += 1
-        return i
-
-    try:
-        i = skip(skip(0) + 1)  # past "["
-        while text[i] != "]":
-            value, end = decoder.raw_decode(text, i)
-            records.append((text.count("\n", 0, i) + 1, value))
-            i = skip(end)
-            if text[i] == ",":
-                i = skip(i + 1)
-            elif text[i] != "]":
-                raise json.JSONDecodeError("expected , or ]", text, i)
-        if skip(i + 1) != len(text):
-            raise json.JSONDecodeError("extra data after the array", text, i + 1)
-    except (json.JSONDecodeError, IndexError) as exc:
-        detail = str(exc) if isinstance(exc, json.JSONDecodeError) else "unterminated array"
-        raise SuiteError(f"{flag} {path}: not a valid JSON array ({detail})") from None
-    return records
+        return [(item.line, _Unreadable("not valid UTF-8" if item.category == "invalid_utf8" else "not JSON")
+                 if isinstance(item, RowError) else item.value) for item in read_records(path)]
+    except DataError as exc:
+        raise SuiteError(str(exc).replace("--data_path", flag)) from None
 
 
 def _subject_of(record: Any) -> str:
@@ -413,7 +380,7 @@ def _jsonl_questions(records: list[tuple[int, Any]], path: str, flag: str, split
     questions, seen_ids = [], set()
     for n, (line, record) in enumerate(records, 1):
         where = f"{path}:{line}"
-        reason = ("not JSON" if record is _NotJson else "not a JSON object" if not isinstance(record, dict)
+        reason = (record.reason if isinstance(record, _Unreadable) else "not a JSON object" if not isinstance(record, dict)
                   else "no subject" if not _subject_of(record) else "")
         if reason:
             sink(flag, where, reason)
