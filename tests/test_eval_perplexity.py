@@ -151,7 +151,10 @@ def script(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_script_is_deterministic_counts_bad_rows_and_reruns_as_a_no_op(tmp_path):
+    """Slow: four runs of the script as separate processes (about 4 s each, mostly imports): two to compare across
+    processes and batch sizes, the no-op re-run, and --strict; none of them can share a process."""
     rows = [{"text": t} for t in stories(6)]
     data = tmp_path / "d.jsonl"
     lines = [json.dumps(r) for r in rows[:3]] + ["{not json", json.dumps({"title": "no text"})] + \
