@@ -18,6 +18,7 @@ Examples:
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +46,12 @@ class Text(Group):
     join: str = "\n\n"
     per_document: bool = False
     strict: bool = unfingerprinted(False, why="decides whether a bad row stops the run; the rows used are hashed")
+
+    @property
+    def separator(self) -> str:
+        """--join with ``\\n`` and ``\\t`` read as newline and tab: a shell passes ``--join "\\n\\n"`` as
+        backslashes (Hugging Face's recipe writes it so), and ``$'\\n\\n'`` works as well."""
+        return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), self.join)
 
     def problems(self) -> list[str]:
         if not self.data_file:
@@ -121,7 +128,7 @@ def main(
         data_file: The text: a plain-text file, or a JSON array / JSONL file whose rows hold --field.
         field: JSON / JSONL: the field of each row that holds a document.
         join: The separator documents are joined with (and, with --per_document, what splits a plain-text
-            file into documents).
+            file into documents); \\n and \\t in it are a newline and a tab.
         per_document: Score each document on its own (each starts with BOS), instead of joining them.
         max_length: Tokens per window (0: the model's context, less an adapter's virtual tokens).
         stride: Tokens between window starts (0: --max_length, no overlap). A smaller stride gives each scored
@@ -170,7 +177,7 @@ def main(
     started = time.perf_counter()
     result = perplexity(loaded.model, loaded.tokenizer, texts, max_length=w.max_length or None,
                         stride=w.stride or None, batch_size=w.batch_size, add_bos=w.add_bos,
-                        per_document=text.per_document, join=text.join, progress=w.progress)
+                        per_document=text.per_document, join=text.separator, progress=w.progress)
     took = time.perf_counter() - started
     documents = result.pop("documents", None)
     report = {**result, "documents": len(texts), "malformed": {k: len(v) for k, v in bad.items()},
@@ -189,7 +196,7 @@ def read_texts_reported(text: Text) -> tuple[list[str], dict[str, list[int]]]:
     from utils.evaluation.perplexity import read_texts
     from utils.jsonl import line_refs
 
-    texts, bad = read_texts(text.data_file, text.field, text.join if text.per_document else None, text.strict)
+    texts, bad = read_texts(text.data_file, text.field, text.separator if text.per_document else None, text.strict)
     for reason, lines in bad.items():
         print(f"{STAGE}: skipped {len(lines)} row(s), {reason}: {line_refs(text.data_file, lines)}", file=sys.stderr)
     return texts, bad

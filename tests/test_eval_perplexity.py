@@ -183,7 +183,8 @@ def test_script_per_document_writes_each_documents_totals(tmp_path):
     docs = stories(3)
     text.write_text("\n\n\n".join(d.replace("\n\n", "\n") for d in docs))
     out = tmp_path / "out"
-    proc = script("--base_model", str(STORIES), "--data_file", str(text), "--per_document", "--join", "\n\n\n",
+    # --join as a shell passes "\n\n\n": backslashes, read as newlines
+    proc = script("--base_model", str(STORIES), "--data_file", str(text), "--per_document", "--join", r"\n\n\n",
                   "--output_dir", str(out), "--noprogress")
     report = json.loads(proc.stdout)
     table = [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]
