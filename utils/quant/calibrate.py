@@ -1,0 +1,180 @@
+"""GPTQ (or RTN) over a whole model, one decoder block at a time, as the GPTQ paper runs it.
+
+The calibration samples go through the embedding once; their inputs to the first block are caught by a hook that
+stops the forward there (with the keyword arguments the model passes its blocks: position embeddings, masks).
+Then, block by block:
+
+1. each linear layer of the block (found from the model: every ``nn.Linear`` inside the block, not LLaMA's names)
+   gets a Hessian from its inputs, collected by forward hooks while the block runs on every sample;
+2. the layers are quantized, in execution order; with ``true_sequential`` the layers that read the same input
+   (q/k/v, gate/up) form one step, and the block runs again before the next step, so that o_proj is calibrated on
+   what the quantized q/k/v give and down_proj on what the quantized gate/up give;
+3. the quantized weights replace the originals (dequantized, in the model's dtype) and the block runs once more:
+   its outputs are the next block's inputs.
+
+Only one block's activations are held at a time. The layers the checkpoint layout cannot pack (``excluded``, e.g.
+stories260K's 172-wide MLP) stay in floating point and are reported, never padded.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from utils.quant.gptq import GPTQSettings, Hessian, gptq_quantize, relative_error
+from utils.quant.grid import QuantizedWeight, rtn
+
+
+class _Caught(Exception):
+    """Raised by the hook on the first block: the embedding's work is done, the rest of the forward is not needed."""
+
+
+def decoder_blocks(model: Any) -> tuple[str, torch.nn.ModuleList]:
+    """(qualified name, the ModuleList of decoder blocks): the longest ModuleList whose entries share one class."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: no list of decoder blocks found")
+    return best
+
+
+def block_linears(block: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    relative_error: float | None  # ‖WX − ŴX‖ / ‖WX‖ on the calibration inputs; None when kept
+    kept: str | None = None  # why the layer stayed in floating point
+
+
+@dataclass
+class Calibrated:
+    """What ``quantize_model`` did: each quantized layer's weight (full names), and a report row per linear layer."""
+
+    layers: dict[str, QuantizedWeight] = field(default_factory=dict)
+    report: list[LayerReport] = field(default_factory=list)
+    tokens: int = 0
+
+
+@torch.no_grad()
+def _catch_inputs(model: Any, blocks: torch.nn.ModuleList, samples: Sequence[torch.Tensor]) -> list[tuple[tuple, dict]]:
+    caught: list[tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        caught.append((args, dict(kwargs)))
+        raise _Caught
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        device = next(model.parameters()).device
+        for ids in samples:
+            try:
+                model(input_ids=ids.to(device)[None], use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+def _run_block(block: torch.nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    outs = []
+    for args, kwargs in inputs:
+        out = block(*args, **kwargs)
+        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outs
+
+
+def _steps(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs, true_sequential: bool
+           ) -> list[list[str]]:
+    """The block's linear layers in execution order, grouped by shared input when ``true_sequential`` (one step
+    holding all of them otherwise)."""
+    order: list[str] = []
+    seen_inputs: dict[str, int] = {}
+
+    def watch(name):
+        def hook(module, args):
+            if name not in seen_inputs:
+                order.append(name)
+                seen_inputs[name] = id(args[0])
+        return hook
+
+    handles = [m.register_forward_pre_hook(watch(n)) for n, m in linears.items()]
+    try:
+        _run_block(block, inputs[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    if not true_sequential:
+        return [order]
+    steps: list[list[str]] = []
+    for name in order:
+        if steps and seen_inputs[steps[-1][0]] == seen_inputs[name]:
+            steps[-1].append(name)
+        else:
+            steps.append([name])
+    return steps
+
+
+@torch.no_grad()
+def quantize_model(model: Any, samples: Sequence[torch.Tensor], settings: GPTQSettings, *, method: str = "gptq",
+                   keep: Callable[[str, torch.nn.Linear], str | None] = lambda name, m: None,
+                   true_sequential: bool = True, progress: bool = True) -> Calibrated:
+    """Quantize every linear layer of every decoder block of ``model`` in place (weights replaced by their
+    dequantized values) and return the quantized weights.
+
+    Args:
+        model: a transformers causal LM (not PEFT-wrapped: merge adapters first), in eval mode.
+        samples: calibration token sequences (1-D id tensors).
+        settings: the grid and GPTQ's options (``method="rtn"`` uses bits, group_size and sym only).
+        method: "gptq" or "rtn" (the same grid, no error feedback: GPTQ's ablation).
+        keep: name, layer -> why the layer stays in floating point (e.g. a shape the layout cannot pack), or None.
+        true_sequential: re-run the block between groups of layers that read different inputs.
+        progress: one line per block on stderr.
+    """
+    prefix, blocks = decoder_blocks(model)
+    inputs = _catch_inputs(model, blocks, samples)
+    result = Calibrated(tokens=sum(int(s.numel()) for s in samples))
+    for b, block in enumerate(blocks):
+        linears = block_linears(block)
+        kept = {n: why for n, m in linears.items() if (why := keep(f"{prefix}.{b}.{n}", m))}
+        for n, why in kept.items():
+            w = linears[n].weight
+            result.report.append(LayerReport(f"{prefix}.{b}.{n}", tuple(w.shape), None, why))
+        todo = {n: m for n, m in linears.items() if n not in kept}
+        for step in _steps(block, todo, inputs, true_sequential) if todo else []:
+            hessians = {n: Hessian(todo[n].in_features, todo[n].weight.device) for n in step}
+            if method == "gptq":
+                handles = [todo[n].register_forward_pre_hook(lambda m, args, n=n: hessians[n].add(args[0]))
+                           for n in step]
+                try:
+                    _run_block(block, inputs)
+                finally:
+                    for h in handles:
+                        h.remove()
+            for n in step:
+                layer, full = todo[n], f"{prefix}.{b}.{n}"
+                w = layer.weight.data
+                if method == "gptq":
+                    q = gptq_quantize(w, hessians[n].H, settings, name=full).quantized
+                else:
+                    q = rtn(w.float(), settings.bits, settings.group_size, settings.sym)
+                approx = q.dequantize().to(w.device)
+                error = relative_error(w, approx, hessians[n].H) if method == "gptq" else None
+                layer.weight.data = approx.to(w.dtype)
+                result.layers[full] = q
+                result.report.append(LayerReport(full, tuple(w.shape), error))
+        outputs = _run_block(block, inputs)
+        inputs = [((out,) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
+        if progress:
+            print(f"quantize: block {b + 1}/{len(blocks)} ({len(todo)} layers, {len(kept)} kept)", file=sys.stderr)
+    return result
