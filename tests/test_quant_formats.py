@@ -204,27 +204,36 @@ def test_grid_codes_in_range_and_error_within_half_a_step(bits, sym):
 @pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
 def test_grid_all_zero_row_uses_minus_one_to_one(sym):
     scale, zero = grid_params(torch.zeros(2, 16), 4, sym)
-    assert torch.allclose(scale, torch.full((2,), 2 / 15))
+    assert torch.equal(scale, fp16_up(2 / 15, 2))
     q = quantize_codes(torch.zeros(2, 16), scale, zero, 4)
     assert torch.equal(q, zero[:, None].to(torch.int32).expand(2, 16))
     assert torch.equal(dequantize_codes(q, scale, zero), torch.zeros(2, 16))
 
 
+def fp16_up(value: float, n: int) -> torch.Tensor:
+    """``value`` rounded up to the next fp16 value, ``n`` times (scales are made fp16-exact, rounding up, so that
+    the checkpoint's fp16 scales are the ones the codes were chosen with): computed here from fp16's own spacing."""
+    half = torch.tensor(value, dtype=torch.float16)
+    if float(half) < value:
+        half = torch.nextafter(half, torch.tensor(float("inf"), dtype=torch.float16))
+    return half.float().repeat(n)
+
+
 def test_grid_widens_to_include_zero():
-    """Rows [2, 3] and [-3, -2] at 4 bits: the range becomes [0, 3] and [-3, 0], so scale = 3/15 = 0.2 and the
-    zero point is 0 and 15. Symmetric: [-3, 3] for the negative row; the positive row keeps xmin = 0 (the
+    """Rows [2, 3] and [-3, -2] at 4 bits: the range becomes [0, 3] and [-3, 0], so scale = 3/15 = 0.2 (made
+    fp16-exact, rounded up) and the zero point is 0 and 15. Symmetric: [-3, 3] for the negative row; the positive row keeps xmin = 0 (the
     reference mirrors xmin only when it is negative): scale = 3/15 with zero 8, so it reaches only 7 · 0.2 = 1.4."""
     w = torch.tensor([[2.0, 2.5, 3.0], [-3.0, -2.5, -2.0]])
     scale, zero = grid_params(w, 4, sym=False)
-    assert torch.allclose(scale, torch.tensor([0.2, 0.2])) and zero.tolist() == [0.0, 15.0]
+    assert torch.equal(scale, fp16_up(0.2, 2)) and zero.tolist() == [0.0, 15.0]
     q = quantize_codes(w, scale, zero, 4)
     assert bool(((dequantize_codes(q, scale, zero) - w).abs() <= scale[:, None] / 2 + 1e-6).all())
     assert dequantize_codes(zero.to(torch.int32)[:, None], scale, zero).tolist() == [[0.0], [0.0]]
 
     scale, zero = grid_params(w, 4, sym=True)
-    assert torch.allclose(scale, torch.tensor([0.2, 0.4])) and zero.tolist() == [8.0, 8.0]
+    assert torch.equal(scale, torch.cat([fp16_up(0.2, 1), fp16_up(0.4, 1)])) and zero.tolist() == [8.0, 8.0]
     assert torch.allclose(dequantize_codes(quantize_codes(w, scale, zero, 4), scale, zero)[0],
-                          torch.tensor([1.4, 1.4, 1.4]))
+                          7 * fp16_up(0.2, 3))
 
 
 # ---- RTN ----

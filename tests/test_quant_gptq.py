@@ -10,6 +10,7 @@ import torch
 
 from utils.quant.gptq import GPTQError, GPTQSettings, Hessian, gptq_quantize, relative_error
 from utils.quant.grid import maxq, rtn
+from utils.quant.packing import dequantize_gptq, pack_gptq
 
 
 def calibration(cols: int, tokens: int = 512, seed: int = 0) -> torch.Tensor:
@@ -57,7 +58,7 @@ def test_with_an_identity_hessian_gptq_is_rtn(group_size):
 def test_gptq_reconstructs_better_than_rtn_on_the_same_inputs(bits, group_size, act_order, static):
     x = calibration(128)
     H = hessian_of(x)
-    w = weight(48, 128)
+    w = weight(64, 128)  # both dimensions pack at every width (3-bit packs 32 values in 3 words)
     settings = GPTQSettings(bits=bits, group_size=group_size, act_order=act_order, static_groups=static,
                             block_size=64)
     result = gptq_quantize(w, H, settings)
@@ -69,6 +70,8 @@ def test_gptq_reconstructs_better_than_rtn_on_the_same_inputs(bits, group_size, 
     direct = torch.linalg.norm(x @ (w - q.dequantize()).t()) / torch.linalg.norm(x @ w.t())
     assert ours == pytest.approx(float(direct), rel=1e-3)
     assert ours < 0.9 * base, (ours, base)
+    # The checkpoint's fp16 scales rebuild exactly the weights GPTQ chose (scales are fp16-exact from the start).
+    assert torch.equal(dequantize_gptq(pack_gptq(q), bits), q.dequantize())
 
 
 def test_act_order_groups_are_runs_of_the_permuted_columns():

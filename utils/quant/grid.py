@@ -12,7 +12,9 @@ The rules are those of the reference implementation's ``Quantizer.find_params`` 
   ``zero`` reach only about half of ``xmax`` (values beyond are clamped) — kept, so GPTQ and RTN match the
   reference's grid exactly.
 
-Codes are ``clamp(round(w / scale) + zero, 0, maxq)``; rounding is torch's (half to even).
+Codes are ``clamp(round(w / scale) + zero, 0, maxq)``; rounding is torch's (half to even). One departure: every
+scale is rounded up to an fp16 value before codes are chosen (``fp16_ceil``), because the checkpoint stores fp16
+scales: the weights a loader rebuilds are then exactly the ones GPTQ's error feedback accounted for.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ BITS = (2, 3, 4, 8)
 def maxq(bits: int) -> int:
     """The largest code of a ``bits``-bit grid: ``2**bits - 1``."""
     return 2 ** bits - 1
+
+
+def fp16_ceil(x: Tensor) -> Tensor:
+    """The smallest fp16 value >= ``x`` (at least fp16's smallest subnormal), as float32.
+
+    The GPTQ checkpoint stores fp16 scales, so a scale is made fp16-exact before any code is chosen: the codes (and
+    GPTQ's error feedback) are then computed against the very scale a loader uses. Rounding up, not to nearest,
+    keeps the whole [xmin, xmax] range on the grid."""
+    half = x.to(torch.float16)
+    up = torch.nextafter(half, torch.full_like(half, float("inf")))
+    half = torch.where(half.to(torch.float32) < x, up, half)
+    return half.to(torch.float32).clamp(min=2.0 ** -24)
 
 
 def grid_params(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
@@ -46,7 +60,7 @@ def grid_params(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
-    scale = (xmax - xmin) / top
+    scale = fp16_ceil((xmax - xmin) / top)
     if sym:
         zero = torch.full_like(scale, (top + 1) / 2)
     else:
