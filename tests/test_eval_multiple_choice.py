@@ -6,6 +6,7 @@ prompt too long for the context loses its oldest shots, and a re-run is a no-op.
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -22,9 +23,7 @@ from utils.evaluation.choice_data import LETTERS, build_prompt, pick_shots, read
 
 def evaluate(out: Path, *flags: str) -> tuple[dict, list[dict]]:
     """eval/multiple_choice.py in this process, as its command line would run it: (report, predictions)."""
-    sys.path.insert(0, str(REPO / "eval"))
-    import multiple_choice
-
+    multiple_choice = importlib.import_module("eval.multiple_choice")  # eval/ is a namespace package of the root
     run(multiple_choice.main, [*flags, "--output_dir", str(out), "--noprogress"])
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
