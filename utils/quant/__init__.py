@@ -1,5 +1,6 @@
 """Quantization: the min-max grid GPTQ and RTN share (``grid``), GPTQ itself (``gptq``), the classic GPTQ checkpoint
 layout the ecosystem loads (``packing``: ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx`` and
 ``quantize_config.json``), the seeds' own quantizers kept as baselines (``baselines``: ChatGLM's per-row absmax
-int8/int4, LLMZoo's group-wise compression), and the dequantize-matmul kernels that run the packed layout (triton,
-with a torch fallback)."""
+int8/int4, LLMZoo's group-wise compression), GPTQ over a whole model block by block (``calibrate``), and the
+dequantize-matmul kernels that run the packed layout (``kernels``: triton on GPUs, torch's own int4 kernel on the
+CPU, a dequantize-then-matmul fallback)."""
