@@ -13,7 +13,8 @@ import pytest
 
 from utils.args import Group, StageArgs, counts, unfingerprinted
 
-STAGES = ["prepare_data", "finetune", "generate", "export_hf", "export_state_dict", "apply_delta", "eval.perplexity",
+STAGES = ["prepare_data", "finetune", "generate", "export_hf", "export_state_dict", "apply_delta", "quantize",
+          "eval.perplexity",
           "eval.multiple_choice", "eval.text_metrics"]
 INPUTS = {"base_model": {"config": "c0ffee", "weights": {}}, "data": "d00d"}
 
