@@ -26,8 +26,9 @@ $(VENV)/.installed: requirements.txt
 pipeline: $(VENV)/.installed
 	PY=$(PY) bash scripts/pipeline.sh
 
+# --durations: CI's log names the slowest tests, where its minutes go.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The inner loop while working (not the set-up command): everything but the slow and multi-process tiers.
 test-fast: $(VENV)/.installed
