@@ -294,7 +294,7 @@ def quantize(args: QuantizeArgs, plan, texts, held_out, out: Output, fp: str, in
     try:
         done = quantize_model(model, samples, settings, method=m.method, keep=keep,
                               true_sequential=m.true_sequential, progress=dest.progress)
-    except GPTQError as exc:
+    except (GPTQError, ValueError) as exc:  # a singular Hessian, non-finite weights: named by layer
         raise SuiteError(str(exc)) from None
     after = perplexity(model, tok, held_out, max_length=window, progress=False)
     with out.produce(fp, args=args.flags(), inputs=inputs, base_model=loaded.info) as st:

@@ -83,3 +83,11 @@ def test_every_layer_is_quantized_in_place(true_sequential):
         assert torch.equal(w, q.dequantize().to(w.dtype)) and not torch.equal(w, original[f"{name}.weight"])
         assert (w - original[f"{name}.weight"]).abs().max() < 0.02 * original[f"{name}.weight"].abs().max()
     assert torch.equal(model.model.embed_tokens.weight, original["model.embed_tokens.weight"])
+
+
+def test_a_non_finite_weight_is_named():
+    model, tok = load()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj: the weight holds NaN"):
+        quantize_model(model, calibration_samples(tok, stories()[:2], 16), GPTQSettings(bits=8), progress=False)

@@ -164,6 +164,9 @@ def quantize_model(model: Any, samples: Sequence[torch.Tensor], settings: GPTQSe
             for n in step:
                 layer, full = todo[n], f"{prefix}.{b}.{n}"
                 w = layer.weight.data
+                if not bool(torch.isfinite(w).all()):
+                    raise ValueError(f"{full}: the weight holds NaN or inf values; a grid cannot be fitted to them "
+                                     "(is the checkpoint damaged?)")
                 if method == "gptq":
                     q = gptq_quantize(w, hessians[n].H, settings, name=full).quantized
                 else:
