@@ -211,6 +211,9 @@ def main(
     plan = prepare(src.base_model or None, src.lora_weights or None, dtype="fp32", device="cpu",
                    trust_remote_code=src.trust_remote_code, allow_pickle_weights=src.allow_pickle_weights,
                    allow_base_mismatch=src.allow_base_mismatch)
+    if (plan.info.get("quantization") or "").startswith("gptq"):
+        raise UsageError(f"--base_model {plan.source.base} is already quantized (GPTQ); quantize its floating-point "
+                         "original (requantizing a quantized model is not supported yet)")
     if plan.source.method not in (None, "lora"):
         raise SuiteError(f"--lora_weights {plan.source.adapter}: a {plan.source.method} adapter cannot be merged into "
                          "its base; quantize the base model and load the adapter on it")

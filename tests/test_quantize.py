@@ -36,8 +36,8 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_gptq_4bit_checkpoint_of_stories260k(tmp_path):
-    """Slow: two runs of the stage as separate processes (load, calibrate five blocks, two perplexity runs), the
-    second being the no-op re-run that must not touch the output."""
+    """Slow: the stage as separate processes (load, calibrate five blocks, two perplexity runs; then the no-op
+    re-run that must not touch the output, and the refused second quantization) and generate.py on the output."""
     out = tmp_path / "q4"
     flags = ["--base_model", str(STORIES), "--output_dir", str(out), "--bits", "4", "--group_size", "32",
              "--act_order", "--data_path", str(STORY_FILE), "--nsamples", "16", "--seqlen", "128", "--noprogress"]
@@ -73,6 +73,14 @@ def test_gptq_4bit_checkpoint_of_stories260k(tmp_path):
     assert torch.equal(saved["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
     for excluded in kept:  # listed so that the ecosystem's GPTQ loaders leave them in floating point
         assert any(excluded.replace(".", "\\.") in rule for rule in qc.get("dynamic", {}))
+
+    # The output loads in generate.py (GPTQ layers, the MLP in floating point), and is not quantized twice.
+    gen = subprocess.run([sys.executable, "generate.py", "--base_model", str(out), "--prompt", "Once upon a time",
+                          "--max_new_tokens", "12"], cwd=REPO, capture_output=True, text=True)
+    assert gen.returncode == 0 and gen.stdout.strip() and "gptq-4bit" in gen.stderr, gen.stderr[-2000:]
+    twice = quantize("--base_model", str(out), "--output_dir", str(tmp_path / "qq"), "--data_path", str(STORY_FILE),
+                     check=False)
+    assert twice.returncode == 2 and "already quantized" in twice.stderr and not (tmp_path / "qq").exists()
 
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     again = quantize(*flags)

@@ -491,11 +491,15 @@ def prepare(base_model: str | None = None, lora_weights: str | None = None, *, p
     Raises:
         SuiteError: every problem found, at once.
     """
+    from utils.quant.checkpoint import gptq_settings, is_gptq_folder  # torch code: imported only when loading
+
     source = resolve_source(base_model, lora_weights)
     device = pick_device(device)
     flag = "--base_model" if base_model else "base model"
     tok_flag = "--lora_weights" if source.tokenizer_dir == source.adapter else flag
-    problems = check_model_dir(source.base, allow_pickle_weights, flag=flag)
+    gptq = is_gptq_folder(source.base)
+    problems = gptq_problems(source, flag, load_8bit, load_4bit, device_map) if gptq else \
+        check_model_dir(source.base, allow_pickle_weights, flag=flag)
     problems += tokenizer_problems(source.tokenizer_dir, flag=tok_flag) if Path(source.tokenizer_dir).is_dir() else []
     problems += template_problems(prompt_template)
     problems += device_problems(device, dtype) + quantization_problems(load_8bit, load_4bit)
@@ -520,11 +524,30 @@ def prepare(base_model: str | None = None, lora_weights: str | None = None, *, p
         "template": getattr(template, "name", None),
         "dtype": dtype_name,
         "device": device if device_map is None else f"device_map={device_map}",
-        "quantization": "8bit" if load_8bit else "4bit" if load_4bit else None,
+        "quantization": f"gptq-{gptq_settings(source.base)['bits']}bit" if gptq else
+        "8bit" if load_8bit else "4bit" if load_4bit else None,
         "model_id": Path(source.adapter or source.base).resolve().name,
     }
     return Plan(source, tokenizer, template, info, device, torch_dtype, kwargs, trust_remote_code,
                 allow_pickle_weights)
+
+
+def gptq_problems(source: ModelSource, flag: str, load_8bit: bool, load_4bit: bool,
+                  device_map: str | None) -> list[str]:
+    """What stops a GPTQ folder given as the base from loading: its config and weights (headers only), and the
+    options that do not apply to an already quantized model."""
+    from utils.quant.checkpoint import gptq_folder_problems
+
+    problems = gptq_folder_problems(source.base, flag)
+    if load_8bit or load_4bit:
+        problems.append(f"--load_{'8' if load_8bit else '4'}bit: {flag} {source.base} is already quantized (GPTQ); "
+                        "drop the flag")
+    if device_map is not None:
+        problems.append(f"--device_map: not supported for a GPTQ model ({flag} {source.base}); pass --device instead")
+    if source.adapter:
+        problems.append(f"--lora_weights {source.adapter}: adapters on a GPTQ base ({source.base}) are not supported "
+                        "yet; merge the adapter into the floating-point base before quantizing")
+    return problems
 
 
 def quantization_problems(load_8bit: bool, load_4bit: bool) -> list[str]:
@@ -590,14 +613,22 @@ def load_model(plan: Plan, log=None) -> Loaded:
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     source, kwargs, device = plan.source, plan.kwargs, plan.device
-    info = plan.info
+    info = dict(plan.info)
     log(f"loading {source.base}" + (f" + {source.method} adapter {source.adapter}" if source.adapter else "")
         + f" ({info['dtype']}, {'device map' if info['device'].startswith('device_map=') else device}"
-        + (", 8-bit" if info["quantization"] == "8bit" else ", 4-bit" if info["quantization"] == "4bit" else "") + ")")
+        + (", 8-bit" if info["quantization"] == "8bit" else ", 4-bit" if info["quantization"] == "4bit" else
+           f", {info['quantization']}" if info["quantization"] else "") + ")")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.base, dtype=plan.torch_dtype, trust_remote_code=plan.trust_remote_code, local_files_only=True,
-            use_safetensors=not plan.allow_pickle_weights, **kwargs)
+        if info["quantization"] and info["quantization"].startswith("gptq-"):
+            from utils.quant.checkpoint import load_gptq_model
+
+            model = load_gptq_model(source.base, device, plan.torch_dtype, plan.trust_remote_code)
+            log(f"GPTQ layers run on {model.gptq_backend}")
+            info["quantization_backend"] = model.gptq_backend
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.base, dtype=plan.torch_dtype, trust_remote_code=plan.trust_remote_code, local_files_only=True,
+                use_safetensors=not plan.allow_pickle_weights, **kwargs)
     except (OSError, ValueError) as exc:  # e.g. weights that do not match config.json
         raise SuiteError(f"base model {source.base}: cannot be loaded: {str(exc).strip().splitlines()[0][:400]}") \
             from None
@@ -615,7 +646,7 @@ def load_model(plan: Plan, log=None) -> Loaded:
             raise SuiteError(f"--lora_weights {source.adapter}: cannot be applied to {source.base}: "
                              f"{str(exc).splitlines()[0][:400]}") from None
     model.eval()
-    return Loaded(model, plan.tokenizer, plan.template, dict(info))
+    return Loaded(model, plan.tokenizer, plan.template, info)
 
 
 def load_for_inference(base_model: str | None = None, lora_weights: str | None = None, *,

@@ -158,6 +158,9 @@ def fast_path_problem(model: Any) -> str | None:
     if len({p.device for p in model.parameters()}) > 1:
         return "weights spread over several devices"
     for m in model.modules():
+        # GPTQ layers (ours, AutoGPTQ's QuantLinear) are not nn.Linear and have no .weight: the packed buffer says it.
+        if isinstance(getattr(m, "qweight", None), torch.Tensor):
+            return "quantized layers (GPTQ)"
         if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear:
             return f"{type(m).__name__} layers (quantized or adapted)"
         if getattr(m, "weight", None) is not None and isinstance(m.weight, torch.Tensor) \
