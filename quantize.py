@@ -72,6 +72,7 @@ class Method(Group):
     static_groups: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
+    modules: list[str] = ()
 
     def problems(self) -> list[str]:
         problems = []
@@ -153,6 +154,7 @@ def main(
     static_groups: bool = False,
     true_sequential: bool = True,
     damp_percent: float = 0.01,
+    modules: list[str] = (),
     data_path: str = "",
     field: str = "text",
     nsamples: int = 128,
@@ -182,6 +184,9 @@ def main(
         true_sequential: GPTQ: within a block, calibrate each group of layers on the outputs of the layers
             quantized before it.
         damp_percent: GPTQ: fraction of the Hessian's mean diagonal added to its diagonal.
+        modules: Quantize only the linear layers whose name matches one of these shell patterns, matched against
+            the full name or the name inside its block (e.g. 'self_attn.*' or '*.mlp.down_proj'); default: every
+            linear layer of the decoder blocks (embeddings and lm_head are never quantized).
         data_path: Calibration text: a plain-text file, or JSON / JSONL rows whose --field holds text.
         field: JSON / JSONL: the field of each row that holds text.
         nsamples: Calibration samples: slices of --seqlen tokens at random places (seeded) of the calibration text.
@@ -281,6 +286,7 @@ def quantize(args: QuantizeArgs, plan, texts, held_out, out: Output, fp: str, in
     if plan.source.adapter:
         model = model.merge_and_unload()  # LoRA / DoRA: W + BA, in memory (export_hf.py writes the same merge)
     model.eval()
+    selected = select_modules(model, m.modules)  # a pattern that matches nothing fails before calibration
     tok = loaded.tokenizer
     context = getattr(model.config, "max_position_embeddings", None) or cal.seqlen
     if cal.seqlen > context:
@@ -290,6 +296,8 @@ def quantize(args: QuantizeArgs, plan, texts, held_out, out: Output, fp: str, in
     before = perplexity(model, tok, held_out, max_length=window, progress=False)
 
     def keep(name, layer):
+        if name not in selected:
+            return "not selected by --modules"
         return packable(layer.in_features, layer.out_features, m.bits)
 
     settings = GPTQSettings(bits=m.bits, group_size=m.group_size, sym=m.sym, act_order=m.act_order,
@@ -306,6 +314,30 @@ def quantize(args: QuantizeArgs, plan, texts, held_out, out: Output, fp: str, in
         (st.dir / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         st.meta.update(quantization={"method": m.method, "bits": m.bits, "group_size": m.group_size})
     return report
+
+
+def select_modules(model, patterns) -> set[str]:
+    """The full names of the decoder blocks' linear layers that ``patterns`` select (all when there are none).
+
+    Raises:
+        UsageError: a pattern that matches no layer (listing the names inside a block).
+    """
+    from fnmatch import fnmatchcase
+
+    from utils.quant.calibrate import block_linears, decoder_blocks
+
+    prefix, blocks = decoder_blocks(model)
+    names = {f"{prefix}.{b}.{n}": n for b, block in enumerate(blocks) for n in block_linears(block)}
+    if not patterns:
+        return set(names)
+    unmatched = [p for p in patterns if not any(fnmatchcase(full, p) or fnmatchcase(short, p)
+                                                for full, short in names.items())]
+    if unmatched:
+        inside = sorted(set(names.values()))
+        raise UsageError(f"--modules {' '.join(unmatched)}: matches no linear layer of the decoder blocks; "
+                         f"the layers of a block are {', '.join(inside)} (under {prefix}.N.)")
+    return {full for full, short in names.items() if any(fnmatchcase(full, p) or fnmatchcase(short, p)
+                                                          for p in patterns)}
 
 
 def write_checkpoint(folder: Path, model, done, m: Method, dest: Destination, loaded) -> dict[str, int]:

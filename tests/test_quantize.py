@@ -88,7 +88,9 @@ def test_gptq_4bit_checkpoint_of_stories260k(tmp_path):
     assert json.loads((out / "pipeline.json").read_text())["stage"] == "quantize"
 
 
+@pytest.mark.slow
 def test_a_lora_adapter_is_merged_before_quantizing(tmp_path):
+    """Slow: the stage as a process (load, merge, calibrate), then peft's own merge to compare with."""
     base = tiny_model("llama", tmp_path / "tiny", width=64, intermediate=128, positions=256)
     adapter = peft_adapters(base, tmp_path / "adapters")["lora"]
     out = tmp_path / "q8"
@@ -118,3 +120,22 @@ def test_bad_arguments_are_reported_together_before_any_work(tmp_path):
     for word in ("--bits", "--group_size", "--damp_percent", "none.txt", "--act_order"):
         assert word in proc.stderr, word
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_modules_selects_the_layers_and_a_pattern_that_matches_nothing_is_refused(tmp_path):
+    """Slow: two runs of the stage as processes (the refusal needs the model's layer names, so it loads it)."""
+    base = tiny_model("llama", tmp_path / "tiny", width=64, intermediate=128, positions=256)
+    out = tmp_path / "q8"
+    common = ["--base_model", str(base), "--bits", "8", "--group_size", "-1", "--data_path", str(STORY_FILE),
+              "--nsamples", "4", "--seqlen", "64", "--noprogress"]
+    quantize(*common, "--output_dir", str(out), "--modules", "self_attn.q_proj", "*.mlp.down_proj")
+    report = json.loads((out / "quant_report.json").read_text())
+    quantized = sorted(r["name"].split(".", 3)[3] for r in report["layers"] if not r["kept"])
+    assert quantized == ["mlp.down_proj", "mlp.down_proj", "self_attn.q_proj", "self_attn.q_proj"]
+    assert {r["kept"] for r in report["layers"] if r["kept"]} == {"not selected by --modules"}
+    saved = tensors(out)
+    assert "model.layers.0.self_attn.q_proj.qweight" in saved and "model.layers.0.self_attn.k_proj.weight" in saved
+    proc = quantize(*common, "--output_dir", str(tmp_path / "bad"), "--modules", "attn.qkv", check=False)
+    assert proc.returncode == 2 and "--modules attn.qkv: matches no linear layer" in proc.stderr
+    assert "self_attn.q_proj" in proc.stderr and not (tmp_path / "bad").exists()
