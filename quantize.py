@@ -2,7 +2,8 @@
 
 Reads a Hugging Face model folder, an export_hf.py output, or a finetune.py output folder (a LoRA / DoRA adapter is
 merged into its base first, in memory); calibrates every linear layer of the decoder blocks one block at a time
-(``utils/quant/calibrate.py``) on ``--nsamples`` slices of ``--seqlen`` tokens of ``--data_path``; and writes:
+(``utils/quant/calibrate.py``) on ``--nsamples`` samples of ``--seqlen`` tokens of ``--data_path`` (rows of a
+prepare_data.py folder, rendered with the artifact's template as it was trained; or slices of a text); and writes:
 
     OUTPUT_DIR/model*.safetensors       qweight / qzeros / scales / g_idx per quantized layer, every other tensor as is
     OUTPUT_DIR/config.json              the model's config with its quantization_config (quant_method "gptq")
@@ -14,8 +15,8 @@ merged into its base first, in memory); calibrates every linear layer of the dec
 
 Layers whose shape the layout cannot pack (4-bit needs in/out multiples of 8, 3-bit of 32: stories260K's 172-wide
 MLP) stay in floating point, are listed in the config as excluded and in the report. Perplexity is measured with
-eval/perplexity.py's function on held-out text: --eval_data_path, or the documents of --data_path not used for
-calibration (its last tenth).
+eval/perplexity.py's function on held-out data: --eval_data_path, the validation split of a prepared folder, or
+the documents of a text --data_path not used for calibration (its last tenth).
 
 Example:
     python quantize.py --base_model ../shared/models/stories260K/hf --output_dir runs/q4 --bits 4 --group_size 32 \\
@@ -100,11 +101,13 @@ class Calibration(Group):
 
     def problems(self) -> list[str]:
         problems = []
-        for flag, value in (("--data_path", self.data_path), ("--eval_data_path", self.eval_data_path)):
-            if value and not Path(value).is_file():
-                problems.append(f"{flag} {value}: no such file")
+        if self.data_path and not Path(self.data_path).exists():
+            problems.append(f"--data_path {self.data_path}: no such file or folder")
+        if self.eval_data_path and not Path(self.eval_data_path).is_file():
+            problems.append(f"--eval_data_path {self.eval_data_path}: no such file")
         if not self.data_path:
-            problems.append("--data_path is required (calibration text: a text file, or JSON / JSONL rows)")
+            problems.append("--data_path is required (calibration data: a prepare_data.py folder, a text file, or "
+                            "JSON / JSONL rows)")
         if self.nsamples < 1:
             problems.append(f"--nsamples must be >= 1, got {self.nsamples}")
         if self.seqlen < 2:
@@ -187,7 +190,8 @@ def main(
         modules: Quantize only the linear layers whose name matches one of these shell patterns, matched against
             the full name or the name inside its block (e.g. 'self_attn.*' or '*.mlp.down_proj'); default: every
             linear layer of the decoder blocks (embeddings and lm_head are never quantized).
-        data_path: Calibration text: a plain-text file, or JSON / JSONL rows whose --field holds text.
+        data_path: Calibration data: a prepare_data.py folder (rows rendered with the artifact's template; held
+            out: its validation split), a plain-text file, or JSON / JSONL rows whose --field holds text.
         field: JSON / JSONL: the field of each row that holds text.
         nsamples: Calibration samples: slices of --seqlen tokens at random places (seeded) of the calibration text.
         seqlen: Tokens per calibration sample.
@@ -224,8 +228,8 @@ def main(
                          "its base; quantize the base model and load the adapter on it")
     if Path(plan.source.base).resolve() == Path(dest.output_dir).resolve():
         raise UsageError("--output_dir must not be the input model folder")
-    texts, held_out = calibration_texts(cal)
-    inputs = {"model": artifact_record(plan)["fingerprint"], "data": file_record(cal.data_path)["sha256"],
+    data = calibration_data(cal, plan)  # every problem with the data before the model is read
+    inputs = {"model": artifact_record(plan)["fingerprint"], "data": data.fingerprint,
               "eval": file_record(cal.eval_data_path)["sha256"] if cal.eval_data_path else None}
     fp = fingerprint(args, inputs)
     if out.up_to_date(fp):
@@ -233,47 +237,98 @@ def main(
               "nothing to do", file=sys.stderr)
         print(os.path.abspath(dest.output_dir))
         return
-    report = quantize(args, plan, texts, held_out, out, fp, inputs)
+    report = quantize(args, plan, data, out, fp, inputs)
     print(f"{STAGE}: {report['layers_quantized']} layers quantized, {report['layers_kept']} kept; perplexity "
           f"{report['ppl_before']:.4f} -> {report['ppl_after']:.4f} (delta {report['delta_ppl']:+.4f})", file=sys.stderr)
     print(os.path.abspath(dest.output_dir))
 
 
-def calibration_texts(cal: Calibration) -> tuple[list[str], list[str]]:
-    """(calibration documents, held-out documents)."""
+@dataclass
+class CalibrationData:
+    """The calibration samples (token ids) and the held-out documents (texts, or token ids of a prepared split)."""
+
+    samples: list
+    held_out_texts: list[str] | None
+    held_out_ids: list[list[int]] | None
+    fingerprint: str
+
+
+def calibration_data(cal: Calibration, plan) -> CalibrationData:
+    """From a prepare_data.py folder (rows rendered with the artifact's template, as it was trained: --nsamples rows
+    of its train split, seeded; held out: its validation split), or from text (--nsamples slices of --seqlen tokens
+    at seeded places; held out: the last tenth of the documents, or --eval_data_path).
+
+    Raises:
+        SuiteError: too few usable rows or tokens (saying how many), no held-out text.
+    """
+    import torch
+
     from utils.evaluation.perplexity import read_texts
 
+    held_texts = None
+    if cal.eval_data_path:
+        held_texts, _ = read_texts(cal.eval_data_path, cal.field, None, strict=False, flag="--eval_data_path")
+    if Path(cal.data_path).is_dir():
+        from utils.training.prepared import check_prepared, prepared_rows
+
+        info = check_prepared(cal.data_path, plan.source.tokenizer_dir)
+        rows = prepared_rows(cal.data_path, "train", "validation")
+        train = [ids for ids, _ in rows.get("train", []) if len(ids) >= 2]
+        if len(train) < cal.nsamples:
+            raise SuiteError(f"--data_path {cal.data_path}: {len(train)} usable training rows, fewer than "
+                             f"--nsamples {cal.nsamples}; lower --nsamples or prepare more data")
+        picked = random.Random(cal.seed).sample(range(len(train)), cal.nsamples)
+        samples = [torch.tensor(train[i][:cal.seqlen]) for i in picked]
+        held_ids = None if held_texts else [ids for ids, _ in rows.get("validation", [])]
+        if not held_texts and not held_ids:
+            raise SuiteError(f"--data_path {cal.data_path} has no validation split: give --eval_data_path for the "
+                             "report's perplexity (held-out text must not be calibrated on)")
+        return CalibrationData(samples, held_texts, held_ids, info.fingerprint or "")
     docs, bad = read_texts(cal.data_path, cal.field, None, strict=False, flag="--data_path")
     for reason, lines in bad.items():
         print(f"{STAGE}: --data_path: skipped {len(lines)} row(s), {reason}", file=sys.stderr)
-    if cal.eval_data_path:
-        held, _ = read_texts(cal.eval_data_path, cal.field, None, strict=False, flag="--eval_data_path")
-        return docs, held
-    if len(docs) < 2:
-        raise SuiteError("--data_path holds one document: give --eval_data_path for the report's perplexity "
-                         "(held-out text must not be calibrated on)")
-    cut = len(docs) - max(1, len(docs) // 10)
-    return docs[:cut], docs[cut:]
+    if held_texts is None:
+        if len(docs) < 2:
+            raise SuiteError("--data_path holds one document: give --eval_data_path for the report's perplexity "
+                             "(held-out text must not be calibrated on)")
+        cut = len(docs) - max(1, len(docs) // 10)
+        docs, held_texts = docs[:cut], docs[cut:]
+    samples = calibration_samples(plan.tokenizer, docs, cal.nsamples, cal.seqlen, cal.seed)
+    return CalibrationData(samples, held_texts, None, file_record(cal.data_path)["sha256"])
 
 
-def calibration_samples(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed: int):
-    """``nsamples`` slices of ``seqlen`` tokens at seeded random places of the joined calibration text."""
+def calibration_samples(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed: int) -> list:
+    """``nsamples`` slices of ``seqlen`` tokens (BOS first when the tokenizer has one) at seeded random places of
+    the joined calibration text."""
     import torch
 
     from utils.evaluation.perplexity import encode_documents
 
     ids = encode_documents(tokenizer, ["\n\n".join(texts)], add_bos=False)[0]
-    if len(ids) < seqlen:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    width = seqlen - len(bos)
+    if len(ids) < width:
         raise SuiteError(f"--data_path: the calibration text has {len(ids)} tokens, fewer than one --seqlen {seqlen} "
                          "sample; give more text or lower --seqlen")
     rng = random.Random(seed)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    starts = [rng.randrange(0, len(ids) - seqlen + len(bos) + 1) for _ in range(nsamples)]
-    return [torch.tensor(bos + ids[s:s + seqlen - len(bos)]) for s in starts]
+    starts = [rng.randrange(0, len(ids) - width + 1) for _ in range(nsamples)]
+    return [torch.tensor(bos + ids[s:s + width]) for s in starts]
 
 
-def quantize(args: QuantizeArgs, plan, texts, held_out, out: Output, fp: str, inputs: dict) -> dict:
-    from utils.evaluation.perplexity import perplexity
+def held_out_ppl(model, tok, data: CalibrationData, window: int) -> dict:
+    """Perplexity on the held-out documents (eval/perplexity.py's function; token rows scored one by one)."""
+    import math
+
+    from utils.evaluation.perplexity import perplexity, score_documents
+    from utils.evaluation.scoring import Scorer
+
+    if data.held_out_texts is not None:
+        return perplexity(model, tok, data.held_out_texts, max_length=window, progress=False)
+    result = score_documents(Scorer(model), data.held_out_ids, window, window, progress=False)
+    return {"ppl": math.exp(result.nll_sum / result.tokens_scored), "tokens_scored": result.tokens_scored}
+
+
+def quantize(args: QuantizeArgs, plan, data: CalibrationData, out: Output, fp: str, inputs: dict) -> dict:
     from utils.inference.loading import load_model
     from utils.quant.calibrate import quantize_model
     from utils.quant.gptq import GPTQError, GPTQSettings
@@ -291,9 +346,9 @@ def quantize(args: QuantizeArgs, plan, texts, held_out, out: Output, fp: str, in
     context = getattr(model.config, "max_position_embeddings", None) or cal.seqlen
     if cal.seqlen > context:
         raise SuiteError(f"--seqlen {cal.seqlen} exceeds the model's context of {context} tokens")
-    samples = calibration_samples(tok, texts, cal.nsamples, cal.seqlen, cal.seed)
+    samples = data.samples
     window = min(context, 2048)
-    before = perplexity(model, tok, held_out, max_length=window, progress=False)
+    before = held_out_ppl(model, tok, data, window)
 
     def keep(name, layer):
         if name not in selected:
@@ -307,7 +362,7 @@ def quantize(args: QuantizeArgs, plan, texts, held_out, out: Output, fp: str, in
                               true_sequential=m.true_sequential, progress=dest.progress)
     except (GPTQError, ValueError) as exc:  # a singular Hessian, non-finite weights: named by layer
         raise SuiteError(str(exc)) from None
-    after = perplexity(model, tok, held_out, max_length=window, progress=False)
+    after = held_out_ppl(model, tok, data, window)
     with out.produce(fp, args=args.flags(), inputs=inputs, base_model=loaded.info) as st:
         files = write_checkpoint(st.dir, model, done, m, dest, loaded)
         report = summary(done, m, before, after, files, st.dir, started, len(samples) * cal.seqlen)

@@ -139,3 +139,30 @@ def test_modules_selects_the_layers_and_a_pattern_that_matches_nothing_is_refuse
     proc = quantize(*common, "--output_dir", str(tmp_path / "bad"), "--modules", "attn.qkv", check=False)
     assert proc.returncode == 2 and "--modules attn.qkv: matches no linear layer" in proc.stderr
     assert "self_attn.q_proj" in proc.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_a_prepared_folder_calibrates_on_its_rows_and_is_scored_on_its_validation_split(tmp_path, gsm8k_prepared,
+                                                                                      capsys):
+    """Slow: a calibration of stories260K (five blocks) and two perplexity runs, in this process."""
+    import quantize as stage
+    from utils.cli import run
+    from utils.training.prepared import prepared_rows
+
+    data = gsm8k_prepared(40, "--val_set_size", "8", "--cutoff_len", "256")
+    out = tmp_path / "q8"
+    common = ["--base_model", str(STORIES), "--bits", "8", "--group_size", "-1", "--data_path", str(data),
+              "--seqlen", "128", "--noprogress"]
+    run(stage.main, [*common, "--output_dir", str(out), "--nsamples", "16"])
+    report = json.loads((out / "quant_report.json").read_text())
+    validation = prepared_rows(data, "validation")["validation"]
+    assert report["eval_tokens"] == sum(len(ids) - 1 for ids, _ in validation)  # every row scored on its own
+    assert report["calibration_tokens"] == 16 * 128 and report["layers_quantized"] == 35
+    meta = json.loads((out / "pipeline.json").read_text())
+    assert meta["inputs"]["data"] == json.loads((data / "pipeline.json").read_text())["fingerprint"]
+    train = len(prepared_rows(data, "train")["train"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run(stage.main, [*common, "--output_dir", str(tmp_path / "too_few"), "--nsamples", "500"])
+    assert stop.value.code == 1
+    assert f"{train} usable training rows, fewer than --nsamples 500" in capsys.readouterr().err
