@@ -44,6 +44,8 @@ from utils.evaluation.stage import artifact_record, file_record
 from utils.inference.loading import prepare
 
 STAGE = "quantize"
+#: The tokenizer files that define which token an id is (utils.artifacts.TOKENIZER_FILES less the configuration).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json")
 _PERMISSION = "a permission: it only allows what is otherwise refused"
 
 
@@ -269,9 +271,19 @@ def calibration_data(cal: Calibration, plan) -> CalibrationData:
     if cal.eval_data_path:
         held_texts, _ = read_texts(cal.eval_data_path, cal.field, None, strict=False, flag="--eval_data_path")
     if Path(cal.data_path).is_dir():
-        from utils.training.prepared import check_prepared, prepared_rows
+        from utils.artifacts import read_output, tokenizer_fingerprint
+        from utils.training.prepared import prepared_rows
 
-        info = check_prepared(cal.data_path, plan.source.tokenizer_dir)
+        info = read_output(cal.data_path)
+        if info is None or info.stage != "prepare_data" or not info.complete:
+            raise SuiteError(f"--data_path {cal.data_path}: a folder that is not a complete prepare_data.py output")
+        # The ids must mean the same tokens: the files that define the vocabulary must match. The tokenizer's
+        # config may differ (an export adds its chat template there); calibration reads ids, not rendered text.
+        ours, theirs = tokenizer_fingerprint(plan.source.tokenizer_dir), info.base_model.get("tokenizer_files") or {}
+        vocabulary = [f for f in VOCAB_FILES if f in ours or f in theirs]
+        if not vocabulary or any(ours.get(f) != theirs.get(f) for f in vocabulary):
+            raise SuiteError(f"--data_path {cal.data_path} was tokenized with another vocabulary "
+                             f"({info.base_model.get('path')}) than the model's ({plan.source.tokenizer_dir})")
         rows = prepared_rows(cal.data_path, "train", "validation")
         train = [ids for ids, _ in rows.get("train", []) if len(ids) >= 2]
         if len(train) < cal.nsamples:

@@ -5,7 +5,8 @@
 # tuned one's. Each stage is a separate process reading the previous stage's output folder; re-running
 # is a no-op. Diagnostics go to stderr, the answers and the closing summary to stdout.
 # Environment: PY (python), RUN_DIR (outputs, default runs/demo), SHARED (default ../shared).
-# Usage: scripts/pipeline.sh [STAGE ...]: given stage names (data, score, finetune, generate, export, serve, eval), runs
+# Usage: scripts/pipeline.sh [STAGE ...]: given stage names (data, score, finetune, generate, export, serve, eval,
+# quantize), runs
 # only those, in that order, without the summary; e.g. `scripts/pipeline.sh finetune` re-runs one stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ QUESTION="Tom has 3 apples and buys 2 more. How many apples does he have?"
 # 40 steps of 16 examples (640 of the 5,291 training examples) take about two minutes on 2 CPU cores and
 # move the model from stories to worked arithmetic; the validation loss flattens after about 100 steps.
 STEPS=40
-STAGES=(data score finetune generate export serve eval)
+STAGES=(data score finetune generate export serve eval quantize)
 
 stage_data() {
     echo "== 1. prepare data: GSM8K (alpaca format) -> tokenized, masked train/validation split" >&2
@@ -72,11 +73,12 @@ stage_export() {
     echo "merged generation: $MERGED_ANSWER"
 }
 
-stage_serve() {
-    echo "== 6. serve: the tuned adapter behind the OpenAI API (serve.py), asked the same question through the" \
-        "official openai client" >&2
-    local log="$RUN_DIR/serve.log" port="" pid
-    "$PY" serve.py --lora_weights "$RUN_DIR/lora" --model_name tuned --port 0 2> "$log" &
+# ask_served LOG MODEL_FLAGS...: start serve.py on the model, ask QUESTION through the official openai client, stop
+# the server (SIGTERM: it drains and exits 0); the answer goes to stdout.
+ask_served() {
+    local log="$1" port="" pid
+    shift
+    "$PY" serve.py "$@" --model_name tuned --port 0 > "$log" 2>&1 &  # not into the caller's $(...)
     pid=$!
     for _ in $(seq 1 600); do  # the port is announced once the model is loaded
         port=$(sed -n 's/^serve: serving .* at http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log")
@@ -84,7 +86,7 @@ stage_serve() {
         sleep 0.2
     done
     if [ -z "$port" ]; then cat "$log" >&2; echo "pipeline.sh: serve.py did not start" >&2; exit 1; fi
-    SERVED_ANSWER=$("$PY" - "$port" "$QUESTION" <<'PY'
+    "$PY" - "$port" "$QUESTION" <<'PY'
 import sys
 from openai import OpenAI
 client = OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="none")
@@ -92,9 +94,14 @@ reply = client.chat.completions.create(model="tuned", messages=[{"role": "user",
                                        max_tokens=40, temperature=0)
 print(reply.choices[0].message.content)
 PY
-)
     kill -TERM "$pid"
     wait "$pid"  # drains and exits 0
+}
+
+stage_serve() {
+    echo "== 6. serve: the tuned adapter behind the OpenAI API (serve.py), asked the same question through the" \
+        "official openai client" >&2
+    SERVED_ANSWER=$(ask_served "$RUN_DIR/serve.log" --lora_weights "$RUN_DIR/lora")
     echo "served generation: $SERVED_ANSWER"
 }
 
@@ -128,6 +135,17 @@ PY
         --output_dir "$RUN_DIR/ppl-tuned" > /dev/null
 }
 
+stage_quantize() {
+    echo "== 8. quantize: the merged model to GPTQ 4-bit (group 32, act-order; calibrated on the training rows," \
+        "scored on the validation split), then generate from it and serve it" >&2
+    "$PY" quantize.py --base_model "$RUN_DIR/merged" --output_dir "$RUN_DIR/gptq" --bits 4 --group_size 32 \
+        --act_order --data_path "$RUN_DIR/data" --nsamples 64 --seqlen 256
+    QUANT_ANSWER=$("$PY" generate.py --base_model "$RUN_DIR/gptq" --max_new_tokens 40 --instruction "$QUESTION")
+    echo "quantized generation: $QUANT_ANSWER"
+    QUANT_SERVED=$(ask_served "$RUN_DIR/serve-gptq.log" --base_model "$RUN_DIR/gptq")
+    echo "served quantized generation: $QUANT_SERVED"
+}
+
 if [ $# -gt 0 ]; then
     for stage in "$@"; do  # every name checked before any work
         if [[ ! "$stage" =~ ^[a-z]+$ || ! " ${STAGES[*]} " == *" $stage "* ]]; then
@@ -145,12 +163,13 @@ for stage in "${STAGES[@]}"; do
 done
 
 echo "== summary" >&2
-"$PY" - "$RUN_DIR" "$BASE" "$QUESTION" "$BASE_ANSWER" "$TUNED_ANSWER" "$MERGED_ANSWER" "$SERVED_ANSWER" <<'PY'
+"$PY" - "$RUN_DIR" "$BASE" "$QUESTION" "$BASE_ANSWER" "$TUNED_ANSWER" "$MERGED_ANSWER" "$SERVED_ANSWER" \
+    "$QUANT_ANSWER" "$QUANT_SERVED" <<'PY'
 """What the run learned, read from the stages' own output files, and where everything is."""
 import json, sys
 from pathlib import Path
 
-run, base, question, base_answer, tuned_answer, merged_answer, served_answer = sys.argv[1:]
+run, base, question, base_answer, tuned_answer, merged_answer, served_answer, quant_answer, quant_served = sys.argv[1:]
 run = Path(run)
 before = json.loads((run / "base_eval.json").read_text(encoding="utf-8"))
 records = [json.loads(line) for line in (run / "lora" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
@@ -178,11 +197,17 @@ ppl = {k: json.loads((run / f"ppl-{k}" / "report.json").read_text(encoding="utf-
 print(f"perplexity on held-out GSM8K answers ({ppl['base']['tokens_scored']} tokens, eval/perplexity.py): "
       f"base {ppl['base']['ppl']:.2f} -> tuned {ppl['tuned']['ppl']:.2f} "
       f"(bits per byte {ppl['base']['bits_per_byte']:.3f} -> {ppl['tuned']['bits_per_byte']:.3f})")
+quant = json.loads((run / "gptq" / "quant_report.json").read_text(encoding="utf-8"))
+print(f"GPTQ 4-bit (quantize.py, {quant['layers_quantized']} layers; {quant['layers_kept']} the layout cannot pack "
+      f"kept): validation perplexity {quant['ppl_before']:.3f} -> {quant['ppl_after']:.3f} "
+      f"(delta {quant['delta_ppl']:+.3f})")
+print(f"  quantized model:  {show(quant_answer)}")
+print(f"  served quantized model gives the same answer: {'yes' if quant_served == quant_answer else 'NO'}")
 print("artifacts:")
 for what, path in [("prepared data and its report", run / "data"), ("base model's validation score", run / "base_eval.json"),
                    ("LoRA adapter, metrics.jsonl", run / "lora"), ("training curve", run / "lora" / "loss.png"),
                    ("Vicuna-80 answers", run / "answers.jsonl"), ("merged model", run / "merged"),
-                   ("perplexity reports", run / "ppl-tuned")]:
+                   ("perplexity reports", run / "ppl-tuned"), ("GPTQ 4-bit model", run / "gptq")]:
     if path.exists():
         print(f"  {what + ':':32} {path}")
 print("next:")

@@ -91,6 +91,17 @@ def test_readme_pipeline_command_runs_end_to_end(tmp_path):
     printed = summary_value(out, "perplexity on held-out GSM8K answers")
     assert f"base {ppl['base']['ppl']:.2f} -> tuned {ppl['tuned']['ppl']:.2f}" in printed, printed
 
+    # Then the merged model is quantized (GPTQ 4-bit), generated from and served; the report's delta is printed.
+    gptq = run_dir / "gptq"
+    quant = json.loads((gptq / "quant_report.json").read_text())
+    assert json.loads((gptq / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert quant["layers_quantized"] == 20 and 0 <= quant["delta_ppl"] < 0.2 * quant["ppl_before"]
+    printed = summary_value(out, "GPTQ 4-bit")
+    assert f"{quant['ppl_before']:.3f} -> {quant['ppl_after']:.3f}" in printed, printed
+    quant_answer = summary_value(out, "quantized model:")
+    assert quant_answer and "(empty)" != quant_answer and f"quantized generation: {quant_answer}" in out
+    assert summary_value(out, "served quantized model gives the same answer:") == "yes"
+
     # Where everything is, and what to run next.
     for path in (data, run_dir / "base_eval.json", lora, lora / "loss.png", run_dir / "answers.jsonl", merged):
         assert path.exists() and f" {path}\n" in out, path
