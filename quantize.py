@@ -42,25 +42,12 @@ from utils.cli import parse_size, run
 from utils.errors import SuiteError, UsageError
 from utils.evaluation.stage import artifact_record, file_record
 from utils.inference.loading import prepare
+from utils.inference.options import ModelInput
 
 STAGE = "quantize"
 #: The tokenizer files that define which token an id is (utils.artifacts.TOKENIZER_FILES less the configuration).
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json")
 _PERMISSION = "a permission: it only allows what is otherwise refused"
-
-
-@dataclass(frozen=True)
-class Source(Group):
-    """The model to quantize (an adapter is merged into its base first)."""
-
-    base_model: str = unfingerprinted("", why="counts as what it resolves to (the model's hashes among the inputs)")
-    lora_weights: str = unfingerprinted("", why="counts as what it resolves to (the adapter's hashes among the inputs)")
-    trust_remote_code: bool = unfingerprinted(False, why=_PERMISSION)
-    allow_pickle_weights: bool = unfingerprinted(False, why=_PERMISSION)
-    allow_base_mismatch: bool = unfingerprinted(False, why=_PERMISSION)
-
-    def problems(self) -> list[str]:
-        return [] if self.base_model or self.lora_weights else ["--base_model or --lora_weights is required"]
 
 
 @dataclass(frozen=True)
@@ -137,7 +124,7 @@ class Destination(Group):
 class QuantizeArgs(StageArgs):
     STAGE = STAGE
 
-    source: Source
+    source: ModelInput
     method: Method
     calibration: Calibration
     destination: Destination

@@ -20,24 +20,31 @@ _PERMISSION = "a permission: it only allows what is otherwise refused"
 
 
 @dataclass(frozen=True)
-class ModelLoading(Group):
-    """Which model to load and how (utils.inference.loading.prepare's arguments): what every stage that runs a
-    model shares (generation adds its decode path, ``Loading``)."""
+class ModelInput(Group):
+    """Which model: a folder, an adapter or finetune output, and the permissions reading them may need (what
+    quantize.py takes; the stages that run a model add how to load it, ``ModelLoading``)."""
 
     base_model: str = unfingerprinted("", why=_RESOLVED)
     lora_weights: str = unfingerprinted("", why=_RESOLVED)
-    load_8bit: bool = False
-    load_4bit: bool = False
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = unfingerprinted("auto", why=_RESOLVED)
-    device: str = unfingerprinted("auto", why=_PLACEMENT)
-    device_map: Literal["auto", "balanced", "sequential"] | None = unfingerprinted(None, why=_PLACEMENT)
-    max_memory: str | None = unfingerprinted(None, why=_PLACEMENT)
     trust_remote_code: bool = unfingerprinted(False, why=_PERMISSION)
     allow_pickle_weights: bool = unfingerprinted(False, why=_PERMISSION)
     allow_base_mismatch: bool = unfingerprinted(False, why=_PERMISSION)
 
     def problems(self) -> list[str]:
         return [] if self.base_model or self.lora_weights else ["--base_model or --lora_weights is required"]
+
+
+@dataclass(frozen=True)
+class ModelLoading(ModelInput):
+    """Which model to load and how (utils.inference.loading.prepare's arguments): what every stage that runs a
+    model shares (generation adds its decode path, ``Loading``)."""
+
+    load_8bit: bool = False
+    load_4bit: bool = False
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = unfingerprinted("auto", why=_RESOLVED)
+    device: str = unfingerprinted("auto", why=_PLACEMENT)
+    device_map: Literal["auto", "balanced", "sequential"] | None = unfingerprinted(None, why=_PLACEMENT)
+    max_memory: str | None = unfingerprinted(None, why=_PLACEMENT)
 
 
 @dataclass(frozen=True)
