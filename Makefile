@@ -26,10 +26,12 @@ $(VENV)/.installed: requirements.txt
 pipeline: $(VENV)/.installed
 	PY=$(PY) bash scripts/pipeline.sh
 
-# --durations: CI's log names the slowest tests, where its minutes go.
+# --durations: CI's log names the slowest tests, where its minutes go. Two workers (pytest-xdist), a test file
+# per worker (--dist loadfile: a file's module fixtures, such as a trained run its tests share, are built once):
+# much of a test's time is a single-threaded subprocess starting up, so the second core would otherwise idle.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # The inner loop while working (not the set-up command): everything but the slow and multi-process tiers.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow and not multiprocess" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not multiprocess" tests

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from utils.args import Group, StageArgs, unfingerprinted
 from utils.artifacts import Output, sha256_json
@@ -50,31 +50,84 @@ VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", 
 _PERMISSION = "a permission: it only allows what is otherwise refused"
 
 
+#: Every --method, by family: the GPTQ layout (calibrated; rtn is its ablation), the seeds' own quantizers
+#: (ChatGLM's per-row absmax, LLMZoo's group-wise; data-free, measured on the calibration inputs), bitsandbytes
+#: (pre-quantized folders) and GGUF (llama.cpp).
+GPTQ_LAYOUT = ("gptq", "rtn")
+SEEDS = ("int8_row", "int4_row", "groupwise")
+BNB = ("bnb_nf4", "bnb_fp4", "bnb_int8")
+METHODS = GPTQ_LAYOUT + SEEDS + BNB + ("gguf",)
+#: Each method's defaults for the flags whose meaning (or use) depends on the method.
+DEFAULT_BITS = {"gptq": 4, "rtn": 4, "int8_row": 8, "int4_row": 4, "groupwise": 8}
+DEFAULT_GROUP_SIZE = {"gptq": 128, "rtn": 128, "groupwise": 256}  # groupwise: LLMZoo's CompressionConfig
+DEFAULT_SYM = {"gptq": False, "rtn": False, "groupwise": True}  # LLMZoo's default is symmetric
+
+
 @dataclass(frozen=True)
 class Method(Group):
-    """The quantizer and its grid."""
+    """The quantizer and its grid. The flags left at None take the method's own default (``resolved``)."""
 
-    method: Literal["gptq", "rtn"] = "gptq"
-    bits: int = 4
-    group_size: int = 128
+    method: Literal["gptq", "rtn", "int8_row", "int4_row", "groupwise", "bnb_nf4", "bnb_fp4", "bnb_int8",
+                    "gguf"] = "gptq"
+    bits: int | None = None
+    group_size: int | None = None
+    group_dim: int = 1
     act_order: bool = False
-    sym: bool = False
+    sym: bool | None = None
     static_groups: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
     modules: list[str] = ()
+    double_quant: bool = True
+    gguf_type: Literal["f16", "q8_0"] | None = None
+
+    def resolved(self) -> dict:
+        """bits, group_size, sym and gguf_type as this method uses them (None where they do not apply)."""
+        return {"bits": self.bits if self.bits is not None else DEFAULT_BITS.get(self.method),
+                "group_size": self.group_size if self.group_size is not None else
+                DEFAULT_GROUP_SIZE.get(self.method),
+                "sym": self.sym if self.sym is not None else DEFAULT_SYM.get(self.method),
+                "gguf_type": (self.gguf_type or "q8_0") if self.method == "gguf" else None}
 
     def problems(self) -> list[str]:
-        problems = []
-        if self.bits not in (2, 3, 4, 8):
-            problems.append(f"--bits must be 2, 3, 4 or 8, got {self.bits}")
-        if self.group_size == 0 or self.group_size < -1:
-            problems.append(f"--group_size must be -1 (one group per output row) or positive, got {self.group_size}")
+        problems, m, r = [], self.method, self.resolved()
+
+        def only(flag: str, given: bool, methods: tuple[str, ...]) -> None:
+            if given and m not in methods:
+                problems.append(f"--{flag} applies to --method {' / '.join(methods)}, not {m}")
+
+        only("bits", self.bits is not None, GPTQ_LAYOUT + SEEDS)
+        only("group_size", self.group_size is not None, GPTQ_LAYOUT + ("groupwise",))
+        only("sym", self.sym is not None, GPTQ_LAYOUT + ("groupwise",))
+        only("act_order", self.act_order, ("gptq",))
+        only("static_groups", self.static_groups, ("gptq",))
+        only("damp_percent", self.damp_percent != 0.01, ("gptq",))
+        only("group_dim", self.group_dim != 1, ("groupwise",))
+        only("double_quant", not self.double_quant, ("bnb_nf4", "bnb_fp4"))
+        only("gguf_type", self.gguf_type is not None, ("gguf",))
+        only("modules", bool(self.modules), GPTQ_LAYOUT + SEEDS + BNB)
+        bits, group_size = r["bits"], r["group_size"]
+        if m in GPTQ_LAYOUT and bits not in (2, 3, 4, 8):
+            problems.append(f"--bits must be 2, 3, 4 or 8, got {bits}")
+        if m in ("int8_row", "int4_row") and bits != DEFAULT_BITS[m]:
+            problems.append(f"--method {m} quantizes to {DEFAULT_BITS[m]} bits; --bits {bits} contradicts it")
+        if m == "groupwise" and not 2 <= bits <= 8:
+            problems.append(f"--bits must lie in 2..8 for groupwise (one code per byte), got {bits}")
+        if group_size is not None and (group_size == 0 or group_size < -1):
+            problems.append(f"--group_size must be -1 (one group per output row) or positive, got {group_size}")
+        if self.group_dim not in (0, 1):
+            problems.append(f"--group_dim must be 0 (output rows) or 1 (input columns), got {self.group_dim}")
         if not 0 < self.damp_percent < 1:
             problems.append(f"--damp_percent must be between 0 and 1, got {self.damp_percent}")
-        if self.method == "rtn" and (self.act_order or self.static_groups):
-            problems.append("--act_order and --static_groups are GPTQ's options (rtn has no column order)")
+        if self.static_groups and not self.act_order:
+            problems.append("--static_groups fits the groups before reordering the columns: it needs --act_order")
         return problems
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method quantizes the decoder blocks' layers one by one on calibration inputs (the GPTQ
+        layout and the seeds' quantizers); bitsandbytes and GGUF quantize the whole model at once, data-free."""
+        return self.method in GPTQ_LAYOUT + SEEDS
 
 
 @dataclass(frozen=True)
@@ -83,6 +136,7 @@ class Calibration(Group):
 
     data_path: str = unfingerprinted("", why="counts as its content (the file's hash among the inputs)")
     field: str = "text"
+    prompt_template: str = ""
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
@@ -94,9 +148,6 @@ class Calibration(Group):
             problems.append(f"--data_path {self.data_path}: no such file or folder")
         if self.eval_data_path and not Path(self.eval_data_path).is_file():
             problems.append(f"--eval_data_path {self.eval_data_path}: no such file")
-        if not self.data_path:
-            problems.append("--data_path is required (calibration data: a prepare_data.py folder, a text file, or "
-                            "JSON / JSONL rows)")
         if self.nsamples < 1:
             problems.append(f"--nsamples must be >= 1, got {self.nsamples}")
         if self.seqlen < 2:
@@ -129,6 +180,18 @@ class QuantizeArgs(StageArgs):
     calibration: Calibration
     destination: Destination
 
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        cal = self.calibration
+        if self.method.calibrated and not cal.data_path:
+            problems.append(f"--data_path is required for --method {self.method.method} (calibration data: a "
+                            "prepare_data.py folder, data files as finetune.py reads them, a text file, or JSON / "
+                            "JSONL rows with a --field of text)")
+        elif not (cal.data_path or cal.eval_data_path):
+            problems.append(f"--method {self.method.method} needs no calibration, but the report's perplexity needs "
+                            "held-out text: give --eval_data_path (or --data_path)")
+        return problems
+
 
 Args = QuantizeArgs
 
@@ -138,17 +201,22 @@ def main(
     lora_weights: str = "",
     *,
     output_dir: str = "",
-    method: Literal["gptq", "rtn"] = "gptq",
-    bits: int = 4,
-    group_size: int = 128,
+    method: Literal["gptq", "rtn", "int8_row", "int4_row", "groupwise", "bnb_nf4", "bnb_fp4", "bnb_int8",
+                    "gguf"] = "gptq",
+    bits: int | None = None,
+    group_size: int | None = None,
+    group_dim: int = 1,
     act_order: bool = False,
-    sym: bool = False,
+    sym: bool | None = None,
     static_groups: bool = False,
     true_sequential: bool = True,
     damp_percent: float = 0.01,
     modules: list[str] = (),
+    double_quant: bool = True,
+    gguf_type: Literal["f16", "q8_0"] | None = None,
     data_path: str = "",
     field: str = "text",
+    prompt_template: str = "",
     nsamples: int = 128,
     seqlen: int = 512,
     seed: int = 0,
@@ -160,31 +228,42 @@ def main(
     allow_pickle_weights: bool = False,
     allow_base_mismatch: bool = False,
 ) -> None:
-    """Quantize a model, merged fine-tune or finetune.py output folder with GPTQ (or RTN) into the GPTQ layout.
+    """Quantize a model, merged fine-tune or finetune.py output folder, and report what it cost in perplexity.
 
     Args:
         base_model: Local model folder, or a finetune.py output folder (its base and adapter are used).
         lora_weights: A LoRA / DoRA adapter folder or finetune.py output folder, merged into its base first.
         output_dir: Where the quantized model goes (written to a temporary folder, then renamed).
         method: gptq (error feedback from calibration inputs) or rtn (round to nearest on the same grid: the
-            ablation).
-        bits: Bits per weight: 2, 3, 4 or 8.
-        group_size: Input columns sharing a scale and zero point (-1: one per output row).
+            ablation), both in the GPTQ checkpoint layout; int8_row / int4_row (ChatGLM's per-row absmax) or
+            groupwise (LLMZoo's compression.py); bnb_nf4 / bnb_fp4 / bnb_int8 (a pre-quantized bitsandbytes
+            folder); gguf (a llama.cpp file, see --gguf_type).
+        bits: gptq / rtn: 2, 3, 4 or 8 (default 4); groupwise: 2..8 (default 8); int8_row / int4_row: implied.
+        group_size: Input columns sharing a scale and zero point, -1 for one group per output row (gptq / rtn:
+            default 128; groupwise: elements per group along --group_dim, default 256).
+        group_dim: groupwise: the weight dimension split into groups (1: input columns, 0: output rows).
         act_order: GPTQ: quantize columns in order of decreasing Hessian diagonal (desc_act).
-        sym: A symmetric grid (zero point in the middle) instead of min-max.
+        sym: A symmetric grid (zero point in the middle) instead of min-max (default: asymmetric for gptq / rtn,
+            symmetric for groupwise, as LLMZoo).
         static_groups: GPTQ with --act_order: fit every group's grid up front, on the original column order.
-        true_sequential: GPTQ: within a block, calibrate each group of layers on the outputs of the layers
+        true_sequential: Within a block, calibrate (and measure) each group of layers on the outputs of the layers
             quantized before it.
         damp_percent: GPTQ: fraction of the Hessian's mean diagonal added to its diagonal.
         modules: Quantize only the linear layers whose name matches one of these shell patterns, matched against
             the full name or the name inside its block (e.g. 'self_attn.*' or '*.mlp.down_proj'); default: every
             linear layer of the decoder blocks (embeddings and lm_head are never quantized).
-        data_path: Calibration data: a prepare_data.py folder (rows rendered with the artifact's template; held
-            out: its validation split), a plain-text file, or JSON / JSONL rows whose --field holds text.
-        field: JSON / JSONL: the field of each row that holds text.
-        nsamples: Calibration samples: slices of --seqlen tokens at random places (seeded) of the calibration text.
+        double_quant: bnb_nf4 / bnb_fp4: also quantize the quantization constants.
+        gguf_type: gguf: f16, or q8_0 (default; tensors whose rows are not a multiple of 32 stay f16).
+        data_path: Calibration data: a prepare_data.py folder (held out: its validation split); data files in a
+            format finetune.py reads (alpaca, sharegpt, openai, moss, pair: rendered with the artifact's template,
+            as it was trained); a plain-text file; or JSON / JSONL rows whose --field holds text.
+        field: JSON / JSONL text rows: the field of each row that holds text.
+        prompt_template: Template for data files in a chat / instruction format (default: the artifact's own,
+            else the format's default as prepare_data.py picks it).
+        nsamples: Calibration samples: rows of a prepared folder or data files (seeded pick, each cut to
+            --seqlen), or slices of --seqlen tokens at seeded random places of a text.
         seqlen: Tokens per calibration sample.
-        seed: Seed for the slices.
+        seed: Seed for the pick.
         eval_data_path: Held-out text for the report's perplexity (default: the last tenth of --data_path's
             documents, which calibration then does not use).
         max_shard_size: Largest safetensors file, e.g. 2GB or 500MB.
@@ -207,17 +286,17 @@ def main(
     src = args.source
     # fp32 on the CPU: calibration needs the full-precision weights (the stage writes fp16 scales either way).
     plan = prepare(src.base_model or None, src.lora_weights or None, dtype="fp32", device="cpu",
-                   trust_remote_code=src.trust_remote_code, allow_pickle_weights=src.allow_pickle_weights,
-                   allow_base_mismatch=src.allow_base_mismatch)
-    if (plan.info.get("quantization") or "").startswith("gptq"):
-        raise UsageError(f"--base_model {plan.source.base} is already quantized (GPTQ); quantize its floating-point "
-                         "original (requantizing a quantized model is not supported yet)")
+                   prompt_template=cal.prompt_template or None, trust_remote_code=src.trust_remote_code,
+                   allow_pickle_weights=src.allow_pickle_weights, allow_base_mismatch=src.allow_base_mismatch)
+    if plan.info.get("quantization"):
+        raise UsageError(f"--base_model {plan.source.base} is already quantized ({plan.info['quantization']}); "
+                         "quantize its floating-point original")
     if plan.source.method not in (None, "lora"):
         raise SuiteError(f"--lora_weights {plan.source.adapter}: a {plan.source.method} adapter cannot be merged into "
                          "its base; quantize the base model and load the adapter on it")
     if Path(plan.source.base).resolve() == Path(dest.output_dir).resolve():
         raise UsageError("--output_dir must not be the input model folder")
-    data = calibration_data(cal, plan)  # every problem with the data before the model is read
+    data = calibration_data(cal, plan, need_samples=args.method.calibrated)  # every data problem, before the model
     inputs = {"model": artifact_record(plan)["fingerprint"], "data": data.fingerprint,
               "eval": file_record(cal.eval_data_path)["sha256"] if cal.eval_data_path else None}
     fp = fingerprint(args, inputs)
@@ -227,14 +306,15 @@ def main(
         print(os.path.abspath(dest.output_dir))
         return
     report = quantize(args, plan, data, out, fp, inputs)
-    print(f"{STAGE}: {report['layers_quantized']} layers quantized, {report['layers_kept']} kept; perplexity "
+    kept = f", {report['layers_kept']} kept" if report.get("layers_kept") is not None else ""
+    print(f"{STAGE}: {args.method.method}: {report['layers_quantized']} layers quantized{kept}; perplexity "
           f"{report['ppl_before']:.4f} -> {report['ppl_after']:.4f} (delta {report['delta_ppl']:+.4f})", file=sys.stderr)
     print(os.path.abspath(dest.output_dir))
 
 
 @dataclass
 class CalibrationData:
-    """The calibration samples (token ids) and the held-out documents (texts, or token ids of a prepared split)."""
+    """The calibration samples (token ids) and the held-out documents (texts, or token ids of rendered rows)."""
 
     samples: list
     held_out_texts: list[str] | None
@@ -242,47 +322,127 @@ class CalibrationData:
     fingerprint: str
 
 
-def calibration_data(cal: Calibration, plan) -> CalibrationData:
+def calibration_data(cal: Calibration, plan, need_samples: bool = True) -> CalibrationData:
     """From a prepare_data.py folder (rows rendered with the artifact's template, as it was trained: --nsamples rows
-    of its train split, seeded; held out: its validation split), or from text (--nsamples slices of --seqlen tokens
-    at seeded places; held out: the last tenth of the documents, or --eval_data_path).
+    of its train split, seeded; held out: its validation split), from data files in a format finetune.py reads
+    (rendered here the same way; held out: the last tenth of the rows), or from text (--nsamples slices of --seqlen
+    tokens at seeded places; held out: the last tenth of the documents). --eval_data_path replaces the held-out
+    part (then all of --data_path calibrates). Without ``need_samples`` (a data-free method) --data_path may be
+    absent and only the held-out text is read.
 
     Raises:
         SuiteError: too few usable rows or tokens (saying how many), no held-out text.
     """
-    import torch
-
     from utils.evaluation.perplexity import read_texts
 
     held_texts = None
     if cal.eval_data_path:
         held_texts, _ = read_texts(cal.eval_data_path, cal.field, None, strict=False, flag="--eval_data_path")
+    if not cal.data_path:
+        return CalibrationData([], held_texts, None, "")
     if Path(cal.data_path).is_dir():
-        from utils.artifacts import read_output, tokenizer_fingerprint
-        from utils.training.prepared import prepared_rows
+        rows, held_ids, fp = prepared_rows_for(cal, plan)
+    else:
+        fmt = data_format(cal.data_path, cal.field)
+        if fmt is None:
+            return text_calibration(cal, plan, held_texts, need_samples)
+        rows, fp = rendered_rows(cal, plan, fmt), file_record(cal.data_path)["sha256"]
+        held_ids = None
+        if held_texts is None:
+            if len(rows) < 2:
+                raise SuiteError(f"--data_path {cal.data_path} holds one usable row: give --eval_data_path for the "
+                                 "report's perplexity (held-out text must not be calibrated on)")
+            cut = len(rows) - max(1, len(rows) // 10)
+            rows, held_ids = rows[:cut], rows[cut:]
+    if held_texts is None and not held_ids:
+        raise SuiteError(f"--data_path {cal.data_path} has no validation split: give --eval_data_path for the "
+                         "report's perplexity (held-out text must not be calibrated on)")
+    samples = []
+    if need_samples:
+        import torch
 
-        info = read_output(cal.data_path)
-        if info is None or info.stage != "prepare_data" or not info.complete:
-            raise SuiteError(f"--data_path {cal.data_path}: a folder that is not a complete prepare_data.py output")
-        # The ids must mean the same tokens: the files that define the vocabulary must match. The tokenizer's
-        # config may differ (an export adds its chat template there); calibration reads ids, not rendered text.
-        ours, theirs = tokenizer_fingerprint(plan.source.tokenizer_dir), info.base_model.get("tokenizer_files") or {}
-        vocabulary = [f for f in VOCAB_FILES if f in ours or f in theirs]
-        if not vocabulary or any(ours.get(f) != theirs.get(f) for f in vocabulary):
-            raise SuiteError(f"--data_path {cal.data_path} was tokenized with another vocabulary "
-                             f"({info.base_model.get('path')}) than the model's ({plan.source.tokenizer_dir})")
-        rows = prepared_rows(cal.data_path, "train", "validation")
-        train = [ids for ids, _ in rows.get("train", []) if len(ids) >= 2]
-        if len(train) < cal.nsamples:
-            raise SuiteError(f"--data_path {cal.data_path}: {len(train)} usable training rows, fewer than "
-                             f"--nsamples {cal.nsamples}; lower --nsamples or prepare more data")
-        picked = random.Random(cal.seed).sample(range(len(train)), cal.nsamples)
-        samples = [torch.tensor(train[i][:cal.seqlen]) for i in picked]
-        held_ids = None if held_texts else [ids for ids, _ in rows.get("validation", [])]
-        if not held_texts and not held_ids:
-            raise SuiteError(f"--data_path {cal.data_path} has no validation split: give --eval_data_path for the "
-                             "report's perplexity (held-out text must not be calibrated on)")
-        return CalibrationData(samples, held_texts, held_ids, info.fingerprint or "")
+        usable = [ids for ids in rows if len(ids) >= 2]
+        if len(usable) < cal.nsamples:
+            what = "training" if Path(cal.data_path).is_dir() else "calibration"  # a prepared folder's train split
+            raise SuiteError(f"--data_path {cal.data_path}: {len(usable)} usable {what} rows, fewer than "
+                             f"--nsamples {cal.nsamples}; lower --nsamples or give more data")
+        picked = random.Random(cal.seed).sample(range(len(usable)), cal.nsamples)
+        samples = [torch.tensor(usable[i][:cal.seqlen]) for i in picked]
+    return CalibrationData(samples, held_texts, None if held_texts else held_ids, fp)
+
+
+def prepared_rows_for(cal: Calibration, plan) -> tuple[list[list[int]], list[list[int]], str]:
+    """(train rows, validation rows, fingerprint) of a prepare_data.py folder tokenized with the model's vocabulary."""
+    from utils.artifacts import read_output, tokenizer_fingerprint
+    from utils.training.prepared import prepared_rows
+
+    info = read_output(cal.data_path)
+    if info is None or info.stage != "prepare_data" or not info.complete:
+        raise SuiteError(f"--data_path {cal.data_path}: a folder that is not a complete prepare_data.py output")
+    # The ids must mean the same tokens: the files that define the vocabulary must match. The tokenizer's
+    # config may differ (an export adds its chat template there); calibration reads ids, not rendered text.
+    ours, theirs = tokenizer_fingerprint(plan.source.tokenizer_dir), info.base_model.get("tokenizer_files") or {}
+    vocabulary = [f for f in VOCAB_FILES if f in ours or f in theirs]
+    if not vocabulary or any(ours.get(f) != theirs.get(f) for f in vocabulary):
+        raise SuiteError(f"--data_path {cal.data_path} was tokenized with another vocabulary "
+                         f"({info.base_model.get('path')}) than the model's ({plan.source.tokenizer_dir})")
+    rows = prepared_rows(cal.data_path, "train", "validation")
+    return ([ids for ids, _ in rows.get("train", [])], [ids for ids, _ in rows.get("validation", [])],
+            info.fingerprint or "")
+
+
+def data_format(path: str, field: str) -> str | None:
+    """The chat / instruction format of a data file (as prepare_data.py detects it), or None for text: a plain
+    text file, or JSON rows whose ``field`` holds a string."""
+    from utils.data.records import Columns, DataError, Record, detect_format, read_records
+
+    if not path.endswith((".json", ".jsonl")):
+        return None
+    head = []
+    for item in read_records(path):
+        head.append(item)
+        if len(head) >= 100:
+            break
+    rows = [r.value for r in head if isinstance(r, Record) and isinstance(r.value, dict)]
+    if rows and sum(isinstance(r.get(field), str) for r in rows) * 2 > len(rows):
+        return None
+    try:
+        return detect_format(head, path, Columns())
+    except DataError:
+        return None  # read_texts then names the rows without --field text
+
+
+def rendered_rows(cal: Calibration, plan, fmt: str) -> list[list[int]]:
+    """The token ids of each row of a data file, rendered with the artifact's template (--prompt_template, else
+    the one the artifact carries, else the format's default as prepare_data.py picks it): a chat fine-tune is
+    calibrated on chat-formatted text."""
+    from utils.data.encode import Encoder
+    from utils.data.prepare import FORMAT_TEMPLATE
+    from utils.data.records import Columns, RowError, load_examples
+    from utils.data.templates import load_template
+
+    template = plan.template
+    if template is None:
+        chat_default = "tokenizer" if getattr(plan.tokenizer, "chat_template", None) else "vicuna_v1.1"
+        template = load_template(FORMAT_TEMPLATE.get(fmt, chat_default), plan.tokenizer)
+    _, examples = load_examples(cal.data_path, fmt, Columns())
+    good = [ex for ex in examples if not isinstance(ex, RowError)]
+    # Whole rows: the held-out ones are scored whole; calibration samples are cut to --seqlen when picked.
+    encoder = Encoder(plan.tokenizer, template, cutoff_len=1 << 30, on_overlength="truncate", mask_mode="all")
+    encoded = encoder.encode_batch(good)
+    bad = [e for e in examples if isinstance(e, RowError)] + [e for e in encoded if isinstance(e, RowError)]
+    if bad:
+        lines = ", ".join(str(e.line) for e in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        print(f"{STAGE}: --data_path {cal.data_path}: skipped {len(bad)} malformed row(s) (lines {lines})",
+              file=sys.stderr)
+    name = getattr(template, "name", "?")
+    print(f"{STAGE}: --data_path {cal.data_path}: {fmt} rows rendered with template {name}", file=sys.stderr)
+    return [e.input_ids for e in encoded if not isinstance(e, RowError)]
+
+
+def text_calibration(cal: Calibration, plan, held_texts: list[str] | None, need_samples: bool) -> CalibrationData:
+    from utils.evaluation.perplexity import read_texts
+
     docs, bad = read_texts(cal.data_path, cal.field, None, strict=False, flag="--data_path")
     for reason, lines in bad.items():
         print(f"{STAGE}: --data_path: skipped {len(lines)} row(s), {reason}", file=sys.stderr)
@@ -292,7 +452,7 @@ def calibration_data(cal: Calibration, plan) -> CalibrationData:
                              "(held-out text must not be calibrated on)")
         cut = len(docs) - max(1, len(docs) // 10)
         docs, held_texts = docs[:cut], docs[cut:]
-    samples = calibration_samples(plan.tokenizer, docs, cal.nsamples, cal.seqlen, cal.seed)
+    samples = calibration_samples(plan.tokenizer, docs, cal.nsamples, cal.seqlen, cal.seed) if need_samples else []
     return CalibrationData(samples, held_texts, None, file_record(cal.data_path)["sha256"])
 
 
@@ -328,12 +488,10 @@ def held_out_ppl(model, tok, data: CalibrationData, window: int) -> dict:
 
 
 def quantize(args: QuantizeArgs, plan, data: CalibrationData, out: Output, fp: str, inputs: dict) -> dict:
+    """Load (and merge), measure, quantize, measure again and write: the method's family decides how."""
     from utils.inference.loading import load_model
-    from utils.quant.calibrate import quantize_model
-    from utils.quant.gptq import GPTQError, GPTQSettings
-    from utils.quant.packing import packable
 
-    m, cal, dest = args.method, args.calibration, args.destination
+    m, cal = args.method, args.calibration
     started = time.perf_counter()
     loaded = load_model(plan)
     model = loaded.model
@@ -341,33 +499,131 @@ def quantize(args: QuantizeArgs, plan, data: CalibrationData, out: Output, fp: s
         model = model.merge_and_unload()  # LoRA / DoRA: W + BA, in memory (export_hf.py writes the same merge)
     model.eval()
     selected = select_modules(model, m.modules)  # a pattern that matches nothing fails before calibration
-    tok = loaded.tokenizer
     context = getattr(model.config, "max_position_embeddings", None) or cal.seqlen
-    if cal.seqlen > context:
+    if m.calibrated and cal.seqlen > context:
         raise SuiteError(f"--seqlen {cal.seqlen} exceeds the model's context of {context} tokens")
-    samples = data.samples
     window = min(context, 2048)
-    before = held_out_ppl(model, tok, data, window)
+    before = held_out_ppl(model, loaded.tokenizer, data, window)
+    run_method = calibrated_method if m.calibrated else bnb_method if m.method in BNB else gguf_method
+    with out.produce(fp, args=args.flags(), inputs=inputs, base_model=loaded.info) as st:
+        job = Job(args, plan, model, loaded, data, selected, st.dir, window)
+        report = run_method(job)
+        write_companions(st.dir, loaded)
+        resolved = {k: v for k, v in m.resolved().items() if v is not None}
+        ppl = {"ppl_before": before["ppl"], "ppl_after": report["ppl_after"],
+               "delta_ppl": report["ppl_after"] - before["ppl"], "eval_tokens": before["tokens_scored"]}
+        report = {"method": m.method, **resolved, **ppl, **report,
+                  "size_on_disk_bytes": sum(f.stat().st_size for f in st.dir.rglob("*") if f.is_file()
+                                            and f.suffix in (".safetensors", ".gguf")),
+                  "seconds": round(time.perf_counter() - started, 2),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        (st.dir / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        st.meta.update(quantization={"method": m.method, **resolved})
+    return report
+
+
+@dataclass
+class Job:
+    """What a method's writer works on: the merged floating-point model (in eval mode), the data, the layers
+    --modules selects, the staging folder and the perplexity window."""
+
+    args: QuantizeArgs
+    plan: Any
+    model: Any
+    loaded: Any
+    data: CalibrationData
+    selected: set
+    folder: Path
+    window: int
+
+    def ppl(self, model) -> float:
+        return held_out_ppl(model, self.loaded.tokenizer, self.data, self.window)["ppl"]
+
+
+def calibrated_method(job: Job) -> dict:
+    """GPTQ / RTN (the GPTQ layout) and the seeds' quantizers: block by block on the calibration samples, the
+    quantized weights written in the method's layout; the perplexity after is the model's with the dequantized
+    weights, which is what the written layers compute."""
+    from utils.quant.calibrate import quantize_model
+    from utils.quant.gptq import GPTQError, GPTQSettings
+
+    m, dest = job.args.method, job.args.destination
+    r = m.resolved()
+    layout = layout_for(m)
 
     def keep(name, layer):
-        if name not in selected:
+        if name not in job.selected:
             return "not selected by --modules"
-        return packable(layer.in_features, layer.out_features, m.bits)
+        return layout.packable(layer.in_features, layer.out_features)
 
-    settings = GPTQSettings(bits=m.bits, group_size=m.group_size, sym=m.sym, act_order=m.act_order,
-                            static_groups=m.static_groups, damp_percent=m.damp_percent)
+    settings = GPTQSettings(bits=r["bits"], group_size=r["group_size"] or -1, sym=bool(r["sym"]),
+                            act_order=m.act_order, static_groups=m.static_groups, damp_percent=m.damp_percent)
     try:
-        done = quantize_model(model, samples, settings, method=m.method, keep=keep,
-                              true_sequential=m.true_sequential, progress=dest.progress)
+        done = quantize_model(job.model, job.data.samples, settings, method=m.method, quantizer=layout.quantizer,
+                              keep=keep, true_sequential=m.true_sequential, progress=dest.progress)
     except (GPTQError, ValueError) as exc:  # a singular Hessian, non-finite weights: named by layer
         raise SuiteError(str(exc)) from None
-    after = held_out_ppl(model, tok, data, window)
-    with out.produce(fp, args=args.flags(), inputs=inputs, base_model=loaded.info) as st:
-        files = write_checkpoint(st.dir, model, done, m, dest, loaded)
-        report = summary(done, m, before, after, files, st.dir, started, len(samples) * cal.seqlen)
-        (st.dir / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        st.meta.update(quantization={"method": m.method, "bits": m.bits, "group_size": m.group_size})
-    return report
+    after = job.ppl(job.model)
+    files = write_layers(job.folder, job.model, done, layout, dest)
+    quantized = [x for x in done.report if not x.kept]
+    weights = sum(math.prod(x.shape) for x in quantized)
+    stored = sum(size for name, size in files.items()
+                 if name.rsplit(".", 1)[0] in done.layers and not name.endswith(".bias"))
+    return {**({"act_order": m.act_order, "static_groups": m.static_groups, "damp_percent": m.damp_percent}
+               if m.method == "gptq" else {}),
+            **({"group_dim": m.group_dim} if m.method == "groupwise" else {}),
+            "true_sequential": m.true_sequential, "ppl_after": after, "calibration_tokens": done.tokens,
+            "layers_quantized": len(quantized), "layers_kept": len(done.report) - len(quantized),
+            "bits_per_weight": 8 * stored / weights if weights else None,
+            "layers": [{"name": x.name, "shape": list(x.shape), "relative_error": x.relative_error, "kept": x.kept}
+                       for x in done.report]}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a calibrated method quantizes a layer and stores it: ``quantizer`` (float32 weight -> an object with
+    ``dequantize()``; None: GPTQ itself, or rtn on its grid), ``packable`` (in, out -> why the layer cannot be
+    stored, or None), ``tensors`` (quantized layer -> its stored tensors, named relative to the layer),
+    ``config`` (quantized and kept layer names -> config.json's quantization_config) and ``extra_files`` (file
+    name -> the same kind of function, for config files of the layout's own)."""
+
+    quantizer: Any
+    packable: Any
+    tensors: Any
+    config: Any
+    extra_files: dict
+
+
+def layout_for(m: Method) -> Layout:
+    r = m.resolved()
+    if m.method in GPTQ_LAYOUT:
+        from utils.quant.packing import pack_gptq, packable, quantize_config
+
+        def gptq_config(quantized, excluded):
+            return quantize_config(r["bits"], r["group_size"], m.act_order, bool(r["sym"]), m.static_groups,
+                                   m.true_sequential, m.damp_percent, excluded=excluded)
+
+        # rtn: calibrate.py's default quantizer (the GPTQ grid, no error feedback)
+        return Layout(None, lambda i, o: packable(i, o, r["bits"]), pack_gptq, gptq_config,
+                      {"quantize_config.json": gptq_config})
+    from utils.quant import rowwise
+    from utils.quant.baselines import CompressionConfig
+
+    if m.method == "groupwise":
+        def quantizer(w):
+            size = w.shape[m.group_dim] if r["group_size"] == -1 else r["group_size"]
+            return rowwise.groupwise_layer(w, CompressionConfig(num_bits=r["bits"], group_size=size,
+                                                                group_dim=m.group_dim, symmetric=bool(r["sym"])))
+    else:
+        def quantizer(w):
+            return rowwise.chatglm_layer(w, r["bits"])
+
+    def seed_config(quantized, excluded):
+        return rowwise.quantization_config(m.method, r["bits"], r["group_size"], m.group_dim, bool(r["sym"]),
+                                           sorted(quantized))
+
+    return Layout(quantizer, lambda i, o: rowwise.rowwise_packable(i, o, m.method, r["bits"]),
+                  lambda q: q.tensors(), seed_config, {})
 
 
 def select_modules(model, patterns) -> set[str]:
@@ -394,26 +650,36 @@ def select_modules(model, patterns) -> set[str]:
                                                           for p in patterns)}
 
 
-def write_checkpoint(folder: Path, model, done, m: Method, dest: Destination, loaded) -> dict[str, int]:
-    """The GPTQ layout: packed tensors for each quantized layer, every other tensor as the model holds it, in
-    safetensors shards; config.json with quantization_config; quantize_config.json; tokenizer and template."""
-    from utils.dtypes import dtype_code
-    from utils.quant.packing import pack_gptq, quantize_config
-    from utils.weights.shards import ShardWriter
-
-    state = {k: v for k, v in model.state_dict().items()}
+def write_layers(folder: Path, model, done, layout: Layout, dest: Destination) -> dict[str, int]:
+    """Each quantized layer's stored tensors, every other tensor as the model holds it, in safetensors shards;
+    config.json with the layout's quantization_config (and its own config files). Returns bytes per tensor."""
     tensors: dict = {}
-    for name, value in state.items():
+    for name, value in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
         if module in done.layers and name.endswith(".weight"):
-            for part, t in pack_gptq(done.layers[module]).items():
+            for part, t in layout.tensors(done.layers[module]).items():
                 tensors[f"{module}.{part}"] = t.contiguous()
         else:
             tensors[name] = value.detach().contiguous()
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied:  # written once, as transformers saves a tied model
-        head = [n for n in tensors if n.endswith("lm_head.weight")]
-        for n in head:
+    write_tensors(folder, model, tensors, dest)
+    excluded = [x.name for x in done.report if x.kept]
+    qc = layout.config(list(done.layers), excluded)
+    config = model.config.to_dict()
+    config["quantization_config"] = qc
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
+    for name, make in layout.extra_files.items():
+        (folder / name).write_text(json.dumps(make(list(done.layers), excluded), indent=2) + "\n", encoding="utf-8")
+    return {n: int(t.numel() * t.element_size()) for n, t in tensors.items()}
+
+
+def write_tensors(folder: Path, model, tensors: dict, dest: Destination) -> None:
+    """``tensors`` in safetensors shards of at most --max_shard_size (a tied output head written once, as
+    transformers saves it)."""
+    from utils.dtypes import dtype_code
+    from utils.weights.shards import ShardWriter
+
+    if getattr(model.config, "tie_word_embeddings", False):
+        for n in [n for n in tensors if n.endswith("lm_head.weight")]:
             del tensors[n]
     writer = ShardWriter(folder, [(n, dtype_code(t.dtype), tuple(t.shape)) for n, t in tensors.items()],
                          parse_size(dest.max_shard_size))
@@ -424,40 +690,52 @@ def write_checkpoint(folder: Path, model, done, m: Method, dest: Destination, lo
     except BaseException:
         writer.abort()
         raise
-    excluded = [r.name for r in done.report if r.kept]
-    qc = quantize_config(m.bits, m.group_size, m.act_order, m.sym, m.static_groups, m.true_sequential,
-                         m.damp_percent, excluded=excluded)
-    config = model.config.to_dict()
-    config["quantization_config"] = qc
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
-    (folder / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n", encoding="utf-8")
+
+
+def write_companions(folder: Path, loaded) -> None:
+    """The tokenizer and the artifact's own template, so the next stage needs only this folder."""
     loaded.tokenizer.save_pretrained(str(folder))
     template = loaded.template
-    if getattr(template, "data", None) is not None:  # the artifact's own template travels with it
+    if getattr(template, "data", None) is not None:
         (folder / "template.json").write_text(json.dumps(template.data, indent=2, ensure_ascii=False) + "\n",
                                               encoding="utf-8")
-    return {n: int(t.numel() * t.element_size()) for n, t in tensors.items()}
 
 
-def summary(done, m: Method, before: dict, after: dict, files: dict[str, int], folder: Path, started: float,
-            tokens: int) -> dict:
-    quantized = [r for r in done.report if not r.kept]
-    weights = sum(math.prod(r.shape) for r in quantized)
-    stored = sum(size for name, size in files.items()
-                 if name.rsplit(".", 1)[0] in done.layers and not name.endswith(".bias"))
-    return {
-        "method": m.method, "bits": m.bits, "group_size": m.group_size, "act_order": m.act_order, "sym": m.sym,
-        "static_groups": m.static_groups, "true_sequential": m.true_sequential, "damp_percent": m.damp_percent,
-        "ppl_before": before["ppl"], "ppl_after": after["ppl"], "delta_ppl": after["ppl"] - before["ppl"],
-        "eval_tokens": after["tokens_scored"], "calibration_tokens": tokens,
-        "layers_quantized": len(quantized), "layers_kept": len(done.report) - len(quantized),
-        "bits_per_weight": 8 * stored / weights if weights else None,
-        "size_on_disk_bytes": sum(p.stat().st_size for p in folder.rglob("*.safetensors")),
-        "seconds": round(time.perf_counter() - started, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "layers": [{"name": r.name, "shape": list(r.shape), "relative_error": r.relative_error, "kept": r.kept}
-                   for r in done.report],
-    }
+def bnb_method(job: Job) -> dict:
+    """bitsandbytes: the merged floating-point model is written to a scratch folder, quantized from there as
+    from_pretrained does it, saved pre-quantized, and loaded back for the perplexity after."""
+    import shutil
+
+    import torch
+
+    from utils.quant.bnb import load_bnb_folder, write_bnb
+
+    m, dest = job.args.method, job.args.destination
+    kind = {"bnb_nf4": "nf4", "bnb_fp4": "fp4", "bnb_int8": "int8"}[m.method]
+    scratch = job.folder / ".fp"
+    try:
+        job.model.save_pretrained(str(scratch), safe_serialization=True)
+        report = write_bnb(scratch, job.folder, kind, double_quant=m.double_quant, compute_dtype=torch.float32,
+                           modules=job.selected if m.modules else None, max_shard_size=dest.max_shard_size)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    after = job.ppl(load_bnb_folder(job.folder, device="cpu"))
+    return {**({"double_quant": m.double_quant} if kind != "int8" else {}), "ppl_after": after, **report}
+
+
+def gguf_method(job: Job) -> dict:
+    """GGUF for llama.cpp: one file, with the model's config beside it; the perplexity after is the model's with
+    the file's tensors read back and dequantized (llama.cpp computes with exactly these values)."""
+    from utils.quant.gguf import read_back_state_dict, write_gguf
+
+    gguf_type = job.args.method.resolved()["gguf_type"]
+    path = job.folder / f"model-{gguf_type}.gguf"
+    report = write_gguf(job.model, Path(job.plan.source.tokenizer_dir), path, gguf_type,
+                        progress=job.args.destination.progress)
+    job.model.load_state_dict(read_back_state_dict(path, job.model), strict=False)
+    after = job.ppl(job.model)
+    job.model.config.to_json_file(str(job.folder / "config.json"))
+    return {"file": path.name, "ppl_after": after, **report}
 
 
 def fingerprint(args: QuantizeArgs, inputs: dict) -> str:

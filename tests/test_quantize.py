@@ -166,3 +166,64 @@ def test_a_prepared_folder_calibrates_on_its_rows_and_is_scored_on_its_validatio
         run(stage.main, [*common, "--output_dir", str(tmp_path / "too_few"), "--nsamples", "500"])
     assert stop.value.code == 1
     assert f"{train} usable training rows, fewer than --nsamples 500" in capsys.readouterr().err
+
+
+def _plan(template: str | None = None):
+    from utils.inference.loading import prepare
+
+    return prepare(str(STORIES), prompt_template=template, dtype="fp32", device="cpu")
+
+
+def _decoded(plan, ids) -> str:
+    return plan.tokenizer.decode(ids.tolist() if hasattr(ids, "tolist") else ids)
+
+
+def test_data_files_are_rendered_with_the_template_as_finetune_trains_on_them(tmp_path):
+    """Chat / instruction files calibrate on what the model was trained on: each row rendered with the template
+    (the format's default, or --prompt_template), cut to --seqlen; the last tenth of the rows is held out."""
+    import quantize as stage
+
+    rows = json.loads((DATA / "alpaca" / "gsm8k_train.json").read_text())[:20]
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(json.dumps(rows))
+    cal = stage.Calibration(data_path=str(alpaca), nsamples=6, seqlen=160, seed=1)
+    plan = _plan()
+    data = stage.calibration_data(cal, plan)
+    assert len(data.samples) == 6 and all(1 < len(s) <= 160 for s in data.samples)
+    assert all("Below is an instruction" in _decoded(plan, s) for s in data.samples)
+    assert data.held_out_texts is None and len(data.held_out_ids) == 2  # rows 19 and 20, never calibrated on
+    assert rows[-1]["output"][:20] in _decoded(plan, data.held_out_ids[-1])
+    assert not any(h[:len(s)] == s.tolist() for h in data.held_out_ids for s in data.samples)
+    vicuna = stage.calibration_data(cal, _plan("vicuna_v1.1"))
+    assert all("USER:" in _decoded(plan, s) and "Below is an instruction" not in _decoded(plan, s)
+               for s in vicuna.samples)
+    moss = stage.calibration_data(stage.Calibration(data_path=str(DATA / "moss" / "moss_sft_sample.jsonl"),
+                                                    nsamples=4, seqlen=64), plan)
+    assert all(_decoded(plan, s).startswith("<s> You are an AI assistant whose name is MOSS") for s in moss.samples)
+    assert all("<|Human|>" in _decoded(plan, h) for h in moss.held_out_ids)  # whole rows: the turns follow
+    text = stage.calibration_data(stage.Calibration(data_path=str(STORY_FILE), nsamples=3, seqlen=32), plan)
+    assert [len(s) for s in text.samples] == [32, 32, 32] and text.held_out_texts  # {"text"} rows: plain text
+
+
+def test_method_flags_that_do_not_apply_are_refused_together():
+    import quantize as stage
+
+    def problems(**flags):
+        args = stage.QuantizeArgs.from_flags({"base_model": str(STORIES), "output_dir": "o", "data_path":
+                                              str(STORY_FILE), **flags})
+        return "\n".join(args.problems())
+
+    found = problems(method="int8_row", bits=4, act_order=True, gguf_type="f16")
+    for flag in ("--bits 4 contradicts", "--act_order applies to --method gptq", "--gguf_type applies"):
+        assert flag in found, flag
+    assert "--group_size applies" in problems(method="gguf", group_size=32)
+    assert "--static_groups" in problems(static_groups=True)  # without --act_order
+    assert "--bits must lie in 2..8" in problems(method="groupwise", bits=9)
+    assert problems(method="groupwise", bits=4, group_size=64, group_dim=0) == ""
+    no_data = stage.QuantizeArgs.from_flags({"base_model": str(STORIES), "output_dir": "o", "method": "bnb_nf4"})
+    assert any("--eval_data_path" in p for p in no_data.problems())
+    gptq = stage.QuantizeArgs.from_flags({"base_model": str(STORIES), "output_dir": "o"})
+    assert any("--data_path is required" in p for p in gptq.problems())
+    assert stage.Method(method="int4_row").resolved()["bits"] == 4
+    assert stage.Method(method="groupwise").resolved() == {"bits": 8, "group_size": 256, "sym": True,
+                                                           "gguf_type": None}

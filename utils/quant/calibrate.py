@@ -1,4 +1,5 @@
-"""GPTQ (or RTN) over a whole model, one decoder block at a time, as the GPTQ paper runs it.
+"""GPTQ (or RTN, or any per-layer quantizer) over a whole model, one decoder block at a time, as the GPTQ paper
+runs it.
 
 The calibration samples go through the embedding once; their inputs to the first block are caught by a hook that
 stops the forward there (with the keyword arguments the model passes its blocks: position embeddings, masks).
@@ -52,7 +53,7 @@ def block_linears(block: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 class LayerReport:
     name: str
     shape: tuple[int, int]
-    relative_error: float | None  # ‖WX − ŴX‖ / ‖WX‖ on the calibration inputs; None when kept
+    relative_error: float | None  # ‖WX − ŴX‖ / ‖WX‖ on the calibration inputs (any method); None when kept
     kept: str | None = None  # why the layer stayed in floating point
 
 
@@ -127,6 +128,7 @@ def _steps(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs, 
 
 @torch.no_grad()
 def quantize_model(model: Any, samples: Sequence[torch.Tensor], settings: GPTQSettings, *, method: str = "gptq",
+                   quantizer: Callable[[torch.Tensor], Any] | None = None,
                    keep: Callable[[str, torch.nn.Linear], str | None] = lambda name, m: None,
                    true_sequential: bool = True, progress: bool = True) -> Calibrated:
     """Quantize every linear layer of every decoder block of ``model`` in place (weights replaced by their
@@ -136,11 +138,19 @@ def quantize_model(model: Any, samples: Sequence[torch.Tensor], settings: GPTQSe
         model: a transformers causal LM (not PEFT-wrapped: merge adapters first), in eval mode.
         samples: calibration token sequences (1-D id tensors).
         settings: the grid and GPTQ's options (``method="rtn"`` uses bits, group_size and sym only).
-        method: "gptq" or "rtn" (the same grid, no error feedback: GPTQ's ablation).
+        method: "gptq" or "rtn" (the same grid, no error feedback: GPTQ's ablation), or any other name with a
+            ``quantizer``.
+        quantizer: for a method other than "gptq": the float32 weight [out, in] -> its quantized form, any object
+            with ``dequantize()`` (e.g. the seeds' row-wise and group-wise quantizers); default: ``rtn`` on
+            ``settings``' grid. It sees no activations; the calibration inputs still give its reconstruction
+            error (the Hessians are collected for every method).
         keep: name, layer -> why the layer stays in floating point (e.g. a shape the layout cannot pack), or None.
         true_sequential: re-run the block between groups of layers that read different inputs.
         progress: one line per block on stderr.
     """
+    if method != "gptq" and quantizer is None:
+        def quantizer(w):
+            return rtn(w, settings.bits, settings.group_size, settings.sym)
     prefix, blocks = decoder_blocks(model)
     inputs = _catch_inputs(model, blocks, samples)
     result = Calibrated(tokens=sum(int(s.numel()) for s in samples))
@@ -153,14 +163,13 @@ def quantize_model(model: Any, samples: Sequence[torch.Tensor], settings: GPTQSe
         todo = {n: m for n, m in linears.items() if n not in kept}
         for step in _steps(block, todo, inputs, true_sequential) if todo else []:
             hessians = {n: Hessian(todo[n].in_features, todo[n].weight.device) for n in step}
-            if method == "gptq":
-                handles = [todo[n].register_forward_pre_hook(lambda m, args, n=n: hessians[n].add(args[0]))
-                           for n in step]
-                try:
-                    _run_block(block, inputs)
-                finally:
-                    for h in handles:
-                        h.remove()
+            handles = [todo[n].register_forward_pre_hook(lambda m, args, n=n: hessians[n].add(args[0]))
+                       for n in step]
+            try:
+                _run_block(block, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
             for n in step:
                 layer, full = todo[n], f"{prefix}.{b}.{n}"
                 w = layer.weight.data
@@ -170,9 +179,9 @@ def quantize_model(model: Any, samples: Sequence[torch.Tensor], settings: GPTQSe
                 if method == "gptq":
                     q = gptq_quantize(w, hessians[n].H, settings, name=full).quantized
                 else:
-                    q = rtn(w.float(), settings.bits, settings.group_size, settings.sym)
+                    q = quantizer(w.float())
                 approx = q.dequantize().to(w.device)
-                error = relative_error(w, approx, hessians[n].H) if method == "gptq" else None
+                error = relative_error(w, approx, hessians[n].H)
                 layer.weight.data = approx.to(w.dtype)
                 result.layers[full] = q
                 result.report.append(LayerReport(full, tuple(w.shape), error))
