@@ -39,6 +39,7 @@ from typing import Any, Literal
 from utils.args import Group, StageArgs, unfingerprinted
 from utils.artifacts import Output, sha256_json
 from utils.cli import parse_size, run
+from utils.dtypes import dtype_size
 from utils.errors import SuiteError, UsageError
 from utils.evaluation.stage import artifact_record, file_record
 from utils.inference.loading import prepare
@@ -488,30 +489,15 @@ def held_out_ppl(model, tok, data: CalibrationData, window: int) -> dict:
 
 
 def quantize(args: QuantizeArgs, plan, data: CalibrationData, out: Output, fp: str, inputs: dict) -> dict:
-    """Load (and merge), measure, quantize, measure again and write: the method's family decides how."""
-    from utils.inference.loading import load_model
-
-    m, cal = args.method, args.calibration
+    """Measure, quantize, measure again and write: the method's family decides how (``calibrated_method``
+    streams the model block by block; bitsandbytes and GGUF work on the whole merged model)."""
+    m = args.method
     started = time.perf_counter()
-    loaded = load_model(plan)
-    model = loaded.model
-    if plan.source.adapter:
-        model = model.merge_and_unload()  # LoRA / DoRA: W + BA, in memory (export_hf.py writes the same merge)
-    model.eval()
-    selected = select_modules(model, m.modules)  # a pattern that matches nothing fails before calibration
-    context = getattr(model.config, "max_position_embeddings", None) or cal.seqlen
-    if m.calibrated and cal.seqlen > context:
-        raise SuiteError(f"--seqlen {cal.seqlen} exceeds the model's context of {context} tokens")
-    window = min(context, 2048)
-    before = held_out_ppl(model, loaded.tokenizer, data, window)
-    run_method = calibrated_method if m.calibrated else bnb_method if m.method in BNB else gguf_method
-    with out.produce(fp, args=args.flags(), inputs=inputs, base_model=loaded.info) as st:
-        job = Job(args, plan, model, loaded, data, selected, st.dir, window)
-        report = run_method(job)
-        write_companions(st.dir, loaded)
+    with out.produce(fp, args=args.flags(), inputs=inputs, base_model=plan.info) as st:
+        report = (calibrated_method if m.calibrated else whole_model_method)(args, plan, data, st.dir)
         resolved = {k: v for k, v in m.resolved().items() if v is not None}
-        ppl = {"ppl_before": before["ppl"], "ppl_after": report["ppl_after"],
-               "delta_ppl": report["ppl_after"] - before["ppl"], "eval_tokens": before["tokens_scored"]}
+        ppl = {"ppl_before": report.pop("ppl_before"), "ppl_after": report["ppl_after"]}
+        ppl["delta_ppl"] = ppl["ppl_after"] - ppl["ppl_before"]
         report = {"method": m.method, **resolved, **ppl, **report,
                   "size_on_disk_bytes": sum(f.stat().st_size for f in st.dir.rglob("*") if f.is_file()
                                             and f.suffix in (".safetensors", ".gguf")),
@@ -522,61 +508,211 @@ def quantize(args: QuantizeArgs, plan, data: CalibrationData, out: Output, fp: s
     return report
 
 
-@dataclass
-class Job:
-    """What a method's writer works on: the merged floating-point model (in eval mode), the data, the layers
-    --modules selects, the staging folder and the perplexity window."""
-
-    args: QuantizeArgs
-    plan: Any
-    model: Any
-    loaded: Any
-    data: CalibrationData
-    selected: set
-    folder: Path
-    window: int
-
-    def ppl(self, model) -> float:
-        return held_out_ppl(model, self.loaded.tokenizer, self.data, self.window)["ppl"]
+def model_window(config, seqlen: int) -> int:
+    """The perplexity window: the model's context, at most 2048 tokens."""
+    return min(getattr(config, "max_position_embeddings", None) or seqlen, 2048)
 
 
-def calibrated_method(job: Job) -> dict:
-    """GPTQ / RTN (the GPTQ layout) and the seeds' quantizers: block by block on the calibration samples, the
-    quantized weights written in the method's layout; the perplexity after is the model's with the dequantized
-    weights, which is what the written layers compute."""
-    from utils.quant.calibrate import quantize_model
+def calibrated_method(args: QuantizeArgs, plan, data: CalibrationData, folder: Path) -> dict:
+    """GPTQ / RTN (the GPTQ layout) and the seeds' quantizers, in bounded memory: the model's decoder blocks are
+    read from disk one at a time (an adapter merged tensor by tensor), calibrated, quantized and written to the
+    shards before the next is read (``utils.quant.streaming``); only one block's weights and the calibration
+    activations are held. The perplexity before is the streamed model's; after, the written folder's, loaded
+    with the plain torch kernels (float32 arithmetic on the dequantized weights, what the layers compute)."""
+    from utils.quant.calibrate import block_linears, quantize_model
     from utils.quant.gptq import GPTQError, GPTQSettings
+    from utils.quant.streaming import open_streaming
+    from utils.weights.shards import ShardWriter
 
-    m, dest = job.args.method, job.args.destination
+    from utils.weights.shards import return_freed_memory
+
+    m, cal, dest, src = args.method, args.calibration, args.destination, plan.source
     r = m.resolved()
     layout = layout_for(m)
+    # Weights are read block after block between activations of every size: from 256 KB up they are mapped
+    # and unmapped (a weight matrix is one), else each block read in turn would leave its buffers in the heap.
+    return_freed_memory(256 << 10)
+    try:
+        sm = open_streaming(src.base, src.adapter, trust_remote_code=plan.trust_remote_code,
+                            allow_pickle=plan.allow_pickle_weights)
+    except ValueError as exc:
+        raise SuiteError(f"--base_model {src.base}: {exc}") from None
+    model, tok = sm.model, plan.tokenizer
+    selected = select_modules(model, m.modules)  # a pattern that matches nothing fails before calibration
+    context = getattr(model.config, "max_position_embeddings", None) or cal.seqlen
+    if cal.seqlen > context:
+        raise SuiteError(f"--seqlen {cal.seqlen} exceeds the model's context of {context} tokens")
+    window = model_window(model.config, cal.seqlen)
+    before = held_out_ppl(model, tok, data, window)
 
     def keep(name, layer):
-        if name not in job.selected:
+        if name not in selected:
             return "not selected by --modules"
         return layout.packable(layer.in_features, layer.out_features)
+
+    quantized = {f"{sm.prefix}.{b}.{n}" for b, block in enumerate(sm.blocks)
+                 for n, layer in block_linears(block).items() if keep(f"{sm.prefix}.{b}.{n}", layer) is None}
+    entries = output_entries(model, quantized, layout)
+    writer = ShardWriter(folder, entries, parse_size(dest.max_shard_size))
+    names = iter(entries)
+    state = model.state_dict()
+
+    def write_outside(until: str | None) -> None:  # the tensors outside the blocks, in order, up to a block
+        while True:
+            name = next_planned(until)
+            if name is None:
+                return
+            writer.write(name, state[name].detach().contiguous())
+
+    pending: list = []
+
+    def next_planned(until):
+        item = pending.pop() if pending else next(names, None)
+        if item is None:
+            return None
+        if until is not None and item[0].startswith(until):
+            pending.append(item)
+            return None
+        return item[0]
+
+    def write_block(b: int, layers: dict) -> None:
+        block_state = sm.blocks[b].state_dict()
+        for name in sm.block_tensor_names(b):
+            module, leaf = name.rsplit(".", 1)
+            if module in layers and leaf == "weight":
+                for part, t in layout.tensors(layers[module]).items():
+                    check_planned(next_planned(None), f"{module}.{part}")
+                    writer.write(f"{module}.{part}", t.contiguous())
+            else:
+                check_planned(next_planned(None), name)
+                writer.write(name, block_state[name[len(f"{sm.prefix}.{b}."):]].detach().contiguous())
 
     settings = GPTQSettings(bits=r["bits"], group_size=r["group_size"] or -1, sym=bool(r["sym"]),
                             act_order=m.act_order, static_groups=m.static_groups, damp_percent=m.damp_percent)
     try:
-        done = quantize_model(job.model, job.data.samples, settings, method=m.method, quantizer=layout.quantizer,
-                              keep=keep, true_sequential=m.true_sequential, progress=dest.progress)
+        write_outside(f"{sm.prefix}.")
+        done = quantize_model(model, data.samples, settings, method=m.method, quantizer=layout.quantizer,
+                              keep=keep, true_sequential=m.true_sequential, progress=dest.progress,
+                              block_scope=sm.hold, after_block=write_block)
+        write_outside(None)
+        writer.close()
     except (GPTQError, ValueError) as exc:  # a singular Hessian, non-finite weights: named by layer
         raise SuiteError(str(exc)) from None
-    after = job.ppl(job.model)
-    files = write_layers(job.folder, job.model, done, layout, dest)
-    quantized = [x for x in done.report if not x.kept]
-    weights = sum(math.prod(x.shape) for x in quantized)
-    stored = sum(size for name, size in files.items()
-                 if name.rsplit(".", 1)[0] in done.layers and not name.endswith(".bias"))
+    finally:
+        writer.abort()
+    excluded = [x.name for x in done.report if x.kept]
+    config = model.config.to_dict()
+    config["quantization_config"] = layout.config(sorted(done.layers), excluded)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
+    for name, make in layout.extra_files.items():
+        (folder / name).write_text(json.dumps(make(sorted(done.layers), excluded), indent=2) + "\n",
+                                   encoding="utf-8")
+    write_companions(folder, plan)
+    sm.release_all()
+    after = held_out_ppl(load_written(folder, m), tok, data, window)
+    sizes = {n: math.prod(shape) * dtype_size(code) for n, code, shape in entries}
+    stored = sum(size for name, size in sizes.items() if name.rsplit(".", 1)[0] in done.layers
+                 and not name.endswith(".bias"))
+    weights = sum(math.prod(x.shape) for x in done.report if not x.kept)
     return {**({"act_order": m.act_order, "static_groups": m.static_groups, "damp_percent": m.damp_percent}
                if m.method == "gptq" else {}),
             **({"group_dim": m.group_dim} if m.method == "groupwise" else {}),
-            "true_sequential": m.true_sequential, "ppl_after": after, "calibration_tokens": done.tokens,
-            "layers_quantized": len(quantized), "layers_kept": len(done.report) - len(quantized),
+            "true_sequential": m.true_sequential, "ppl_before": before["ppl"], "ppl_after": after["ppl"],
+            "eval_tokens": before["tokens_scored"], "calibration_tokens": done.tokens,
+            "layers_quantized": len(done.layers), "layers_kept": len(excluded),
             "bits_per_weight": 8 * stored / weights if weights else None,
             "layers": [{"name": x.name, "shape": list(x.shape), "relative_error": x.relative_error, "kept": x.kept}
                        for x in done.report]}
+
+
+def check_planned(planned: str | None, name: str) -> None:
+    if planned != name:  # a programming error: the plan and the writing disagree
+        raise RuntimeError(f"quantize: writing {name}, but the shard plan expected {planned}")
+
+
+def output_entries(model, quantized: set[str], layout: "Layout") -> list[tuple[str, str, tuple]]:
+    """(name, dtype code, shape) of every tensor the output holds, in state-dict order: a quantized layer's
+    ``.weight`` replaced by its stored tensors (shapes from quantizing a zero weight of its shape), a tied output
+    head left out (written once, as transformers saves it)."""
+    import torch
+
+    from utils.dtypes import dtype_code
+
+    shapes: dict[tuple[int, int], dict] = {}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    entries = []
+    for name, t in model.state_dict().items():
+        module, leaf = name.rsplit(".", 1)
+        if tied and name.endswith("lm_head.weight"):
+            continue
+        if module in quantized and leaf == "weight":
+            key = tuple(t.shape)
+            if key not in shapes:
+                q = layout.quantizer(torch.zeros(key)) if layout.quantizer else rtn_of_zeros(key, layout)
+                shapes[key] = {part: (dtype_code(v.dtype), tuple(v.shape)) for part, v in layout.tensors(q).items()}
+            entries += [(f"{module}.{part}", code, shape) for part, (code, shape) in shapes[key].items()]
+        else:
+            entries.append((name, dtype_code(t.dtype), tuple(t.shape)))
+    return entries
+
+
+def rtn_of_zeros(shape: tuple[int, int], layout: "Layout"):
+    import torch
+
+    from utils.quant.grid import rtn
+
+    return rtn(torch.zeros(shape), layout.bits, layout.group_size)
+
+
+def load_written(folder: Path, m: Method):
+    """The written folder as the loader reads it, with float32 torch kernels (see ``calibrated_method``)."""
+    import torch
+
+    if m.method in GPTQ_LAYOUT:
+        from utils.quant.checkpoint import load_gptq_model
+        from utils.quant.kernels import GPTQLinear
+
+        model = load_gptq_model(folder, "cpu", torch.float32, backend="torch")
+        for layer in model.modules():
+            if isinstance(layer, GPTQLinear):  # rebuilt at each call: a cache would hold the float model whole
+                layer.cache_weight, layer._cached_weight = False, None
+        return model
+    from utils.quant.checkpoint import load_quantized_model
+
+    return load_quantized_model(folder, "cpu", torch.float32)
+
+
+def whole_model_method(args: QuantizeArgs, plan, data: CalibrationData, folder: Path) -> dict:
+    """bitsandbytes and GGUF: the merged floating-point model in memory, quantized whole."""
+    from utils.inference.loading import load_model
+
+    loaded = load_model(plan)
+    model = loaded.model
+    if plan.source.adapter:
+        model = model.merge_and_unload()  # LoRA / DoRA: W + BA, in memory (export_hf.py writes the same merge)
+    model.eval()
+    window = model_window(model.config, args.calibration.seqlen)
+    before = held_out_ppl(model, plan.tokenizer, data, window)
+    job = Job(args, plan, model, data, folder, window)
+    report = bnb_method(job) if args.method.method in BNB else gguf_method(job)
+    write_companions(folder, plan)
+    return {"ppl_before": before["ppl"], "eval_tokens": before["tokens_scored"], **report}
+
+
+@dataclass
+class Job:
+    """What bnb_method / gguf_method work on: the merged floating-point model (in eval mode), the held-out data,
+    the staging folder and the perplexity window."""
+
+    args: QuantizeArgs
+    plan: Any
+    model: Any
+    data: CalibrationData
+    folder: Path
+    window: int
+
+    def ppl(self, model) -> float:
+        return held_out_ppl(model, self.plan.tokenizer, self.data, self.window)["ppl"]
 
 
 @dataclass(frozen=True)
@@ -592,6 +728,8 @@ class Layout:
     tensors: Any
     config: Any
     extra_files: dict
+    bits: int = 4
+    group_size: int = -1
 
 
 def layout_for(m: Method) -> Layout:
@@ -605,7 +743,7 @@ def layout_for(m: Method) -> Layout:
 
         # rtn: calibrate.py's default quantizer (the GPTQ grid, no error feedback)
         return Layout(None, lambda i, o: packable(i, o, r["bits"]), pack_gptq, gptq_config,
-                      {"quantize_config.json": gptq_config})
+                      {"quantize_config.json": gptq_config}, r["bits"], r["group_size"])
     from utils.quant import rowwise
     from utils.quant.baselines import CompressionConfig
 
@@ -650,52 +788,10 @@ def select_modules(model, patterns) -> set[str]:
                                                           for p in patterns)}
 
 
-def write_layers(folder: Path, model, done, layout: Layout, dest: Destination) -> dict[str, int]:
-    """Each quantized layer's stored tensors, every other tensor as the model holds it, in safetensors shards;
-    config.json with the layout's quantization_config (and its own config files). Returns bytes per tensor."""
-    tensors: dict = {}
-    for name, value in model.state_dict().items():
-        module = name.rsplit(".", 1)[0]
-        if module in done.layers and name.endswith(".weight"):
-            for part, t in layout.tensors(done.layers[module]).items():
-                tensors[f"{module}.{part}"] = t.contiguous()
-        else:
-            tensors[name] = value.detach().contiguous()
-    write_tensors(folder, model, tensors, dest)
-    excluded = [x.name for x in done.report if x.kept]
-    qc = layout.config(list(done.layers), excluded)
-    config = model.config.to_dict()
-    config["quantization_config"] = qc
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
-    for name, make in layout.extra_files.items():
-        (folder / name).write_text(json.dumps(make(list(done.layers), excluded), indent=2) + "\n", encoding="utf-8")
-    return {n: int(t.numel() * t.element_size()) for n, t in tensors.items()}
-
-
-def write_tensors(folder: Path, model, tensors: dict, dest: Destination) -> None:
-    """``tensors`` in safetensors shards of at most --max_shard_size (a tied output head written once, as
-    transformers saves it)."""
-    from utils.dtypes import dtype_code
-    from utils.weights.shards import ShardWriter
-
-    if getattr(model.config, "tie_word_embeddings", False):
-        for n in [n for n in tensors if n.endswith("lm_head.weight")]:
-            del tensors[n]
-    writer = ShardWriter(folder, [(n, dtype_code(t.dtype), tuple(t.shape)) for n, t in tensors.items()],
-                         parse_size(dest.max_shard_size))
-    try:
-        for n, t in tensors.items():
-            writer.write(n, t.cpu())
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def write_companions(folder: Path, loaded) -> None:
+def write_companions(folder: Path, plan) -> None:
     """The tokenizer and the artifact's own template, so the next stage needs only this folder."""
-    loaded.tokenizer.save_pretrained(str(folder))
-    template = loaded.template
+    plan.tokenizer.save_pretrained(str(folder))
+    template = plan.template
     if getattr(template, "data", None) is not None:
         (folder / "template.json").write_text(json.dumps(template.data, indent=2, ensure_ascii=False) + "\n",
                                               encoding="utf-8")
@@ -716,7 +812,7 @@ def bnb_method(job: Job) -> dict:
     try:
         job.model.save_pretrained(str(scratch), safe_serialization=True)
         report = write_bnb(scratch, job.folder, kind, double_quant=m.double_quant, compute_dtype=torch.float32,
-                           modules=job.selected if m.modules else None, max_shard_size=dest.max_shard_size)
+                           modules=select_modules(job.model, m.modules) if m.modules else None, max_shard_size=dest.max_shard_size)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     after = job.ppl(load_bnb_folder(job.folder, device="cpu"))

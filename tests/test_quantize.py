@@ -227,3 +227,37 @@ def test_method_flags_that_do_not_apply_are_refused_together():
     assert stage.Method(method="int4_row").resolved()["bits"] == 4
     assert stage.Method(method="groupwise").resolved() == {"bits": 8, "group_size": 256, "sym": True,
                                                            "gguf_type": None}
+
+
+def _llama_folder(folder: Path, layers: int) -> int:
+    """A random Llama of ``layers`` 512-wide blocks (13.6 MB each in float32), saved with the stories260K
+    tokenizer; its size in bytes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(str(STORIES), local_files_only=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=len(tok), max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return sum(p.numel() * 4 for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_memory_is_bounded_by_one_block_not_the_model(tmp_path):
+    """Slow: two models of 2 and 12 blocks (27 and 164 MB) saved and quantized by the stage as processes. The
+    blocks are read, calibrated, quantized and written one at a time, so ten more blocks (136 MB) must cost far
+    less than their size in peak memory; a stage that loaded the model whole would pay all of it."""
+    peaks, sizes = {}, {}
+    for layers in (2, 12):
+        base = tmp_path / f"m{layers}"
+        sizes[layers] = _llama_folder(base, layers)
+        out = tmp_path / f"q{layers}"
+        quantize("--base_model", str(base), "--output_dir", str(out), "--method", "rtn", "--bits", "4",
+                 "--data_path", str(STORY_FILE), "--nsamples", "4", "--seqlen", "64", "--noprogress")
+        report = json.loads((out / "quant_report.json").read_text())
+        assert report["layers_quantized"] == 7 * layers and report["layers_kept"] == 0
+        peaks[layers] = report["peak_rss_mb"] * 2**20
+    extra_model, extra_peak = sizes[12] - sizes[2], peaks[12] - peaks[2]
+    assert extra_peak < 0.3 * extra_model, (extra_peak / 2**20, extra_model / 2**20)

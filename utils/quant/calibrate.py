@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
@@ -130,7 +131,9 @@ def _steps(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs, 
 def quantize_model(model: Any, samples: Sequence[torch.Tensor], settings: GPTQSettings, *, method: str = "gptq",
                    quantizer: Callable[[torch.Tensor], Any] | None = None,
                    keep: Callable[[str, torch.nn.Linear], str | None] = lambda name, m: None,
-                   true_sequential: bool = True, progress: bool = True) -> Calibrated:
+                   true_sequential: bool = True, progress: bool = True,
+                   block_scope: Callable[[int], ContextManager] | None = None,
+                   after_block: Callable[[int, dict[str, Any]], None] | None = None) -> Calibrated:
     """Quantize every linear layer of every decoder block of ``model`` in place (weights replaced by their
     dequantized values) and return the quantized weights.
 
@@ -147,6 +150,11 @@ def quantize_model(model: Any, samples: Sequence[torch.Tensor], settings: GPTQSe
         keep: name, layer -> why the layer stays in floating point (e.g. a shape the layout cannot pack), or None.
         true_sequential: re-run the block between groups of layers that read different inputs.
         progress: one line per block on stderr.
+        block_scope: block index -> a context manager the block is calibrated in (a streaming model reads the
+            block's weights on entry and drops them on exit: ``utils.quant.streaming``).
+        after_block: called inside the scope once block ``b`` is quantized, with its quantized layers (full
+            name -> quantized weight), e.g. to write them; the weights are then not kept in the result
+            (``result.layers`` maps their names to None), so memory holds one block's at a time.
     """
     if method != "gptq" and quantizer is None:
         def quantizer(w):
@@ -155,38 +163,50 @@ def quantize_model(model: Any, samples: Sequence[torch.Tensor], settings: GPTQSe
     inputs = _catch_inputs(model, blocks, samples)
     result = Calibrated(tokens=sum(int(s.numel()) for s in samples))
     for b, block in enumerate(blocks):
-        linears = block_linears(block)
-        kept = {n: why for n, m in linears.items() if (why := keep(f"{prefix}.{b}.{n}", m))}
-        for n, why in kept.items():
-            w = linears[n].weight
-            result.report.append(LayerReport(f"{prefix}.{b}.{n}", tuple(w.shape), None, why))
-        todo = {n: m for n, m in linears.items() if n not in kept}
-        for step in _steps(block, todo, inputs, true_sequential) if todo else []:
-            hessians = {n: Hessian(todo[n].in_features, todo[n].weight.device) for n in step}
-            handles = [todo[n].register_forward_pre_hook(lambda m, args, n=n: hessians[n].add(args[0]))
-                       for n in step]
-            try:
-                _run_block(block, inputs)
-            finally:
-                for h in handles:
-                    h.remove()
-            for n in step:
-                layer, full = todo[n], f"{prefix}.{b}.{n}"
-                w = layer.weight.data
-                if not bool(torch.isfinite(w).all()):
-                    raise ValueError(f"{full}: the weight holds NaN or inf values; a grid cannot be fitted to them "
-                                     "(is the checkpoint damaged?)")
-                if method == "gptq":
-                    q = gptq_quantize(w, hessians[n].H, settings, name=full).quantized
-                else:
-                    q = quantizer(w.float())
-                approx = q.dequantize().to(w.device)
-                error = relative_error(w, approx, hessians[n].H)
-                layer.weight.data = approx.to(w.dtype)
-                result.layers[full] = q
-                result.report.append(LayerReport(full, tuple(w.shape), error))
-        outputs = _run_block(block, inputs)
-        inputs = [((out,) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
-        if progress:
-            print(f"quantize: block {b + 1}/{len(blocks)} ({len(todo)} layers, {len(kept)} kept)", file=sys.stderr)
+        with (block_scope(b) if block_scope else nullcontext()):
+            inputs = _quantize_block(prefix, b, block, inputs, settings, method, quantizer, keep, true_sequential,
+                                     result, after_block, progress, len(blocks))
     return result
+
+
+def _quantize_block(prefix, b, block, inputs, settings, method, quantizer, keep, true_sequential, result,
+                    after_block, progress, count):
+    """Quantize one block in place (see ``quantize_model``); its outputs on ``inputs`` are the next inputs."""
+    linears = block_linears(block)
+    quantized: dict[str, Any] = {}
+    kept = {n: why for n, m in linears.items() if (why := keep(f"{prefix}.{b}.{n}", m))}
+    for n, why in kept.items():
+        w = linears[n].weight
+        result.report.append(LayerReport(f"{prefix}.{b}.{n}", tuple(w.shape), None, why))
+    todo = {n: m for n, m in linears.items() if n not in kept}
+    for step in _steps(block, todo, inputs, true_sequential) if todo else []:
+        hessians = {n: Hessian(todo[n].in_features, todo[n].weight.device) for n in step}
+        handles = [todo[n].register_forward_pre_hook(lambda m, args, n=n: hessians[n].add(args[0]))
+                   for n in step]
+        try:
+            _run_block(block, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        for n in step:
+            layer, full = todo[n], f"{prefix}.{b}.{n}"
+            w = layer.weight.data
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError(f"{full}: the weight holds NaN or inf values; a grid cannot be fitted to them "
+                                 "(is the checkpoint damaged?)")
+            if method == "gptq":
+                q = gptq_quantize(w, hessians[n].H, settings, name=full).quantized
+            else:
+                q = quantizer(w.float())
+            approx = q.dequantize().to(w.device)
+            error = relative_error(w, approx, hessians[n].H)
+            layer.weight.data = approx.to(w.dtype)
+            quantized[full] = q
+            result.layers[full] = None if after_block else q
+            result.report.append(LayerReport(full, tuple(w.shape), error))
+    outputs = _run_block(block, inputs)
+    if after_block:
+        after_block(b, quantized)
+    if progress:
+        print(f"quantize: block {b + 1}/{count} ({len(todo)} layers, {len(kept)} kept)", file=sys.stderr)
+    return [((out,) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]

@@ -40,8 +40,8 @@ MAX_HEADER = 100 << 20  # the safetensors library's own limit
 CHUNK_BYTES = 4 << 20  # row chunk for tensors processed piecewise
 
 
-def return_freed_memory() -> None:
-    """Make freed tensor buffers of 4 MB and more go back to the OS at once (glibc only).
+def return_freed_memory(threshold: int = 4 << 20) -> None:
+    """Make freed tensor buffers of ``threshold`` bytes (4 MB) and more go back to the OS at once (glibc only).
 
     glibc raises its mmap threshold each time a large block is freed, after which blocks of that size
     come from the heap and stay in the process when freed: a conversion that reads thousands of
@@ -51,7 +51,7 @@ def return_freed_memory() -> None:
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
