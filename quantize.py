@@ -668,18 +668,14 @@ def load_written(folder: Path, m: Method):
     """The written folder as the loader reads it, with float32 torch kernels (see ``calibrated_method``)."""
     import torch
 
-    if m.method in GPTQ_LAYOUT:
-        from utils.quant.checkpoint import load_gptq_model
-        from utils.quant.kernels import GPTQLinear
-
-        model = load_gptq_model(folder, "cpu", torch.float32, backend="torch")
-        for layer in model.modules():
-            if isinstance(layer, GPTQLinear):  # rebuilt at each call: a cache would hold the float model whole
-                layer.cache_weight, layer._cached_weight = False, None
-        return model
     from utils.quant.checkpoint import load_quantized_model
+    from utils.quant.kernels import GPTQLinear
 
-    return load_quantized_model(folder, "cpu", torch.float32)
+    model = load_quantized_model(folder, "cpu", torch.float32, backend="torch" if m.method in GPTQ_LAYOUT else None)
+    for layer in model.modules():
+        if isinstance(layer, GPTQLinear):  # rebuilt at each call: a cache would hold the float model whole
+            layer.cache_weight, layer._cached_weight = False, None
+    return model
 
 
 def whole_model_method(args: QuantizeArgs, plan, data: CalibrationData, folder: Path) -> dict:

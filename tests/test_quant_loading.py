@@ -129,6 +129,17 @@ def test_the_folder_is_recognised_and_its_settings_read(gptq8, gptq4):
     assert all(".self_attn." in name for name in gptq4[2].layers) and gptq4[2].layers
 
 
+def test_the_quantized_folder_registry_reads_gptq_folders(gptq8):
+    from utils.quant.checkpoint import (load_quantized_model, quantization_label, quantized_folder_problems,
+                                        quantized_format)
+
+    assert quantized_format(gptq8[0]) == "gptq" and quantization_label(gptq8[0]) == "gptq-8bit"
+    assert quantized_format(STORIES) is None and quantized_folder_problems(gptq8[0]) == []
+    model = load_quantized_model(gptq8[0], backend="torch")
+    assert model.quant_backend == model.gptq_backend and model.quant_backend.startswith("torch (requested)")
+    assert model.quant_label == "gptq-8bit" and model.quant_settings["bits"] == 8
+
+
 def test_every_linear_layer_is_replaced_and_logits_match_the_model_in_memory(gptq8, stories_tokenizer):
     folder, model, done = gptq8
     loaded = load_gptq_model(folder, backend="torch")

@@ -261,3 +261,31 @@ def test_memory_is_bounded_by_one_block_not_the_model(tmp_path):
         peaks[layers] = report["peak_rss_mb"] * 2**20
     extra_model, extra_peak = sizes[12] - sizes[2], peaks[12] - peaks[2]
     assert extra_peak < 0.3 * extra_model, (extra_peak / 2**20, extra_model / 2**20)
+
+
+@pytest.mark.slow
+def test_the_seeds_quantizers_write_folders_that_generate_loads(tmp_path):
+    """Slow: two quantizations of stories260K and a generate.py run, as processes. ChatGLM's int4 rows (two codes
+    a byte, a float16 scale per row) and LLMZoo's group-wise 4-bit codes, each measured on the calibration inputs
+    and loaded back by the shared loader."""
+    common = ["--base_model", str(STORIES), "--data_path", str(STORY_FILE), "--nsamples", "8", "--seqlen", "64",
+              "--noprogress"]
+    rows, groups = tmp_path / "int4_row", tmp_path / "groupwise"
+    quantize(*common, "--output_dir", str(rows), "--method", "int4_row")
+    quantize(*common, "--output_dir", str(groups), "--method", "groupwise", "--bits", "4", "--group_size", "32",
+             "--nosym")
+    saved = tensors(rows)
+    name = "model.layers.0.mlp.down_proj"  # [64, 172]: every layer packs here (int4 pairs need an even width)
+    assert saved[f"{name}.weight"].dtype == torch.int8 and tuple(saved[f"{name}.weight"].shape) == (64, 86)
+    assert saved[f"{name}.weight_scale"].dtype == torch.float16
+    for folder, method in ((rows, "chatglm_rowwise"), (groups, "llmzoo_groupwise")):
+        config = json.loads((folder / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == method and len(config["modules"]) == 35
+        report = json.loads((folder / "quant_report.json").read_text())
+        assert report["layers_quantized"] == 35 and all(0 < x["relative_error"] < 0.5 for x in report["layers"])
+        assert 0 < report["delta_ppl"] < 2 and 4 < report["bits_per_weight"] < 11  # LLMZoo: a code per byte
+    assert json.loads((groups / "config.json").read_text())["quantization_config"]["symmetric"] is False
+    proc = subprocess.run([sys.executable, "generate.py", "--base_model", str(rows), "--prompt", "Once upon a time",
+                           "--max_new_tokens", "8", "--temperature", "0"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "int4_row" in proc.stderr and proc.stdout.strip()

@@ -9,7 +9,10 @@
 * a base model plus any PEFT adapter folder: LoRA (kept unmerged), prefix / P-tuning v2, p-tuning or
   prompt tuning;
 * a merged or exported model folder (any folder with config.json and weights);
-* bitsandbytes 8-bit or 4-bit loading of the base.
+* bitsandbytes 8-bit or 4-bit loading of the base;
+* a quantized folder (``utils.quant.checkpoint.quantized_format``): GPTQ, ChatGLM row-wise int8 / int4, LLMZoo
+  group-wise, or pre-quantized bitsandbytes; ``info["quantization"]`` is its label (``gptq-4bit``, ``int8_row``,
+  ``groupwise-8bit``, ``bnb-nf4``, ...) and ``info["quantization_backend"]`` how its layers run.
 
 ``prepare(...)`` does everything but reading the weights (every check, tokenizer, template, the record of
 what will be loaded) and ``load_model(plan)`` the rest, so a stage can refuse its input, or find that it has
@@ -478,6 +481,7 @@ class Plan:
     kwargs: dict
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
+    quantized: str | None = None  # the base folder's quantized format (checkpoint.quantized_format), or None
 
 
 def prepare(base_model: str | None = None, lora_weights: str | None = None, *, prompt_template: str | None = None,
@@ -491,14 +495,14 @@ def prepare(base_model: str | None = None, lora_weights: str | None = None, *, p
     Raises:
         SuiteError: every problem found, at once.
     """
-    from utils.quant.checkpoint import gptq_settings, is_gptq_folder  # torch code: imported only when loading
+    from utils.quant.checkpoint import quantization_label, quantized_format  # torch code: imported when loading
 
     source = resolve_source(base_model, lora_weights)
     device = pick_device(device)
     flag = "--base_model" if base_model else "base model"
     tok_flag = "--lora_weights" if source.tokenizer_dir == source.adapter else flag
-    gptq = is_gptq_folder(source.base)
-    problems = gptq_problems(source, flag, load_8bit, load_4bit, device_map) if gptq else \
+    quantized = quantized_format(source.base) if Path(source.base).is_dir() else None
+    problems = quantized_problems(source, quantized, flag, load_8bit, load_4bit, device_map) if quantized else \
         check_model_dir(source.base, allow_pickle_weights, flag=flag)
     problems += tokenizer_problems(source.tokenizer_dir, flag=tok_flag) if Path(source.tokenizer_dir).is_dir() else []
     problems += template_problems(prompt_template)
@@ -524,30 +528,43 @@ def prepare(base_model: str | None = None, lora_weights: str | None = None, *, p
         "template": getattr(template, "name", None),
         "dtype": dtype_name,
         "device": device if device_map is None else f"device_map={device_map}",
-        "quantization": f"gptq-{gptq_settings(source.base)['bits']}bit" if gptq else
+        "quantization": quantization_label(source.base) if quantized else
         "8bit" if load_8bit else "4bit" if load_4bit else None,
         "model_id": Path(source.adapter or source.base).resolve().name,
     }
     return Plan(source, tokenizer, template, info, device, torch_dtype, kwargs, trust_remote_code,
-                allow_pickle_weights)
+                allow_pickle_weights, quantized)
+
+
+#: How each quantized format is named in messages.
+QUANTIZED_NAMES = {"gptq": "GPTQ", "chatglm_rowwise": "ChatGLM row-wise", "llmzoo_groupwise": "LLMZoo group-wise",
+                   "bitsandbytes": "bitsandbytes"}
+
+
+def quantized_problems(source: ModelSource, quantized: str, flag: str, load_8bit: bool, load_4bit: bool,
+                       device_map: str | None) -> list[str]:
+    """What stops a quantized folder (``checkpoint.quantized_format``) given as the base from loading: its config
+    and weights (headers only), and the options that do not apply to an already quantized model."""
+    from utils.quant.checkpoint import quantized_folder_problems
+
+    name = QUANTIZED_NAMES.get(quantized, quantized)
+    problems = quantized_folder_problems(source.base, flag)
+    if load_8bit or load_4bit:
+        problems.append(f"--load_{'8' if load_8bit else '4'}bit: {flag} {source.base} is already quantized ({name}); "
+                        "drop the flag")
+    if device_map is not None and quantized != "bitsandbytes":  # transformers places bitsandbytes layers itself
+        problems.append(f"--device_map: not supported for a {name} model ({flag} {source.base}); pass --device "
+                        "instead")
+    if source.adapter:
+        problems.append(f"--lora_weights {source.adapter}: adapters on a {name} base ({source.base}) are not "
+                        "supported yet; merge the adapter into the floating-point base before quantizing")
+    return problems
 
 
 def gptq_problems(source: ModelSource, flag: str, load_8bit: bool, load_4bit: bool,
                   device_map: str | None) -> list[str]:
-    """What stops a GPTQ folder given as the base from loading: its config and weights (headers only), and the
-    options that do not apply to an already quantized model."""
-    from utils.quant.checkpoint import gptq_folder_problems
-
-    problems = gptq_folder_problems(source.base, flag)
-    if load_8bit or load_4bit:
-        problems.append(f"--load_{'8' if load_8bit else '4'}bit: {flag} {source.base} is already quantized (GPTQ); "
-                        "drop the flag")
-    if device_map is not None:
-        problems.append(f"--device_map: not supported for a GPTQ model ({flag} {source.base}); pass --device instead")
-    if source.adapter:
-        problems.append(f"--lora_weights {source.adapter}: adapters on a GPTQ base ({source.base}) are not supported "
-                        "yet; merge the adapter into the floating-point base before quantizing")
-    return problems
+    """``quantized_problems`` for a GPTQ folder (kept for callers of the GPTQ-only name)."""
+    return quantized_problems(source, "gptq", flag, load_8bit, load_4bit, device_map)
 
 
 def quantization_problems(load_8bit: bool, load_4bit: bool) -> list[str]:
@@ -619,12 +636,12 @@ def load_model(plan: Plan, log=None) -> Loaded:
         + (", 8-bit" if info["quantization"] == "8bit" else ", 4-bit" if info["quantization"] == "4bit" else
            f", {info['quantization']}" if info["quantization"] else "") + ")")
     try:
-        if info["quantization"] and info["quantization"].startswith("gptq-"):
-            from utils.quant.checkpoint import load_gptq_model
+        if plan.quantized and "device_map" not in kwargs:
+            from utils.quant.checkpoint import load_quantized_model
 
-            model = load_gptq_model(source.base, device, plan.torch_dtype, plan.trust_remote_code)
-            log(f"GPTQ layers run on {model.gptq_backend}")
-            info["quantization_backend"] = model.gptq_backend
+            model = load_quantized_model(source.base, device, plan.torch_dtype, plan.trust_remote_code)
+            log(f"{QUANTIZED_NAMES.get(plan.quantized, plan.quantized)} layers run on {model.quant_backend}")
+            info["quantization_backend"] = model.quant_backend
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 source.base, dtype=plan.torch_dtype, trust_remote_code=plan.trust_remote_code, local_files_only=True,
@@ -632,11 +649,12 @@ def load_model(plan: Plan, log=None) -> Loaded:
     except (OSError, ValueError) as exc:  # e.g. weights that do not match config.json
         raise SuiteError(f"base model {source.base}: cannot be loaded: {str(exc).strip().splitlines()[0][:400]}") \
             from None
-    if "device_map" not in kwargs and device != "cpu":
+    if "device_map" not in kwargs and device != "cpu" and not plan.quantized:  # a quantized folder is placed as read
         model.to(device)
-    if info["quantization"] == "4bit":
-
-        keep_bnb_cpu_layout(model)  # odd widths (stories260K's 172-wide MLP) would fail in the packed CPU kernel
+    if info["quantization"] in ("4bit", "bnb-nf4", "bnb-fp4"):
+        # Odd widths (stories260K's 172-wide MLP) would fail in the packed CPU kernel. A pre-quantized folder went
+        # through the same guard in load_quantized_model (unless a --device_map loaded it here); it is idempotent.
+        keep_bnb_cpu_layout(model)
     if source.adapter:
         from peft import PeftModel
 

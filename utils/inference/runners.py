@@ -161,6 +161,9 @@ def fast_path_problem(model: Any) -> str | None:
         # GPTQ layers (ours, AutoGPTQ's QuantLinear) are not nn.Linear and have no .weight: the packed buffer says it.
         if isinstance(getattr(m, "qweight", None), torch.Tensor):
             return "quantized layers (GPTQ)"
+        # The seeds' layers (utils.quant.rowwise) keep integer codes in .weight beside a .weight_scale.
+        if isinstance(getattr(m, "weight_scale", None), torch.Tensor):
+            return f"quantized layers ({getattr(m, 'kind', type(m).__name__)})"
         if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear:
             return f"{type(m).__name__} layers (quantized or adapted)"
         if getattr(m, "weight", None) is not None and isinstance(m.weight, torch.Tensor) \
