@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -81,6 +82,7 @@ class Method(Group):
     modules: list[str] = ()
     double_quant: bool = True
     gguf_type: Literal["f16", "q8_0"] | None = None
+    requantize: bool = False
 
     def resolved(self) -> dict:
         """bits, group_size, sym and gguf_type as this method uses them (None where they do not apply)."""
@@ -107,6 +109,7 @@ class Method(Group):
         only("double_quant", not self.double_quant, ("bnb_nf4", "bnb_fp4"))
         only("gguf_type", self.gguf_type is not None, ("gguf",))
         only("modules", bool(self.modules), GPTQ_LAYOUT + SEEDS + BNB)
+        only("requantize", self.requantize, GPTQ_LAYOUT + SEEDS)
         bits, group_size = r["bits"], r["group_size"]
         if m in GPTQ_LAYOUT and bits not in (2, 3, 4, 8):
             problems.append(f"--bits must be 2, 3, 4 or 8, got {bits}")
@@ -215,6 +218,7 @@ def main(
     modules: list[str] = (),
     double_quant: bool = True,
     gguf_type: Literal["f16", "q8_0"] | None = None,
+    requantize: bool = False,
     data_path: str = "",
     field: str = "text",
     prompt_template: str = "",
@@ -255,6 +259,10 @@ def main(
             linear layer of the decoder blocks (embeddings and lm_head are never quantized).
         double_quant: bnb_nf4 / bnb_fp4: also quantize the quantization constants.
         gguf_type: gguf: f16, or q8_0 (default; tensors whose rows are not a multiple of 32 stay f16).
+        requantize: Merge an adapter into a quantized base: dequantize each layer (a GPTQ, row-wise, group-wise or
+            bitsandbytes folder; or the base a qlora adapter was trained on, quantized as it was trained), add
+            the LoRA delta, and quantize again with this calibration. The report's perplexity before is the
+            floating-point merge (dequantized base + adapter): its delta is the drift the requantization adds.
         data_path: Calibration data: a prepare_data.py folder (held out: its validation split); data files in a
             format finetune.py reads (alpaca, sharegpt, openai, moss, pair: rendered with the artifact's template,
             as it was trained); a plain-text file; or JSON / JSONL rows whose --field holds text.
@@ -289,10 +297,15 @@ def main(
     plan = prepare(src.base_model or None, src.lora_weights or None, dtype="fp32", device="cpu",
                    prompt_template=cal.prompt_template or None, trust_remote_code=src.trust_remote_code,
                    allow_pickle_weights=src.allow_pickle_weights, allow_base_mismatch=src.allow_base_mismatch)
-    if plan.info.get("quantization"):
+    quantized_base = requantized_base(plan)
+    if args.method.requantize and quantized_base is None:
+        raise UsageError(f"--requantize: {plan.source.base} is not quantized, and no qlora adapter was trained on "
+                         "it; quantize it without --requantize")
+    if quantized_base is not None and not args.method.requantize and plan.info.get("quantization"):
         raise UsageError(f"--base_model {plan.source.base} is already quantized ({plan.info['quantization']}); "
-                         "quantize its floating-point original")
-    if plan.source.method not in (None, "lora"):
+                         "quantize its floating-point original, or pass --requantize to dequantize it (merging "
+                         "--lora_weights) and quantize again")
+    if plan.source.method not in (None, "lora", "qlora"):
         raise SuiteError(f"--lora_weights {plan.source.adapter}: a {plan.source.method} adapter cannot be merged into "
                          "its base; quantize the base model and load the adapter on it")
     if Path(plan.source.base).resolve() == Path(dest.output_dir).resolve():
@@ -494,7 +507,10 @@ def quantize(args: QuantizeArgs, plan, data: CalibrationData, out: Output, fp: s
     m = args.method
     started = time.perf_counter()
     with out.produce(fp, args=args.flags(), inputs=inputs, base_model=plan.info) as st:
-        report = (calibrated_method if m.calibrated else whole_model_method)(args, plan, data, st.dir)
+        if m.requantize:
+            report = requantize_method(args, plan, data, st.dir)
+        else:
+            report = (calibrated_method if m.calibrated else whole_model_method)(args, plan, data, st.dir)
         resolved = {k: v for k, v in m.resolved().items() if v is not None}
         ppl = {"ppl_before": report.pop("ppl_before"), "ppl_after": report["ppl_after"]}
         ppl["delta_ppl"] = ppl["ppl_after"] - ppl["ppl_before"]
@@ -676,6 +692,62 @@ def load_written(folder: Path, m: Method):
         if isinstance(layer, GPTQLinear):  # rebuilt at each call: a cache would hold the float model whole
             layer.cache_weight, layer._cached_weight = False, None
     return model
+
+
+def requantized_base(plan) -> dict | None:
+    """How the base is quantized, if it is: ``{"label": ...}`` for a quantized folder, ``{"label": ..., "qlora":
+    settings}`` for the floating-point base of a qlora adapter (bitsandbytes quantized it as it trained), None
+    for a floating-point base."""
+    if plan.info.get("quantization"):
+        return {"label": plan.info["quantization"]}
+    meta = plan.source.meta
+    if plan.source.adapter and meta is not None and meta.raw.get("method") == "qlora":
+        a = meta.args
+        settings = {"bits": a.get("qlora_bits", 4), "quant_type": a.get("qlora_quant_type", "nf4"),
+                    "double_quant": a.get("qlora_double_quant", True)}
+        return {"label": f"bnb-{'int8' if settings['bits'] == 8 else settings['quant_type']} (qlora, at load)",
+                "qlora": settings}
+    return None
+
+
+def requantize_method(args: QuantizeArgs, plan, data: CalibrationData, folder: Path) -> dict:
+    """--requantize: the quantized base dequantized into a floating-point scratch folder (the weights the adapter
+    was trained against), then the calibrated method on it with the adapter merged tensor by tensor, as for any
+    floating-point base. The scratch folder is removed afterwards."""
+    import shutil
+
+    import torch
+
+    from utils.quant.checkpoint import dequantize_model, load_quantized_model
+
+    src, how = plan.source, requantized_base(plan)
+    scratch = folder / ".dequantized"
+    try:
+        if "qlora" in how:
+            from transformers import AutoModelForCausalLM
+
+            from utils.weights.pretrained import bnb_config
+
+            model = AutoModelForCausalLM.from_pretrained(
+                src.base, dtype=torch.float32, local_files_only=True, trust_remote_code=plan.trust_remote_code,
+                quantization_config=bnb_config(how["qlora"], torch.float32), device_map={"": "cpu"})
+        else:
+            model = load_quantized_model(src.base, "cpu", torch.float32, plan.trust_remote_code)
+        layers = dequantize_model(model)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(scratch), safe_serialization=True)
+        del model
+        report = calibrated_method(args, dataclasses.replace(plan, source=dataclasses.replace(src, base=str(scratch))),
+                                   data, folder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report["requantize"] = {"base": os.path.abspath(src.base), "base_quantization": how["label"],
+                            "adapter": os.path.abspath(src.adapter) if src.adapter else None,
+                            "layers_dequantized": len(layers),
+                            "ppl_fp_merge": report["ppl_before"],
+                            "drift_ppl": report["ppl_after"] - report["ppl_before"]}
+    return report
 
 
 def whole_model_method(args: QuantizeArgs, plan, data: CalibrationData, folder: Path) -> dict:

@@ -289,3 +289,58 @@ def test_the_seeds_quantizers_write_folders_that_generate_loads(tmp_path):
                            "--max_new_tokens", "8", "--temperature", "0"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "int4_row" in proc.stderr and proc.stdout.strip()
+
+
+@pytest.mark.slow
+def test_requantize_merges_an_adapter_into_the_quantized_base_it_was_trained_on(tmp_path):
+    """Slow: a qlora run (6 steps), a GPTQ quantization and two requantizations, in this process. The merge is
+    made into the dequantized base the adapter was trained against, not into the floating-point original: its
+    perplexity equals the adapter's own on the bitsandbytes base, as finetune.py ran it; a GPTQ folder
+    requantized starts from exactly the perplexity its own report gave."""
+    pytest.importorskip("bitsandbytes")
+    import finetune as ft
+    import quantize as stage
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from utils.cli import run
+    from utils.weights.pretrained import bnb_config
+
+    base = tiny_model("llama", tmp_path / "base", width=128, intermediate=256, positions=512, bos_token_id=1,
+                      eos_token_id=2)
+    rows = json.loads((DATA / "alpaca" / "gsm8k_train.json").read_text())[:60]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows))
+    tuned = tmp_path / "qlora"
+    run(ft.main, ["--base_model", str(base), "--data_path", str(data), "--output_dir", str(tuned), "--method",
+                  "qlora", "--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "6", "--learning_rate",
+                  "1e-2", "--cutoff_len", "256", "--val_set_size", "8", "--lora_dropout", "0", "--logging_steps", "0",
+                  "--notensorboard"])
+    common = ["--data_path", str(data), "--nsamples", "8", "--seqlen", "128", "--noprogress"]
+    out = tmp_path / "rq"
+    run(stage.main, ["--lora_weights", str(tuned), "--output_dir", str(out), "--requantize", "--group_size", "32",
+                     *common])
+    report = json.loads((out / "quant_report.json").read_text())
+    rq = report["requantize"]
+    assert rq["base_quantization"].startswith("bnb-nf4") and rq["layers_dequantized"] == 14
+    assert rq["ppl_fp_merge"] == report["ppl_before"] and report["layers_quantized"] == 14
+
+    plan = stage.prepare(str(base), str(tuned), dtype="fp32", device="cpu")
+    held = stage.calibration_data(stage.Calibration(data_path=str(data), nsamples=8, seqlen=128), plan)
+    nf4 = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, device_map={"": "cpu"},
+                                               quantization_config=bnb_config({"bits": 4, "quant_type": "nf4",
+                                                                               "double_quant": True}, torch.float32))
+    as_trained = stage.held_out_ppl(PeftModel.from_pretrained(nf4, str(tuned)).eval(), plan.tokenizer, held, 512)
+    fp = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    on_fp = stage.held_out_ppl(PeftModel.from_pretrained(fp, str(tuned)).eval(), plan.tokenizer, held, 512)
+    assert abs(rq["ppl_fp_merge"] - as_trained["ppl"]) < 1e-3 * as_trained["ppl"]
+    assert abs(on_fp["ppl"] - as_trained["ppl"]) > 10 * abs(rq["ppl_fp_merge"] - as_trained["ppl"])
+
+    gptq = tmp_path / "gptq"
+    run(stage.main, ["--base_model", str(base), "--output_dir", str(gptq), "--group_size", "32", *common])
+    again = tmp_path / "again"
+    run(stage.main, ["--base_model", str(gptq), "--output_dir", str(again), "--requantize", "--bits", "8", *common])
+    first, second = (json.loads((f / "quant_report.json").read_text()) for f in (gptq, again))
+    assert second["requantize"]["ppl_fp_merge"] == pytest.approx(first["ppl_after"], rel=1e-6)
+    with pytest.raises(SystemExit):
+        run(stage.main, ["--base_model", str(gptq), "--output_dir", str(tmp_path / "no"), *common])

@@ -513,3 +513,47 @@ def _load_bnb(path: str | Path, device, dtype: torch.dtype, trust_remote_code: b
         if generic else "")
     model.quant_settings = {"quant_method": BITSANDBYTES, "kind": kind}
     return model
+
+
+def _bnb_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """The float32 weight of a bitsandbytes 4-bit / 8-bit linear layer, or None for any other module."""
+    kind = type(module).__name__
+    if kind in ("Linear4bit", "LinearFP4", "LinearNF4"):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if kind == "Linear8bitLt":
+        w = module.weight
+        codes = getattr(w, "CB", None)
+        codes = w.data if codes is None else codes
+        scale = getattr(w, "SCB", None)
+        if scale is None:  # not quantized yet (still float)
+            return w.data.float()
+        return codes.float() * scale.float()[:, None] / 127
+    return None
+
+
+@torch.no_grad()
+def dequantize_model(model: torch.nn.Module) -> list[str]:
+    """Replace every quantized linear layer of ``model`` (GPTQ, row-wise, group-wise, bitsandbytes 4 / 8-bit) with
+    a float32 ``nn.Linear`` holding its dequantized weight, in place: the model the layers compute, as plain
+    floating point (what an adapter trained on the quantized base was trained against). Returns the names of the
+    layers replaced."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GPTQLinear):
+            weight = module.dequantized_weight(torch.float32, torch.device("cpu"))
+        elif isinstance(module, (RowwiseLinear, GroupwiseLinear)):
+            weight = module.dequantize().float()
+        else:
+            weight = _bnb_weight(module)
+        if weight is None:
+            continue
+        bias = getattr(module, "bias", None)
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="cpu")
+        linear.weight.copy_(weight.cpu())
+        if bias is not None:
+            linear.bias.copy_(bias.float().cpu())
+        _set_module(model, name, linear)
+        replaced.append(name)
+    return replaced
