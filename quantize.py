@@ -872,7 +872,7 @@ def bnb_method(job: Job) -> dict:
 
     import torch
 
-    from utils.quant.bnb import load_bnb_folder, write_bnb
+    from utils.quant.bnb import BnbError, load_bnb_folder, write_bnb
 
     m, dest = job.args.method, job.args.destination
     kind = {"bnb_nf4": "nf4", "bnb_fp4": "fp4", "bnb_int8": "int8"}[m.method]
@@ -880,7 +880,10 @@ def bnb_method(job: Job) -> dict:
     try:
         job.model.save_pretrained(str(scratch), safe_serialization=True)
         report = write_bnb(scratch, job.folder, kind, double_quant=m.double_quant, compute_dtype=torch.float32,
-                           modules=select_modules(job.model, m.modules) if m.modules else None, max_shard_size=dest.max_shard_size)
+                           modules=select_modules(job.model, m.modules) if m.modules else None,
+                           max_shard_size=dest.max_shard_size)
+    except BnbError as exc:
+        raise SuiteError(str(exc)) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     after = job.ppl(load_bnb_folder(job.folder, device="cpu"))

@@ -344,3 +344,23 @@ def test_requantize_merges_an_adapter_into_the_quantized_base_it_was_trained_on(
     assert second["requantize"]["ppl_fp_merge"] == pytest.approx(first["ppl_after"], rel=1e-6)
     with pytest.raises(SystemExit):
         run(stage.main, ["--base_model", str(gptq), "--output_dir", str(tmp_path / "no"), *common])
+
+
+@pytest.mark.slow
+def test_bnb_nf4_writes_a_pre_quantized_folder_that_generate_loads_on_the_cpu(tmp_path):
+    """Slow: the stage and generate.py as processes on stories260K. Its 172-wide MLP cannot take bitsandbytes'
+    packed CPU kernel: those layers are named in the report and loaded on the generic path."""
+    pytest.importorskip("bitsandbytes")
+    out, held = tmp_path / "nf4", tmp_path / "held.jsonl"
+    held.write_text("".join(STORY_FILE.read_text().splitlines(keepends=True)[-20:]))
+    quantize("--base_model", str(STORIES), "--output_dir", str(out), "--method", "bnb_nf4", "--eval_data_path",
+             str(held), "--noprogress")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["bnb_4bit_quant_type"] == "nf4"
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["layers_quantized"] == 35 and 0 < report["delta_ppl"] < 2
+    assert sorted({n.rsplit(".", 1)[1] for n in report["cpu_generic_path"]}) == ["down_proj", "gate_proj", "up_proj"]
+    proc = subprocess.run([sys.executable, "generate.py", "--base_model", str(out), "--prompt", "Once upon a time",
+                           "--max_new_tokens", "8", "--temperature", "0"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+    assert "generic 4-bit path" in proc.stderr
