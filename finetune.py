@@ -42,7 +42,8 @@ from utils.errors import SuiteError, UsageError
 from utils.training import checkpoint as ckpt
 from utils.training.backends import backend_for
 from utils.training.evaluate import evaluate, token_loss_sum
-from utils.training.methods import MethodArgs, check_packing, prepare_model
+from utils.training.methods import (QUANTIZED_BASES, MethodArgs, check_packing, prepare_model, quantized_base,
+                                    quantized_base_problems)
 from utils.training.prepared import check_prepared, prepared_rows
 from utils.training.schedule import lr_lambda
 from utils.training.tracking import StepProgress, Tracker, TrackingArgs
@@ -286,8 +287,10 @@ def main(
         base_model: Local Hugging Face model folder (safetensors weights; nothing is downloaded).
         data_path: Data files (JSON/JSONL; any format prepare_data.py reads) or one prepare_data.py output folder.
         output_dir: Where the adapter (or model), checkpoints and metadata go.
-        method: lora, qlora (LoRA on a bitsandbytes 4/8-bit base), prefix (P-tuning v2), ptuning (prompt
-            encoder), prompt (prompt tuning) or full.
+        method: lora, qlora (LoRA on a bitsandbytes 4/8-bit base, or on the frozen layers of a base that is
+            already quantized: a GPTQ folder from quantize.py or another GPTQ checkpoint, or a pre-quantized
+            bitsandbytes folder), prefix (P-tuning v2), ptuning (prompt encoder), prompt (prompt tuning) or full.
+            On an already quantized base: qlora, prefix, ptuning and prompt; lora and full are refused.
         batch_size: Effective batch: rows per optimizer step, over all processes (micro_batch_size x
             accumulation x processes).
         micro_batch_size: Rows (packed rows with --packing) per forward pass.
@@ -315,7 +318,8 @@ def main(
         lora_target_modules: Linear layers to adapt, by leaf name (e.g. q_proj v_proj), or all-linear.
         use_rslora: Rank-stabilised LoRA scaling (alpha / sqrt(r)).
         use_dora: Weight-decomposed LoRA (DoRA).
-        qlora_bits: qlora: quantize the frozen base to 4 or 8 bits (bitsandbytes).
+        qlora_bits: qlora: quantize the frozen base to 4 or 8 bits (bitsandbytes; not with an already quantized
+            base, whose own quantization is used).
         qlora_quant_type: qlora 4-bit data type: nf4 or fp4.
         qlora_double_quant: qlora 4-bit: also quantize the quantization constants.
         num_virtual_tokens: Virtual tokens for prefix, ptuning and prompt.
@@ -371,7 +375,7 @@ def validate_args(args: FinetuneArgs) -> None:
     """Refuse bad arguments before any work, with every problem found reported at once: each group's own,
     and the checks of files, installed packages and processes beside the group they concern."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    problems = check_model_dir(args.model.base_model, args.model.allow_pickle_weights) + args.model.problems()
+    problems = base_model_problems(args) + args.model.problems()
     problems += data_path_problems(args.data) + args.data.problems()
     problems += args.method.problems() + method_problems(args)
     problems += args.batching.problems() + batch_world_problems(args.batching, world) + args.optim.problems()
@@ -382,6 +386,18 @@ def validate_args(args: FinetuneArgs) -> None:
     problems += args.output.problems() + output_problems(args)
     if problems:
         raise UsageError("\n".join(problems))
+
+
+def base_model_problems(args: FinetuneArgs) -> list[str]:
+    """The base model folder: a floating-point model folder, or a quantized folder (GPTQ, pre-quantized
+    bitsandbytes) checked as the shared loader checks it, with what the method can do on it."""
+    path = args.model.base_model
+    fmt = quantized_base(path)
+    if fmt is None:
+        return check_model_dir(path, args.model.allow_pickle_weights)
+    from utils.quant.checkpoint import quantized_folder_problems
+
+    return quantized_folder_problems(path, "--base_model") + quantized_base_problems(args.method, fmt, path)
 
 
 def data_path_problems(data: DataArgs) -> list[str]:
@@ -396,7 +412,7 @@ def method_problems(args: FinetuneArgs) -> list[str]:
     """What the method needs besides its own settings: bitsandbytes for qlora, rows without virtual tokens
     for packing."""
     problems, method = [], args.method.method
-    if method == "qlora":
+    if method == "qlora" and quantized_base(args.model.base_model) is None:  # a quantized folder: checked with it
         try:
             importlib.import_module("bitsandbytes")
         except Exception as exc:  # a broken install raises more than ImportError
@@ -429,6 +445,11 @@ def parallelism_problems(args: FinetuneArgs, world: int) -> list[str]:
             problems.append("--deepspeed needs the deepspeed package (pip install deepspeed)")
         if parallel.fsdp or args.method.method == "qlora":
             problems.append("--deepspeed cannot be combined with --fsdp or --method qlora")
+    fmt = quantized_base(args.model.base_model)
+    if fmt is not None and (parallel.fsdp or parallel.deepspeed is not None):
+        problems.append(f"--{'fsdp' if parallel.fsdp else 'deepspeed'}: --base_model {args.model.base_model} is "
+                        f"quantized ({QUANTIZED_BASES.get(fmt, fmt)}), and its packed layers cannot be sharded; train "
+                        "without it (each process holds the whole quantized base)")
     return problems
 
 
@@ -616,11 +637,13 @@ def load_rows(args: FinetuneArgs, data_dir: Path) -> TrainingData:
 
 def build_model(args: FinetuneArgs, dist, backend):
     """The base model with the method's trainable parts, sharded by the backend, from --init_from's weights."""
-
-    model = load_base_model(args.model.base_model, dtype=args.model.dtype,
-                            trust_remote_code=args.model.trust_remote_code,
-                            allow_pickle_weights=args.model.allow_pickle_weights, device=dist.device,
-                            quantization=args.method.quantization(args.model.dtype))
+    if quantized_base(args.model.base_model) is not None:
+        model = load_quantized(args, dist)
+    else:
+        model = load_base_model(args.model.base_model, dtype=args.model.dtype,
+                                trust_remote_code=args.model.trust_remote_code,
+                                allow_pickle_weights=args.model.allow_pickle_weights, device=dist.device,
+                                quantization=args.method.quantization(args.model.dtype))
     if args.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = prepare_model(model, args.method, args.model.gradient_checkpointing)
@@ -629,6 +652,22 @@ def build_model(args: FinetuneArgs, dist, backend):
     model = backend.shard(model)
     if args.checkpoints.init_from:
         ckpt.init_weights(Path(args.checkpoints.init_from), model)
+    return model
+
+
+def load_quantized(args: FinetuneArgs, dist):
+    """An already quantized --base_model (GPTQ, pre-quantized bitsandbytes), frozen as stored; says so, and that
+    qlora's bitsandbytes settings (left at their defaults: others are refused) do not apply to it."""
+    from utils.dtypes import torch_dtype_of
+    from utils.quant.adapters import load_quantized_base
+
+    model = load_quantized_base(args.model.base_model, dtype=torch_dtype_of(args.model.dtype), device=dist.device,
+                                trust_remote_code=args.model.trust_remote_code)
+    if dist.main:
+        unused = (" (--qlora_bits, --qlora_quant_type and --qlora_double_quant do not apply: the base keeps its own "
+                  "quantization)") if args.method.method == "qlora" else ""
+        print(f"finetune: --base_model {args.model.base_model} is already quantized ({model.quant_label}); its "
+              f"layers stay frozen and run on {model.quant_backend}{unused}", file=sys.stderr)
     return model
 
 
@@ -885,6 +924,11 @@ def run_summary(run: Training, final_eval: dict, stopped_early: bool) -> dict:
     summary = {"final_eval": final_eval, "steps": run.step, "stopped_early": stopped_early, "best": run.state["best"],
                "trainable_parameters": run.n_trainable, "world_size": run.dist.world_size,
                "sharding": run.backend.sharding}
+    if quantized_base(run.args.model.base_model) is not None:
+        from utils.quant.adapters import quantized_base_summary
+
+        summary["quantization"] = quantized_base_summary(run.model)  # "base": its label, e.g. gptq-4bit
+        return summary
     quantization = run.args.method.quantization(run.args.model.dtype)
     if quantization:
         layers = sum(type(m).__module__.startswith("bitsandbytes") for m in run.model.modules())

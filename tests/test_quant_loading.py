@@ -205,13 +205,27 @@ def test_other_checkpoint_formats_and_bnb_flags_are_refused_before_loading(gptq8
         prepare(str(gptq8[0]), device="cpu", load_4bit=True)
 
 
-def test_an_adapter_on_a_gptq_base_is_refused_for_now(gptq8, tmp_path):
-    from peft import LoraConfig, get_peft_model
+def test_a_lora_adapter_on_a_gptq_base_runs_as_peft_on_the_dequantized_weights(gptq8, tmp_path):
+    """The shared loader applies an adapter to a GPTQ folder (LoRA on the packed layers, unmerged): its logits are
+    those of plain peft on the model holding the dequantized weights."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    model, _ = load_fp32()
-    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "lora"))
-    with pytest.raises(SuiteError, match="--lora_weights .* not supported yet"):
-        prepare(str(gptq8[0]), str(tmp_path / "lora"), device="cpu")
+    from utils.quant.checkpoint import dequantize_model
+
+    model, tok = load_fp32()
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(str(tmp_path / "lora"))
+    ours = load_for_inference(str(gptq8[0]), str(tmp_path / "lora"), device="cpu", dtype="fp32").model
+    plain = load_gptq_model(gptq8[0], "cpu", torch.float32, backend="torch")
+    dequantize_model(plain)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        bare = plain(ids).logits
+        reference = PeftModel.from_pretrained(plain, str(tmp_path / "lora")).eval()  # wraps plain in place
+        got, want = ours(ids).logits, reference(ids).logits
+    assert (got - bare).abs().max() > 1e-3  # the adapter is applied
+    assert torch.allclose(got, want, atol=2e-3, rtol=0), (got - want).abs().max()
 
 
 def generate(*argv: str) -> subprocess.CompletedProcess:

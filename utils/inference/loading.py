@@ -246,6 +246,10 @@ def _base_mismatch(source: ModelSource, folder: Path, allow_base_mismatch: bool)
 def _lora_fit(source: ModelSource, folder: Path, adapter_shapes: dict) -> list[str]:
     """LoRA matrices whose target is not in the base, or whose size does not match the base layer's."""
     base_shapes = safetensors_shapes(source.base)
+    if any(k.endswith(".qweight") for k in base_shapes):  # GPTQ layers store qweight, not weight: their true shape
+        from utils.quant.adapters import layer_shapes
+
+        base_shapes = {**base_shapes, **{f"{k}.weight": v for k, v in layer_shapes(source.base).items()}}
     bad = []
     for key, shape in adapter_shapes.items():
         m = re.match(r"(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
@@ -555,9 +559,12 @@ def quantized_problems(source: ModelSource, quantized: str, flag: str, load_8bit
     if device_map is not None and quantized != "bitsandbytes":  # transformers places bitsandbytes layers itself
         problems.append(f"--device_map: not supported for a {name} model ({flag} {source.base}); pass --device "
                         "instead")
-    if source.adapter:
+    from utils.quant.adapters import TRAINABLE_FORMATS
+
+    if source.adapter and quantized not in TRAINABLE_FORMATS:
         problems.append(f"--lora_weights {source.adapter}: adapters on a {name} base ({source.base}) are not "
-                        "supported yet; merge the adapter into the floating-point base before quantizing")
+                        "supported; merge the adapter into the floating-point base before quantizing, or use a "
+                        "GPTQ or bitsandbytes base")
     return problems
 
 
@@ -656,10 +663,10 @@ def load_model(plan: Plan, log=None) -> Loaded:
         # through the same guard in load_quantized_model (unless a --device_map loaded it here); it is idempotent.
         keep_bnb_cpu_layout(model)
     if source.adapter:
-        from peft import PeftModel
+        from utils.quant.adapters import attach_adapter  # PeftModel.from_pretrained, GPTQ layers taught to peft
 
         try:
-            model = PeftModel.from_pretrained(model, source.adapter, is_trainable=False)
+            model = attach_adapter(model, source.adapter)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise SuiteError(f"--lora_weights {source.adapter}: cannot be applied to {source.base}: "
                              f"{str(exc).splitlines()[0][:400]}") from None
