@@ -342,6 +342,21 @@ def test_requantize_merges_an_adapter_into_the_quantized_base_it_was_trained_on(
     run(stage.main, ["--base_model", str(gptq), "--output_dir", str(again), "--requantize", "--bits", "8", *common])
     first, second = (json.loads((f / "quant_report.json").read_text()) for f in (gptq, again))
     assert second["requantize"]["ppl_fp_merge"] == pytest.approx(first["ppl_after"], rel=1e-6)
+
+    on_gptq = tmp_path / "qlora-gptq"  # an adapter trained on the GPTQ base, merged into it
+    run(ft.main, ["--base_model", str(gptq), "--data_path", str(data), "--output_dir", str(on_gptq), "--method",
+                  "qlora", "--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "4", "--learning_rate",
+                  "1e-2", "--cutoff_len", "256", "--val_set_size", "8", "--lora_dropout", "0", "--logging_steps", "0",
+                  "--notensorboard"])
+    merged = tmp_path / "merged-gptq"
+    run(stage.main, ["--lora_weights", str(on_gptq), "--output_dir", str(merged), "--requantize", *common])
+    third = json.loads((merged / "quant_report.json").read_text())["requantize"]
+    assert third["base_quantization"] == "gptq-4bit" and third["layers_dequantized"] == 14
+    from utils.inference.loading import load_for_inference
+
+    adapted = load_for_inference(str(gptq), str(on_gptq), device="cpu", dtype="fp32").model
+    as_run = stage.held_out_ppl(adapted, plan.tokenizer, held, 512)["ppl"]
+    assert third["ppl_fp_merge"] == pytest.approx(as_run, rel=2e-3)  # the merge is what the adapter computed
     with pytest.raises(SystemExit):
         run(stage.main, ["--base_model", str(gptq), "--output_dir", str(tmp_path / "no"), *common])
 
