@@ -1,0 +1,167 @@
+"""quantize.py's other paths as a shell script runs them: bounded memory, the seeds' quantizers, bitsandbytes,
+--requantize (split from test_quantize.py so the two files run on two workers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATA, REPO, STORIES, tiny_model
+from test_quantize import STORY_FILE, quantize, tensors
+
+
+def _llama_folder(folder: Path, layers: int) -> int:
+    """A random Llama of ``layers`` 512-wide blocks (13.6 MB each in float32), saved with the stories260K
+    tokenizer; its size in bytes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(str(STORIES), local_files_only=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=len(tok), max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return sum(p.numel() * 4 for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_memory_is_bounded_by_one_block_not_the_model(tmp_path):
+    """Slow: two models of 2 and 12 blocks (27 and 164 MB) saved and quantized by the stage as processes. The
+    blocks are read, calibrated, quantized and written one at a time, so ten more blocks (136 MB) must cost far
+    less than their size in peak memory; a stage that loaded the model whole would pay all of it."""
+    peaks, sizes = {}, {}
+    for layers in (2, 12):
+        base = tmp_path / f"m{layers}"
+        sizes[layers] = _llama_folder(base, layers)
+        out = tmp_path / f"q{layers}"
+        quantize("--base_model", str(base), "--output_dir", str(out), "--method", "rtn", "--bits", "4",
+                 "--data_path", str(STORY_FILE), "--nsamples", "4", "--seqlen", "64", "--noprogress")
+        report = json.loads((out / "quant_report.json").read_text())
+        assert report["layers_quantized"] == 7 * layers and report["layers_kept"] == 0
+        peaks[layers] = report["peak_rss_mb"] * 2**20
+    extra_model, extra_peak = sizes[12] - sizes[2], peaks[12] - peaks[2]
+    assert extra_peak < 0.3 * extra_model, (extra_peak / 2**20, extra_model / 2**20)
+
+
+@pytest.mark.slow
+def test_the_seeds_quantizers_write_folders_that_generate_loads(tmp_path):
+    """Slow: two quantizations of stories260K and a generate.py run, as processes. ChatGLM's int4 rows (two codes
+    a byte, a float16 scale per row) and LLMZoo's group-wise 4-bit codes, each measured on the calibration inputs
+    and loaded back by the shared loader."""
+    common = ["--base_model", str(STORIES), "--data_path", str(STORY_FILE), "--nsamples", "8", "--seqlen", "64",
+              "--noprogress"]
+    rows, groups = tmp_path / "int4_row", tmp_path / "groupwise"
+    quantize(*common, "--output_dir", str(rows), "--method", "int4_row")
+    quantize(*common, "--output_dir", str(groups), "--method", "groupwise", "--bits", "4", "--group_size", "32",
+             "--nosym")
+    saved = tensors(rows)
+    name = "model.layers.0.mlp.down_proj"  # [64, 172]: every layer packs here (int4 pairs need an even width)
+    assert saved[f"{name}.weight"].dtype == torch.int8 and tuple(saved[f"{name}.weight"].shape) == (64, 86)
+    assert saved[f"{name}.weight_scale"].dtype == torch.float16
+    for folder, method in ((rows, "chatglm_rowwise"), (groups, "llmzoo_groupwise")):
+        config = json.loads((folder / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == method and len(config["modules"]) == 35
+        report = json.loads((folder / "quant_report.json").read_text())
+        assert report["layers_quantized"] == 35 and all(0 < x["relative_error"] < 0.5 for x in report["layers"])
+        assert 0 < report["delta_ppl"] < 2 and 4 < report["bits_per_weight"] < 11  # LLMZoo: a code per byte
+    assert json.loads((groups / "config.json").read_text())["quantization_config"]["symmetric"] is False
+    proc = subprocess.run([sys.executable, "generate.py", "--base_model", str(rows), "--prompt", "Once upon a time",
+                           "--max_new_tokens", "8", "--temperature", "0"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "int4_row" in proc.stderr and proc.stdout.strip()
+
+
+@pytest.mark.slow
+def test_requantize_merges_an_adapter_into_the_quantized_base_it_was_trained_on(tmp_path):
+    """Slow: a qlora run (6 steps), a GPTQ quantization and two requantizations, in this process. The merge is
+    made into the dequantized base the adapter was trained against, not into the floating-point original: its
+    perplexity equals the adapter's own on the bitsandbytes base, as finetune.py ran it; a GPTQ folder
+    requantized starts from exactly the perplexity its own report gave."""
+    pytest.importorskip("bitsandbytes")
+    import finetune as ft
+    import quantize as stage
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from utils.cli import run
+    from utils.weights.pretrained import bnb_config
+
+    base = tiny_model("llama", tmp_path / "base", width=128, intermediate=256, positions=512, bos_token_id=1,
+                      eos_token_id=2)
+    rows = json.loads((DATA / "alpaca" / "gsm8k_train.json").read_text())[:60]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows))
+    tuned = tmp_path / "qlora"
+    run(ft.main, ["--base_model", str(base), "--data_path", str(data), "--output_dir", str(tuned), "--method",
+                  "qlora", "--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "6", "--learning_rate",
+                  "1e-2", "--cutoff_len", "256", "--val_set_size", "8", "--lora_dropout", "0", "--logging_steps", "0",
+                  "--notensorboard"])
+    common = ["--data_path", str(data), "--nsamples", "8", "--seqlen", "128", "--noprogress"]
+    out = tmp_path / "rq"
+    run(stage.main, ["--lora_weights", str(tuned), "--output_dir", str(out), "--requantize", "--group_size", "32",
+                     *common])
+    report = json.loads((out / "quant_report.json").read_text())
+    rq = report["requantize"]
+    assert rq["base_quantization"].startswith("bnb-nf4") and rq["layers_dequantized"] == 14
+    assert rq["ppl_fp_merge"] == report["ppl_before"] and report["layers_quantized"] == 14
+
+    plan = stage.prepare(str(base), str(tuned), dtype="fp32", device="cpu")
+    held = stage.calibration_data(stage.Calibration(data_path=str(data), nsamples=8, seqlen=128), plan)
+    nf4 = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, device_map={"": "cpu"},
+                                               quantization_config=bnb_config({"bits": 4, "quant_type": "nf4",
+                                                                               "double_quant": True}, torch.float32))
+    as_trained = stage.held_out_ppl(PeftModel.from_pretrained(nf4, str(tuned)).eval(), plan.tokenizer, held, 512)
+    fp = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    on_fp = stage.held_out_ppl(PeftModel.from_pretrained(fp, str(tuned)).eval(), plan.tokenizer, held, 512)
+    assert abs(rq["ppl_fp_merge"] - as_trained["ppl"]) < 1e-3 * as_trained["ppl"]
+    assert abs(on_fp["ppl"] - as_trained["ppl"]) > 10 * abs(rq["ppl_fp_merge"] - as_trained["ppl"])
+
+    gptq = tmp_path / "gptq"
+    run(stage.main, ["--base_model", str(base), "--output_dir", str(gptq), "--group_size", "32", *common])
+    again = tmp_path / "again"
+    run(stage.main, ["--base_model", str(gptq), "--output_dir", str(again), "--requantize", "--bits", "8", *common])
+    first, second = (json.loads((f / "quant_report.json").read_text()) for f in (gptq, again))
+    assert second["requantize"]["ppl_fp_merge"] == pytest.approx(first["ppl_after"], rel=1e-6)
+
+    on_gptq = tmp_path / "qlora-gptq"  # an adapter trained on the GPTQ base, merged into it
+    run(ft.main, ["--base_model", str(gptq), "--data_path", str(data), "--output_dir", str(on_gptq), "--method",
+                  "qlora", "--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "4", "--learning_rate",
+                  "1e-2", "--cutoff_len", "256", "--val_set_size", "8", "--lora_dropout", "0", "--logging_steps", "0",
+                  "--notensorboard"])
+    merged = tmp_path / "merged-gptq"
+    run(stage.main, ["--lora_weights", str(on_gptq), "--output_dir", str(merged), "--requantize", *common])
+    third = json.loads((merged / "quant_report.json").read_text())["requantize"]
+    assert third["base_quantization"] == "gptq-4bit" and third["layers_dequantized"] == 14
+    from utils.inference.loading import load_for_inference
+
+    adapted = load_for_inference(str(gptq), str(on_gptq), device="cpu", dtype="fp32").model
+    as_run = stage.held_out_ppl(adapted, plan.tokenizer, held, 512)["ppl"]
+    assert third["ppl_fp_merge"] == pytest.approx(as_run, rel=2e-3)  # the merge is what the adapter computed
+    with pytest.raises(SystemExit):
+        run(stage.main, ["--base_model", str(gptq), "--output_dir", str(tmp_path / "no"), *common])
+
+
+@pytest.mark.slow
+def test_bnb_nf4_writes_a_pre_quantized_folder_that_generate_loads_on_the_cpu(tmp_path):
+    """Slow: the stage and generate.py as processes on stories260K. Its 172-wide MLP cannot take bitsandbytes'
+    packed CPU kernel: those layers are named in the report and loaded on the generic path."""
+    pytest.importorskip("bitsandbytes")
+    out, held = tmp_path / "nf4", tmp_path / "held.jsonl"
+    held.write_text("".join(STORY_FILE.read_text().splitlines(keepends=True)[-20:]))
+    quantize("--base_model", str(STORIES), "--output_dir", str(out), "--method", "bnb_nf4", "--eval_data_path",
+             str(held), "--noprogress")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["bnb_4bit_quant_type"] == "nf4"
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["layers_quantized"] == 35 and 0 < report["delta_ppl"] < 2
+    assert sorted({n.rsplit(".", 1)[1] for n in report["cpu_generic_path"]}) == ["down_proj", "gate_proj", "up_proj"]
+    proc = subprocess.run([sys.executable, "generate.py", "--base_model", str(out), "--prompt", "Once upon a time",
+                           "--max_new_tokens", "8", "--temperature", "0"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+    assert "generic 4-bit path" in proc.stderr
