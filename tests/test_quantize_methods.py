@@ -165,3 +165,18 @@ def test_bnb_nf4_writes_a_pre_quantized_folder_that_generate_loads_on_the_cpu(tm
                            "--max_new_tokens", "8", "--temperature", "0"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
     assert "generic 4-bit path" in proc.stderr
+
+
+def test_gguf_q8_0_file_with_its_perplexity_cost(tmp_path):
+    """The stage writes one llama.cpp file (stories260K's 172-wide down_proj stays f16) and scores the weights
+    read back from it."""
+    pytest.importorskip("gguf")
+    out, held = tmp_path / "gguf", tmp_path / "held.jsonl"
+    held.write_text("".join(STORY_FILE.read_text().splitlines(keepends=True)[-20:]))
+    quantize("--base_model", str(STORIES), "--output_dir", str(out), "--method", "gguf", "--eval_data_path",
+             str(held), "--noprogress")
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["file"] == "model-q8_0.gguf" and (out / "model-q8_0.gguf").is_file()
+    assert {f["name"].split(".")[-2] for f in report["fallbacks"]} == {"ffn_down"}
+    assert 0 <= report["delta_ppl"] < 0.05 and report["ppl_after"] != report["ppl_before"]
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
