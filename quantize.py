@@ -40,7 +40,8 @@ from typing import Any, Literal
 from utils.args import Group, StageArgs, unfingerprinted
 from utils.artifacts import Output, sha256_json
 from utils.cli import parse_size, run
-from utils.dtypes import dtype_size
+from utils.dtypes import dtype_size, torch_dtype_of
+from utils.weights.config import set_config_dtype
 from utils.errors import SuiteError, UsageError
 from utils.evaluation.stage import artifact_record, file_record
 from utils.inference.loading import prepare
@@ -83,6 +84,7 @@ class Method(Group):
     double_quant: bool = True
     gguf_type: Literal["f16", "q8_0"] | None = None
     requantize: bool = False
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
     def resolved(self) -> dict:
         """bits, group_size, sym and gguf_type as this method uses them (None where they do not apply)."""
@@ -110,6 +112,7 @@ class Method(Group):
         only("gguf_type", self.gguf_type is not None, ("gguf",))
         only("modules", bool(self.modules), GPTQ_LAYOUT + SEEDS + BNB)
         only("requantize", self.requantize, GPTQ_LAYOUT + SEEDS)
+        only("dtype", self.dtype != "auto", GPTQ_LAYOUT + SEEDS)
         bits, group_size = r["bits"], r["group_size"]
         if m in GPTQ_LAYOUT and bits not in (2, 3, 4, 8):
             problems.append(f"--bits must be 2, 3, 4 or 8, got {bits}")
@@ -219,6 +222,7 @@ def main(
     double_quant: bool = True,
     gguf_type: Literal["f16", "q8_0"] | None = None,
     requantize: bool = False,
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto",
     data_path: str = "",
     field: str = "text",
     prompt_template: str = "",
@@ -263,6 +267,8 @@ def main(
             bitsandbytes folder; or the base a qlora adapter was trained on, quantized as it was trained), add
             the LoRA delta, and quantize again with this calibration. The report's perplexity before is the
             floating-point merge (dequantized base + adapter): its delta is the drift the requantization adds.
+        dtype: The tensors kept in floating point (embeddings, norms, layers not quantized, the output head):
+            fp32, fp16 or bf16; auto: the input's own dtype (its config.json). Calibration computes in fp32.
         data_path: Calibration data: a prepare_data.py folder (held out: its validation split); data files in a
             format finetune.py reads (alpaca, sharegpt, openai, moss, pair: rendered with the artifact's template,
             as it was trained); a plain-text file; or JSON / JSONL rows whose --field holds text.
@@ -568,7 +574,9 @@ def calibrated_method(args: QuantizeArgs, plan, data: CalibrationData, folder: P
 
     quantized = {f"{sm.prefix}.{b}.{n}" for b, block in enumerate(sm.blocks)
                  for n, layer in block_linears(block).items() if keep(f"{sm.prefix}.{b}.{n}", layer) is None}
-    entries = output_entries(model, quantized, layout)
+    kept_dtype = output_dtype(m.dtype, src.base)
+    entries = output_entries(model, quantized, layout, kept_dtype)
+    cast = torch_dtype_of(kept_dtype)
     writer = ShardWriter(folder, entries, parse_size(dest.max_shard_size))
     names = iter(entries)
     state = model.state_dict()
@@ -578,9 +586,12 @@ def calibrated_method(args: QuantizeArgs, plan, data: CalibrationData, folder: P
             name = next_planned(until)
             if name is None:
                 return
-            writer.write(name, state[name].detach().contiguous())
+            writer.write(name, as_stored(state[name]))
 
     pending: list = []
+
+    def as_stored(t):
+        return (t.detach().to(cast) if t.is_floating_point() else t.detach()).contiguous()
 
     def next_planned(until):
         item = pending.pop() if pending else next(names, None)
@@ -601,7 +612,7 @@ def calibrated_method(args: QuantizeArgs, plan, data: CalibrationData, folder: P
                     writer.write(f"{module}.{part}", t.contiguous())
             else:
                 check_planned(next_planned(None), name)
-                writer.write(name, block_state[name[len(f"{sm.prefix}.{b}."):]].detach().contiguous())
+                writer.write(name, as_stored(block_state[name[len(f"{sm.prefix}.{b}."):]]))
 
     settings = GPTQSettings(bits=r["bits"], group_size=r["group_size"] or -1, sym=bool(r["sym"]),
                             act_order=m.act_order, static_groups=m.static_groups, damp_percent=m.damp_percent)
@@ -617,7 +628,7 @@ def calibrated_method(args: QuantizeArgs, plan, data: CalibrationData, folder: P
     finally:
         writer.abort()
     excluded = [x.name for x in done.report if x.kept]
-    config = model.config.to_dict()
+    config = set_config_dtype(model.config.to_dict(), kept_dtype)
     config["quantization_config"] = layout.config(sorted(done.layers), excluded)
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
     for name, make in layout.extra_files.items():
@@ -630,7 +641,8 @@ def calibrated_method(args: QuantizeArgs, plan, data: CalibrationData, folder: P
     stored = sum(size for name, size in sizes.items() if name.rsplit(".", 1)[0] in done.layers
                  and not name.endswith(".bias"))
     weights = sum(math.prod(x.shape) for x in done.report if not x.kept)
-    return {**({"act_order": m.act_order, "static_groups": m.static_groups, "damp_percent": m.damp_percent}
+    return {"dtype": kept_dtype,
+            **({"act_order": m.act_order, "static_groups": m.static_groups, "damp_percent": m.damp_percent}
                if m.method == "gptq" else {}),
             **({"group_dim": m.group_dim} if m.method == "groupwise" else {}),
             "true_sequential": m.true_sequential, "ppl_before": before["ppl"], "ppl_after": after["ppl"],
@@ -646,7 +658,15 @@ def check_planned(planned: str | None, name: str) -> None:
         raise RuntimeError(f"quantize: writing {name}, but the shard plan expected {planned}")
 
 
-def output_entries(model, quantized: set[str], layout: "Layout") -> list[tuple[str, str, tuple]]:
+def output_dtype(flag: str, base: str) -> str:
+    """--dtype, or for auto the input's own (its config.json's dtype)."""
+    from utils.weights.config import config_dtype, read_config
+
+    return flag if flag != "auto" else config_dtype(read_config(base, "--base_model"))
+
+
+def output_entries(model, quantized: set[str], layout: "Layout", stored: str = "fp32"
+                   ) -> list[tuple[str, str, tuple]]:
     """(name, dtype code, shape) of every tensor the output holds, in state-dict order: a quantized layer's
     ``.weight`` replaced by its stored tensors (shapes from quantizing a zero weight of its shape), a tied output
     head left out (written once, as transformers saves it)."""
@@ -668,7 +688,8 @@ def output_entries(model, quantized: set[str], layout: "Layout") -> list[tuple[s
                 shapes[key] = {part: (dtype_code(v.dtype), tuple(v.shape)) for part, v in layout.tensors(q).items()}
             entries += [(f"{module}.{part}", code, shape) for part, (code, shape) in shapes[key].items()]
         else:
-            entries.append((name, dtype_code(t.dtype), tuple(t.shape)))
+            code = dtype_code(torch_dtype_of(stored)) if t.is_floating_point() else dtype_code(t.dtype)
+            entries.append((name, code, tuple(t.shape)))
     return entries
 
 

@@ -180,3 +180,25 @@ def test_gguf_q8_0_file_with_its_perplexity_cost(tmp_path):
     assert {f["name"].split(".")[-2] for f in report["fallbacks"]} == {"ffn_down"}
     assert 0 <= report["delta_ppl"] < 0.05 and report["ppl_after"] != report["ppl_before"]
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+
+
+def test_dtype_sets_the_tensors_kept_in_floating_point(tmp_path):
+    """--dtype fp16: embeddings, norms and the layers not quantized are stored in fp16 (auto: the input's own,
+    fp32 here), the config says so, and the folder loads with the perplexity the report gives."""
+    import quantize as stage
+
+    from utils.cli import run
+
+    base = tiny_model("llama", tmp_path / "tiny", width=64, intermediate=128, positions=256)
+    common = ["--base_model", str(base), "--method", "rtn", "--bits", "8", "--data_path", str(STORY_FILE),
+              "--nsamples", "4", "--seqlen", "64", "--noprogress", "--modules", "self_attn.*"]
+    run(stage.main, [*common, "--output_dir", str(tmp_path / "auto")])
+    run(stage.main, [*common, "--output_dir", str(tmp_path / "half"), "--dtype", "fp16"])
+    auto, half = tensors(tmp_path / "auto"), tensors(tmp_path / "half")
+    assert auto["model.embed_tokens.weight"].dtype == torch.float32
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert half[name].dtype == torch.float16
+    assert torch.equal(half["model.layers.0.self_attn.q_proj.qweight"], auto["model.layers.0.self_attn.q_proj.qweight"])
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == "float16"
+    report = json.loads((tmp_path / "half" / "quant_report.json").read_text())
+    assert report["dtype"] == "fp16" and report["ppl_after"] > 0
