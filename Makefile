@@ -9,7 +9,7 @@ PYTHON ?= python3
 # terminal), so the first set-up shows where its minutes go.
 PIP := $(VENV)/bin/pip install --disable-pip-version-check
 
-.PHONY: pipeline test test-fast
+.PHONY: pipeline test test-fast bench-peers
 
 $(VENV)/.installed: requirements.txt
 	@echo "== set-up 1/3: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -35,3 +35,17 @@ test: $(VENV)/.installed
 # The inner loop while working (not the set-up command): everything but the slow and multi-process tiers.
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not multiprocess" tests
+
+# The peers the benchmarks compare against that cannot share .venv (bench/quantize.py's P4b: llmcompressor needs
+# transformers <= 5.17), each in its own virtual environment; never part of the test set-up. torch is pinned in the
+# requirements file (an unpinned one would pull a CUDA build of several GB).
+PEER_VENV := bench/peers/llmcompressor-venv
+
+bench-peers: $(PEER_VENV)/.installed
+
+$(PEER_VENV)/.installed: bench/peers/llmcompressor.txt
+	@echo "== bench peers: creating $(PEER_VENV) with $(PYTHON) (llmcompressor, for bench/quantize.py's P4b)"
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --disable-pip-version-check -r bench/peers/llmcompressor.txt
+	touch $@
+	@echo "== bench peers done: $(PEER_VENV) is ready (rebuilt only when bench/peers/llmcompressor.txt changes)"
