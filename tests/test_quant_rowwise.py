@@ -306,7 +306,7 @@ def test_flags_that_do_not_apply_and_adapters_are_refused_before_loading(int4_fo
     from peft import LoraConfig, get_peft_model
 
     get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "lora"))
-    with pytest.raises(SuiteError, match="--lora_weights .* not supported yet"):
+    with pytest.raises(SuiteError, match="--lora_weights .* are not supported; merge the adapter"):
         prepare(folder, str(tmp_path / "lora"), device="cpu")
 
 
