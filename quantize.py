@@ -541,105 +541,129 @@ def calibrated_method(args: QuantizeArgs, plan, data: CalibrationData, folder: P
     shards before the next is read (``utils.quant.streaming``); only one block's weights and the calibration
     activations are held. The perplexity before is the streamed model's; after, the written folder's, loaded
     with the plain torch kernels (float32 arithmetic on the dequantized weights, what the layers compute)."""
-    from utils.quant.calibrate import block_linears, quantize_model
+    from utils.quant.calibrate import quantize_model
     from utils.quant.gptq import GPTQError, GPTQSettings
-    from utils.quant.streaming import open_streaming
-    from utils.weights.shards import ShardWriter
 
-    from utils.weights.shards import return_freed_memory
-
-    m, cal, dest, src = args.method, args.calibration, args.destination, plan.source
-    r = m.resolved()
-    layout = layout_for(m)
-    # Weights are read block after block between activations of every size: from 256 KB up they are mapped
-    # and unmapped (a weight matrix is one), else each block read in turn would leave its buffers in the heap.
-    return_freed_memory(256 << 10)
-    try:
-        sm = open_streaming(src.base, src.adapter, trust_remote_code=plan.trust_remote_code,
-                            allow_pickle=plan.allow_pickle_weights)
-    except ValueError as exc:
-        raise SuiteError(f"--base_model {src.base}: {exc}") from None
-    model, tok = sm.model, plan.tokenizer
-    selected = select_modules(model, m.modules)  # a pattern that matches nothing fails before calibration
-    context = getattr(model.config, "max_position_embeddings", None) or cal.seqlen
+    m, cal, dest = args.method, args.calibration, args.destination
+    r, layout = m.resolved(), layout_for(m)
+    sm = open_source(plan)
+    selected = select_modules(sm.model, m.modules)  # a pattern that matches nothing fails before calibration
+    context = getattr(sm.model.config, "max_position_embeddings", None) or cal.seqlen
     if cal.seqlen > context:
         raise SuiteError(f"--seqlen {cal.seqlen} exceeds the model's context of {context} tokens")
-    window = model_window(model.config, cal.seqlen)
-    before = held_out_ppl(model, tok, data, window)
+    window = model_window(sm.model.config, cal.seqlen)
+    before = held_out_ppl(sm.model, plan.tokenizer, data, window)
 
     def keep(name, layer):
         if name not in selected:
             return "not selected by --modules"
         return layout.packable(layer.in_features, layer.out_features)
 
-    quantized = {f"{sm.prefix}.{b}.{n}" for b, block in enumerate(sm.blocks)
-                 for n, layer in block_linears(block).items() if keep(f"{sm.prefix}.{b}.{n}", layer) is None}
-    kept_dtype = output_dtype(m.dtype, src.base)
-    entries = output_entries(model, quantized, layout, kept_dtype)
-    cast = torch_dtype_of(kept_dtype)
-    writer = ShardWriter(folder, entries, parse_size(dest.max_shard_size))
-    names = iter(entries)
-    state = model.state_dict()
-
-    def write_outside(until: str | None) -> None:  # the tensors outside the blocks, in order, up to a block
-        while True:
-            name = next_planned(until)
-            if name is None:
-                return
-            writer.write(name, as_stored(state[name]))
-
-    pending: list = []
-
-    def as_stored(t):
-        return (t.detach().to(cast) if t.is_floating_point() else t.detach()).contiguous()
-
-    def next_planned(until):
-        item = pending.pop() if pending else next(names, None)
-        if item is None:
-            return None
-        if until is not None and item[0].startswith(until):
-            pending.append(item)
-            return None
-        return item[0]
-
-    def write_block(b: int, layers: dict) -> None:
-        block_state = sm.blocks[b].state_dict()
-        for name in sm.block_tensor_names(b):
-            module, leaf = name.rsplit(".", 1)
-            if module in layers and leaf == "weight":
-                for part, t in layout.tensors(layers[module]).items():
-                    check_planned(next_planned(None), f"{module}.{part}")
-                    writer.write(f"{module}.{part}", t.contiguous())
-            else:
-                check_planned(next_planned(None), name)
-                writer.write(name, as_stored(block_state[name[len(f"{sm.prefix}.{b}."):]]))
-
+    kept_dtype = output_dtype(m.dtype, plan.source.base)
+    writer = PlannedWriter(folder, sm, layout, keep, kept_dtype, parse_size(dest.max_shard_size))
     settings = GPTQSettings(bits=r["bits"], group_size=r["group_size"] or -1, sym=bool(r["sym"]),
                             act_order=m.act_order, static_groups=m.static_groups, damp_percent=m.damp_percent)
     try:
-        write_outside(f"{sm.prefix}.")
-        done = quantize_model(model, data.samples, settings, method=m.method, quantizer=layout.quantizer,
+        writer.write_outside_blocks(until_blocks=True)
+        done = quantize_model(sm.model, data.samples, settings, method=m.method, quantizer=layout.quantizer,
                               keep=keep, true_sequential=m.true_sequential, progress=dest.progress,
-                              block_scope=sm.hold, after_block=write_block)
-        write_outside(None)
+                              block_scope=sm.hold, after_block=writer.write_block)
+        writer.write_outside_blocks(until_blocks=False)
         writer.close()
     except (GPTQError, ValueError) as exc:  # a singular Hessian, non-finite weights: named by layer
         raise SuiteError(str(exc)) from None
     finally:
         writer.abort()
+    write_quantized_config(folder, sm.model.config, layout, done, kept_dtype)
+    write_companions(folder, plan)
+    sm.release_all()
+    after = held_out_ppl(load_written(folder, m), plan.tokenizer, data, window)
+    return calibrated_report(m, kept_dtype, before, after, done, writer.entries)
+
+
+def open_source(plan):
+    """The input model, streamed block by block from disk (``utils.quant.streaming``)."""
+    from utils.quant.streaming import open_streaming
+    from utils.weights.shards import return_freed_memory
+
+    # Weights are read block after block between activations of every size: from 256 KB up they are mapped
+    # and unmapped (a weight matrix is one), else each block read in turn would leave its buffers in the heap.
+    return_freed_memory(256 << 10)
+    try:
+        return open_streaming(plan.source.base, plan.source.adapter, trust_remote_code=plan.trust_remote_code,
+                              allow_pickle=plan.allow_pickle_weights)
+    except ValueError as exc:
+        raise SuiteError(f"--base_model {plan.source.base}: {exc}") from None
+
+
+class PlannedWriter:
+    """The output shards, planned before calibration (``output_entries``) and written in state-dict order: the
+    tensors before the decoder blocks, each block once it is quantized (``write_block``, quantize_model's
+    ``after_block``), then the rest. Tensors kept in floating point are cast to --dtype."""
+
+    def __init__(self, folder: Path, sm, layout: "Layout", keep, kept_dtype: str, max_shard_size: int):
+        from utils.quant.calibrate import block_linears
+        from utils.weights.shards import ShardWriter
+
+        self.sm, self.layout = sm, layout
+        quantized = {f"{sm.prefix}.{b}.{n}" for b, block in enumerate(sm.blocks)
+                     for n, layer in block_linears(block).items() if keep(f"{sm.prefix}.{b}.{n}", layer) is None}
+        self.entries = output_entries(sm.model, quantized, layout, kept_dtype)
+        self.cast = torch_dtype_of(kept_dtype)
+        self.writer = ShardWriter(folder, self.entries, max_shard_size)
+        self.pending = [name for name, _, _ in self.entries]
+        self.state = sm.model.state_dict()  # outside the blocks: loaded; inside: meta until a block is held
+
+    def _write(self, name: str, tensor, cast: bool = True) -> None:
+        """``tensor`` as the next planned one; ``cast``: a floating-point tensor kept as such goes to --dtype
+        (a quantized layer's codes and scales keep their own dtypes)."""
+        planned = self.pending.pop(0) if self.pending else None
+        if planned != name:  # a programming error: the plan and the writing disagree
+            raise RuntimeError(f"quantize: writing {name}, but the shard plan expected {planned}")
+        tensor = tensor.detach().to(self.cast) if cast and tensor.is_floating_point() else tensor.detach()
+        self.writer.write(name, tensor.contiguous())
+
+    def write_outside_blocks(self, until_blocks: bool) -> None:
+        """The planned tensors outside the blocks: those before the first block, or (after them) the rest."""
+        inside = f"{self.sm.prefix}."
+        while self.pending and not (until_blocks and self.pending[0].startswith(inside)):
+            self._write(self.pending[0], self.state[self.pending[0]])
+
+    def write_block(self, b: int, layers: dict) -> None:
+        """Block ``b``'s tensors: a quantized layer's stored tensors in place of its weight, the others as held."""
+        block_state = self.sm.blocks[b].state_dict()
+        prefix = f"{self.sm.prefix}.{b}."
+        for name in self.sm.block_tensor_names(b):
+            module, leaf = name.rsplit(".", 1)
+            if module in layers and leaf == "weight":
+                for part, t in self.layout.tensors(layers[module]).items():
+                    self._write(f"{module}.{part}", t, cast=False)
+            else:
+                self._write(name, block_state[name[len(prefix):]])
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def write_quantized_config(folder: Path, config, layout: "Layout", done, kept_dtype: str) -> None:
+    """config.json with the layout's quantization_config and --dtype, and the layout's own config files."""
     excluded = [x.name for x in done.report if x.kept]
-    config = set_config_dtype(model.config.to_dict(), kept_dtype)
-    config["quantization_config"] = layout.config(sorted(done.layers), excluded)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
+    values = set_config_dtype(config.to_dict(), kept_dtype)
+    values["quantization_config"] = layout.config(sorted(done.layers), excluded)
+    (folder / "config.json").write_text(json.dumps(values, indent=2, default=str) + "\n", encoding="utf-8")
     for name, make in layout.extra_files.items():
         (folder / name).write_text(json.dumps(make(sorted(done.layers), excluded), indent=2) + "\n",
                                    encoding="utf-8")
-    write_companions(folder, plan)
-    sm.release_all()
-    after = held_out_ppl(load_written(folder, m), tok, data, window)
-    sizes = {n: math.prod(shape) * dtype_size(code) for n, code, shape in entries}
-    stored = sum(size for name, size in sizes.items() if name.rsplit(".", 1)[0] in done.layers
-                 and not name.endswith(".bias"))
+
+
+def calibrated_report(m: Method, kept_dtype: str, before: dict, after: dict, done, entries) -> dict:
+    """The calibrated method's part of quant_report.json: its options, perplexities, per-layer errors and bits
+    per weight of the quantized layers (their stored tensors, bias aside)."""
+    stored = sum(math.prod(shape) * dtype_size(code) for name, code, shape in entries
+                 if name.rsplit(".", 1)[0] in done.layers and not name.endswith(".bias"))
     weights = sum(math.prod(x.shape) for x in done.report if not x.kept)
     return {"dtype": kept_dtype,
             **({"act_order": m.act_order, "static_groups": m.static_groups, "damp_percent": m.damp_percent}
@@ -647,15 +671,10 @@ def calibrated_method(args: QuantizeArgs, plan, data: CalibrationData, folder: P
             **({"group_dim": m.group_dim} if m.method == "groupwise" else {}),
             "true_sequential": m.true_sequential, "ppl_before": before["ppl"], "ppl_after": after["ppl"],
             "eval_tokens": before["tokens_scored"], "calibration_tokens": done.tokens,
-            "layers_quantized": len(done.layers), "layers_kept": len(excluded),
+            "layers_quantized": len(done.layers), "layers_kept": sum(1 for x in done.report if x.kept),
             "bits_per_weight": 8 * stored / weights if weights else None,
             "layers": [{"name": x.name, "shape": list(x.shape), "relative_error": x.relative_error, "kept": x.kept}
                        for x in done.report]}
-
-
-def check_planned(planned: str | None, name: str) -> None:
-    if planned != name:  # a programming error: the plan and the writing disagree
-        raise RuntimeError(f"quantize: writing {name}, but the shard plan expected {planned}")
 
 
 def output_dtype(flag: str, base: str) -> str:
