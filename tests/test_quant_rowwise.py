@@ -311,22 +311,10 @@ def test_flags_that_do_not_apply_and_adapters_are_refused_before_loading(int4_fo
 
 
 def test_a_damaged_folder_is_named(int4_folder, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
+    from test_quant_loading import copy_folder
 
     def copy(name, edit_tensors=None, edit_config=None) -> Path:
-        dst = tmp_path / name
-        shutil.copytree(int4_folder[0], dst)
-        if edit_tensors:
-            tensors = load_file(str(dst / "model.safetensors"))
-            edit_tensors(tensors)
-            save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-        if edit_config:
-            config = json.loads((dst / "config.json").read_text())
-            edit_config(config["quantization_config"])
-            (dst / "config.json").write_text(json.dumps(config))
-        return dst
+        return copy_folder(int4_folder[0], tmp_path / name, edit_tensors, edit_config)
 
     layer = "model.layers.1.self_attn.o_proj"
     narrow = copy("narrow", lambda t: t.update({f"{layer}.weight": t[f"{layer}.weight"][:, :16].contiguous()}))
