@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -510,6 +509,8 @@ def held_out_ppl(model, tok, data: CalibrationData, window: int) -> dict:
 def quantize(args: QuantizeArgs, plan, data: CalibrationData, out: Output, fp: str, inputs: dict) -> dict:
     """Measure, quantize, measure again and write: the method's family decides how (``calibrated_method``
     streams the model block by block; bitsandbytes and GGUF work on the whole merged model)."""
+    from utils.quant.streaming import peak_rss_mb
+
     m = args.method
     started = time.perf_counter()
     with out.produce(fp, args=args.flags(), inputs=inputs, base_model=plan.info) as st:
@@ -524,7 +525,9 @@ def quantize(args: QuantizeArgs, plan, data: CalibrationData, out: Output, fp: s
                   "size_on_disk_bytes": sum(f.stat().st_size for f in st.dir.rglob("*") if f.is_file()
                                             and f.suffix in (".safetensors", ".gguf")),
                   "seconds": round(time.perf_counter() - started, 2),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                  # VmHWM, not ru_maxrss: the latter carries over the parent's peak through fork + exec (a
+                  # test process holding a model made this stage look 80 MB bigger than it is).
+                  "peak_rss_mb": round(max(peak_rss_mb(), *report.get("peak_rss_mb_by_phase", {}).values()), 1)}
         (st.dir / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         st.meta.update(quantization={"method": m.method, **resolved})
     return report
@@ -544,8 +547,14 @@ def calibrated_method(args: QuantizeArgs, plan, data: CalibrationData, folder: P
     from utils.quant.calibrate import quantize_model
     from utils.quant.gptq import GPTQError, GPTQSettings
 
+    from utils.quant.streaming import peak_rss_mb, reset_peak_rss
+
     m, cal, dest = args.method, args.calibration, args.destination
     r, layout = m.resolved(), layout_for(m)
+    # Peak memory per phase: the streamed part (what one block at a time bounds) apart from the scoring of the
+    # written model, which holds all of it (quantized) by design.
+    phases = {"before_streaming": peak_rss_mb()}
+    reset_peak_rss()
     sm = open_source(plan)
     selected = select_modules(sm.model, m.modules)  # a pattern that matches nothing fails before calibration
     context = getattr(sm.model.config, "max_position_embeddings", None) or cal.seqlen
@@ -577,8 +586,13 @@ def calibrated_method(args: QuantizeArgs, plan, data: CalibrationData, folder: P
     write_quantized_config(folder, sm.model.config, layout, done, kept_dtype)
     write_companions(folder, plan)
     sm.release_all()
+    phases["streaming"] = peak_rss_mb()
+    reset_peak_rss()
     after = held_out_ppl(load_written(folder, m), plan.tokenizer, data, window)
-    return calibrated_report(m, kept_dtype, before, after, done, writer.entries)
+    phases["scoring_written"] = peak_rss_mb()
+    report = calibrated_report(m, kept_dtype, before, after, done, writer.entries)
+    report["peak_rss_mb_by_phase"] = {k: round(v, 1) for k, v in phases.items()}
+    return report
 
 
 def open_source(plan):

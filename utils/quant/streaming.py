@@ -13,6 +13,8 @@ block several times and replaces its weights); ``release(block)`` then drops the
 
 from __future__ import annotations
 
+import re
+import resource
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -147,3 +149,27 @@ def open_streaming(folder: str | Path, adapter: str | Path | None = None, *, dty
     if missing:
         raise ValueError(f"{folder}: tensors missing from the weights: {', '.join(sorted(missing)[:5])}")
     return streaming
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory phase for ``peak_rss_mb`` (Linux: ``/proc/self/clear_refs``, which resets VmHWM to
+    the current RSS); False where the system has no such reset (the peak then covers the whole process)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory in MiB since the last ``reset_peak_rss`` (or since it started): VmHWM,
+    which starts afresh at exec; ``ru_maxrss`` (the fallback where /proc is missing) can carry the parent's."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            found = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
+        if found:
+            return int(found.group(1)) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
