@@ -15,7 +15,8 @@ from utils.args import Group, StageArgs, counts, unfingerprinted
 
 STAGES = ["prepare_data", "finetune", "generate", "export_hf", "export_state_dict", "apply_delta", "quantize",
           "eval.perplexity",
-          "eval.multiple_choice", "eval.text_metrics"]
+          "eval.multiple_choice", "eval.text_metrics", "eval.answer", "eval.review", "eval.llmzoo_metric",
+          "eval.judge", "eval.rank", "eval.run"]
 INPUTS = {"base_model": {"config": "c0ffee", "weights": {}}, "data": "d00d"}
 
 

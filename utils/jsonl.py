@@ -48,6 +48,36 @@ def read_jsonl(path: str | Path) -> tuple[list[Any], list[int]]:
     return records, bad
 
 
+def object_lines(path: str | Path, flag: str) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, object) of every non-blank line of a JSONL file the user named with ``flag``, and a
+    ``path:line: why`` problem for each line that is not JSON or not a JSON object (for the caller to report
+    with its own, all at once). Not ``splitlines``: a U+2028 may sit inside a row.
+
+    Raises:
+        SuiteError: the file cannot be read as UTF-8 text.
+    """
+    from utils.errors import SuiteError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SuiteError(f"{flag} {path}: cannot be read as UTF-8 text ({exc})") from None
+    rows, problems = [], []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{number}: not JSON ({exc.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{path}:{number}: not a JSON object")
+            continue
+        rows.append((number, row))
+    return rows, problems
+
+
 def read_keyed(paths: Iterable[str | Path], key: str = "id") -> dict[str, dict]:
     """Records of earlier (possibly crashed) runs by ``key_of(record[key])``, a later file's record winning;
     unreadable files, lines that are not JSON (a torn tail) and records without ``key`` are ignored."""
