@@ -527,7 +527,7 @@ def quantize(args: QuantizeArgs, plan, data: CalibrationData, out: Output, fp: s
                   "seconds": round(time.perf_counter() - started, 2),
                   # VmHWM, not ru_maxrss: the latter carries over the parent's peak through fork + exec (a
                   # test process holding a model made this stage look 80 MB bigger than it is).
-                  "peak_rss_mb": round(max(peak_rss_mb(), *report.get("peak_rss_mb_by_phase", {}).values()), 1)}
+                  "peak_rss_mb": round(max([peak_rss_mb(), *report.get("peak_rss_mb_by_phase", {}).values()]), 1)}
         (st.dir / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         st.meta.update(quantization={"method": m.method, **resolved})
     return report
