@@ -116,15 +116,21 @@ def test_batched_calibration_gives_the_codes_of_one_sample_at_a_time():
                                             batch_tokens=batch_tokens)
     one, batched = done[1], done[256 * 4]
     assert one.layers.keys() == batched.layers.keys() and one.layers
-    # Float sums in another order move a scale by an ulp and can push a weight lying on a rounding boundary to the
-    # next code; later blocks then see slightly different activations. So: the first block's codes nearly all the
-    # same (a row or mask mix-up would change most of them), and every layer's reconstruction error as good.
-    same = total = 0
-    for name, q in one.layers.items():
-        if name.startswith("model.layers.0."):
-            b = batched.layers[name]
-            same, total = same + int((q.codes == b.codes).sum()), total + q.codes.numel()
-    assert total and same / total > 0.999, same / total
+    # Codes are not compared: float sums in another order move a scale by an ulp, and with act-order a column
+    # order; how many codes that flips depends on the thread count. What batching must keep exactly is each
+    # sample's activations: the first block's outputs, batched, equal those of one sample at a time (a row,
+    # position or mask mix-up would change them), and every layer's reconstruction error is as good.
+    from utils.quant.calibrate import _catch_inputs, _run_block
+
+    fresh, _ = load()
+    _, blocks = decoder_blocks(fresh)
+    with torch.no_grad():  # both orders group the samples by length (``batches``), so rows line up one to one
+        alone = [o[0] for o in _run_block(blocks[0], _catch_inputs(fresh, blocks, samples, 1))]
+        together = [row for o in _run_block(blocks[0], _catch_inputs(fresh, blocks, samples, 256 * 4)) for row in o]
+    assert len(together) == len(alone) == len(samples) and len(alone) > 20
+    assert sorted(len(t) for t in together) == sorted(len(s) for s in samples)
+    for k, (a, b) in enumerate(zip(alone, together)):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5), k
     for a, b in zip(one.report, batched.report):
         assert a.name == b.name and (a.relative_error is None) == (b.relative_error is None)
         if a.relative_error is not None:
