@@ -53,7 +53,7 @@ from utils.artifacts import (META_FILE, META_VERSION, Lock, check_output_dir, cl
 from utils.cli import run  # noqa: E402
 from utils.errors import SuiteError, UsageError  # noqa: E402
 from utils.evaluation import judging  # noqa: E402
-from utils.evaluation.stage import REPORT_FILE, emit, file_record  # noqa: E402
+from utils.evaluation.stage import REPORT_FILE, UnparsedChecks, emit, file_record  # noqa: E402
 from utils.judge import JudgeOptions  # noqa: E402
 from utils.jsonl import JsonlAppender, read_jsonl, write_jsonl  # noqa: E402
 
@@ -113,20 +113,6 @@ class Judging(Group):
 
 
 @dataclass(frozen=True)
-class Checks(Group):
-    """When the run fails although everything was written."""
-
-    max_unparsed: float = unfingerprinted(0.05, why="a verdict on the judgments, not part of them; checked on "
-                                                    "every run, the no-op re-run included")
-    strict: bool = unfingerprinted(False, why="a verdict on the judgments, not part of them")
-
-    def problems(self) -> list[str]:
-        if not 0.0 <= self.max_unparsed <= 1.0:
-            return [f"--max_unparsed must be a fraction in [0, 1], got {self.max_unparsed}"]
-        return []
-
-
-@dataclass(frozen=True)
 class Folder(Group):
     """The run folder (required: every judge output is kept there)."""
 
@@ -145,7 +131,7 @@ class JudgeArgs(StageArgs):
     inputs: Inputs
     judging: Judging
     judge: JudgeOptions
-    checks: Checks
+    checks: UnparsedChecks
     folder: Folder
 
 
@@ -458,7 +444,7 @@ def print_summary(report: dict) -> None:
     print("\n".join(f"{STAGE}: {line}" for line in lines), file=sys.stderr)
 
 
-def check(report: dict, checks: Checks) -> None:
+def check(report: dict, checks: UnparsedChecks) -> None:
     """Fail (after everything is written) when too many judgments gave no verdict, or any did under --strict.
 
     Raises:

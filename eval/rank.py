@@ -44,6 +44,7 @@ from utils.artifacts import sha256_json, write_json  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 from utils.evaluation.stage import REPORT_FILE, Destination, EvalOutput, emit, file_record  # noqa: E402
+from utils.evaluation.ranking import Resampling  # noqa: E402
 from utils.jsonl import line_refs, write_jsonl  # noqa: E402
 
 STAGE = "rank"
@@ -52,7 +53,6 @@ BATTLES_FILE = "battles.jsonl"
 #: The most file:line entries a report lists per kind (the counts are always whole; battles.jsonl has every row).
 LISTED = 100
 #: Bootstrap rounds beyond which the run is refused (a typo like 1000000 would run for minutes).
-MAX_BOOTSTRAP = 100_000
 
 
 @dataclass(frozen=True)
@@ -75,19 +75,6 @@ class Inputs(Group):
         if twice:
             problems.append(f"a file is named twice (its battles would count twice): {', '.join(twice)}")
         return problems
-
-
-@dataclass(frozen=True)
-class Resampling(Group):
-    """The bootstrap behind the intervals."""
-
-    bootstrap: int = 1000
-    seed: int = 0
-
-    def problems(self) -> list[str]:
-        if not 0 <= self.bootstrap <= MAX_BOOTSTRAP:
-            return [f"--bootstrap must be between 0 (no intervals) and {MAX_BOOTSTRAP}, got {self.bootstrap}"]
-        return []
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ from utils.artifacts import (META_FILE, META_VERSION, Lock, check_output_dir, re
 from utils.cli import run  # noqa: E402
 from utils.errors import SuiteError, UsageError  # noqa: E402
 from utils.evaluation.llmzoo import NUM_STR  # noqa: E402
-from utils.evaluation.stage import REPORT_FILE, Destination, emit, file_record  # noqa: E402
+from utils.evaluation.stage import REPORT_FILE, Destination, UnparsedChecks, emit, file_record  # noqa: E402
 from utils.jsonl import JsonlAppender, key_of, read_jsonl, write_jsonl  # noqa: E402
 from utils.judge import JudgeOptions  # noqa: E402
 
@@ -138,18 +138,6 @@ class Metric(Group):
 
 
 @dataclass(frozen=True)
-class Policy(Group):
-    """When the run ends non-zero (none of it changes a file)."""
-
-    max_unparsed: float = unfingerprinted(0.05, why="decides the exit status, not what is written")
-    strict: bool = unfingerprinted(False, why="decides the exit status, not what is written")
-
-    def problems(self) -> list[str]:
-        ok = 0 <= self.max_unparsed <= 1
-        return [] if ok else [f"--max_unparsed must be between 0 and 1, got {self.max_unparsed}"]
-
-
-@dataclass(frozen=True)
 class ReviewArgs(StageArgs):
     STAGE = STAGE
 
@@ -157,7 +145,7 @@ class ReviewArgs(StageArgs):
     request: Request
     judge: JudgeOptions
     metric: Metric
-    policy: Policy
+    policy: UnparsedChecks
     destination: Destination
 
 
@@ -370,7 +358,7 @@ def mark_unfinished(out: Path) -> None:
                                  "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
 
 
-def finished(out: Path, plan: Plan, policy: Policy) -> None:
+def finished(out: Path, plan: Plan, policy: UnparsedChecks) -> None:
     """An identical re-run of a finished review: print the stored report (and end as the run did)."""
     try:
         report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
@@ -383,7 +371,7 @@ def finished(out: Path, plan: Plan, policy: Policy) -> None:
     raise_outcome(report, policy)
 
 
-def raise_outcome(report: dict, policy: Policy) -> None:
+def raise_outcome(report: dict, policy: UnparsedChecks) -> None:
     """End non-zero when requests failed, or too many verdicts (any, with --strict) could not be parsed."""
     problems = []
     failed, unparsed, total = report["failed"]["count"], report["unparsed"]["count"], report["questions"]

@@ -82,7 +82,8 @@ from utils.artifacts import (META_FILE, META_VERSION, Lock, check_output_dir, re
                              remove_recorded, sha256_file, sha256_json, transient, write_json, write_meta)
 from utils.cli import coerce, run  # noqa: E402
 from utils.errors import SuiteError, UsageError  # noqa: E402
-from utils.evaluation.stage import emit, file_record  # noqa: E402
+from utils.evaluation.ranking import Resampling  # noqa: E402
+from utils.evaluation.stage import UnparsedChecks, emit, file_record  # noqa: E402
 from utils.judge import JudgeOptions  # noqa: E402
 
 STAGE = "eval_run"
@@ -92,7 +93,6 @@ ANSWERS_DIR, REVIEW_DIR, JUDGE_DIR, PLOTS_DIR, CACHE_DIR = "answers", "review", 
 LATEST = "latest"
 JUDGE_MODES = ("single", "pairwise", "all_pairs")
 #: Bootstrap rounds beyond which the run is refused (as eval/rank.py: a typo would run for minutes).
-MAX_BOOTSTRAP = 100_000
 #: How many unparsed outputs per step summary.json and stderr show one by one (the counts are always whole; each
 #: step's own report lists more, its raw file has them all).
 SHOWN = 5
@@ -198,32 +198,6 @@ class Judging(Group):
 
 
 @dataclass(frozen=True)
-class Ranking(Group):
-    """The bootstrap behind the rankings' intervals."""
-
-    bootstrap: int = 1000
-    seed: int = 0
-
-    def problems(self) -> list[str]:
-        if not 0 <= self.bootstrap <= MAX_BOOTSTRAP:
-            return [f"--bootstrap must be between 0 (no intervals) and {MAX_BOOTSTRAP}, got {self.bootstrap}"]
-        return []
-
-
-@dataclass(frozen=True)
-class Checks(Group):
-    """When a finished run still exits non-zero."""
-
-    max_unparsed: float = unfingerprinted(0.05, why="a verdict on the outputs, not part of them; applied on every "
-                                                    "invocation, the no-op one included")
-    strict: bool = unfingerprinted(False, why="a verdict on the outputs, not part of them")
-
-    def problems(self) -> list[str]:
-        ok = isinstance(self.max_unparsed, (int, float)) and 0 <= self.max_unparsed <= 1
-        return [] if ok else [f"--max_unparsed must be a fraction in [0, 1], got {self.max_unparsed}"]
-
-
-@dataclass(frozen=True)
 class Folder(Group):
     """Where the run goes, and the file its settings come from."""
 
@@ -251,8 +225,8 @@ class RunArgs(StageArgs):
     review: Review
     judging: Judging
     judge: JudgeOptions
-    ranking: Ranking
-    checks: Checks
+    ranking: Resampling
+    checks: UnparsedChecks
     folder: Folder
 
 
@@ -1040,7 +1014,7 @@ def step_record(step: Step, folder: Path) -> dict:
             "requests": recorded, "requests_sent": recorded if step.ran else {k: 0 for k in COUNTS}}
 
 
-def checks(steps: dict[str, dict], policy: Checks) -> dict:
+def checks(steps: dict[str, dict], policy: UnparsedChecks) -> dict:
     """The verdict on the outputs: a step with more than --max_unparsed of its outputs unparsed, or any with
     --strict, fails the run (after everything is written)."""
     problems = []

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from utils.args import Group
 from utils.errors import SuiteError
 from utils.evaluation.llmzoo import SKIPPED_CATEGORIES, battles_from_order
 from utils.jsonl import line_refs
@@ -85,6 +86,23 @@ class BattleArrays:
 
     def __len__(self) -> int:
         return len(self.a)
+
+
+#: The most bootstrap resamples a run may ask for.
+MAX_BOOTSTRAP = 100_000
+
+
+@dataclass(frozen=True)
+class Resampling(Group):
+    """The bootstrap behind the rankings' intervals (eval/rank.py, eval/run.py)."""
+
+    bootstrap: int = 1000
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        if not 0 <= self.bootstrap <= MAX_BOOTSTRAP:
+            return [f"--bootstrap must be between 0 (no intervals) and {MAX_BOOTSTRAP}, got {self.bootstrap}"]
+        return []
 
 
 def encode_battles(battles: Iterable[Battle]) -> BattleArrays:

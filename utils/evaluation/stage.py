@@ -35,6 +35,20 @@ class Destination(Group):
     overwrite: bool = unfingerprinted(False, why="a permission: it only allows what is otherwise refused")
 
 
+@dataclass(frozen=True)
+class UnparsedChecks(Group):
+    """When a judged run ends non-zero although everything was written (R25): more than ``max_unparsed`` of the
+    judge's outputs unparsed (or failed), or any at all with ``strict``. A verdict on the outputs, not part of
+    them, so it is checked again on a no-op re-run and never changes a file."""
+
+    max_unparsed: float = unfingerprinted(0.05, why="a verdict on the outputs, not part of them")
+    strict: bool = unfingerprinted(False, why="a verdict on the outputs, not part of them")
+
+    def problems(self) -> list[str]:
+        ok = isinstance(self.max_unparsed, (int, float)) and 0 <= self.max_unparsed <= 1
+        return [] if ok else [f"--max_unparsed must be a fraction in [0, 1], got {self.max_unparsed}"]
+
+
 def file_record(path: str | Path) -> dict:
     """An input file as the report records it: absolute path, size and sha256."""
     p = Path(path)
