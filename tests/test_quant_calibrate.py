@@ -135,3 +135,43 @@ def test_batched_calibration_gives_the_codes_of_one_sample_at_a_time():
         assert a.name == b.name and (a.relative_error is None) == (b.relative_error is None)
         if a.relative_error is not None:
             assert abs(a.relative_error - b.relative_error) < 0.02 * a.relative_error, a.name
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_attention_is_skipped_once_o_proj_is_quantized_and_nothing_changes(monkeypatch, true_sequential):
+    """Once a block's o_proj is quantized, later passes over the block take self_attn's output from o_proj on its
+    cached inputs instead of recomputing attention (``_Shortcut``). Every weight and error must stay bit for bit
+    what the full recomputation gives, and attention must run once per batch and block (plus the check of the
+    first batch), not once per later pass. Without true-sequential the cached inputs come from the float q/k/v,
+    so the check must refuse them and fall back to the full forward (same weights again)."""
+    import utils.quant.calibrate as calibrate
+
+    model, tok = load()
+    samples = calibration_samples(tok, stories()[:6], 24)
+    settings = GPTQSettings(bits=4, group_size=32, act_order=True)
+    keep = lambda name, m: None if m.in_features % 32 == 0 and m.out_features % 32 == 0 else "shape"  # noqa: E731
+
+    def run(shortcuts: bool):
+        m, _ = load()
+        with monkeypatch.context() as patch:
+            patch.setattr(calibrate, "_ORDERS", {})  # block 0's order run is then counted below
+            if not shortcuts:
+                patch.setattr(calibrate, "_shortcut_parents", lambda block, order: {})
+            done = quantize_model(m, samples, settings, keep=keep, progress=False, batch_tokens=24,
+                                  true_sequential=true_sequential)
+        return m, done
+
+    (plain, plain_done), (fast, fast_done) = run(False), run(True)
+    for (name, a), b in zip(plain.state_dict().items(), fast.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [r.relative_error for r in plain_done.report] == [r.relative_error for r in fast_done.report]
+    blocks, batches = model.config.num_hidden_layers, len(samples)
+    sdpa = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa.append(1) or original(*a, **k))
+    run(True)
+    if true_sequential:  # the o_proj step, then the output pass's first batch (the check); block 0's order run
+        assert len(sdpa) == blocks * (batches + 1) + 1, len(sdpa)
+    else:  # the one step, then the whole output pass (the check failed: the cache was taken before q/k/v changed)
+        assert len(sdpa) == blocks * 2 * batches + 1, len(sdpa)

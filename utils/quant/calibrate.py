@@ -14,6 +14,11 @@ Then, block by block:
 3. the quantized weights replace the originals (dequantized, in the model's dtype) and the block runs once more:
    its outputs are the next block's inputs.
 
+Later passes do not recompute what a quantized layer already summarises: once o_proj (the last calibrated layer
+of self_attn) is quantized, self_attn's output on each batch is o_proj applied to the inputs its Hessian was fed,
+so attention runs once per block instead of once per later pass (``_Shortcut``, checked on the first batch; the
+result is bit for bit the same). The order the layers run in is found once per kind of block.
+
 Samples of the same length run together, in batches of at most ``batch_tokens`` tokens (the per-call overhead of
 a forward, not the arithmetic, is what a sample at a time pays on small models: 96% of the stage's time on
 stories260K). The Hessians are sums over tokens, so batching changes only the order of the additions; the
@@ -114,15 +119,17 @@ def _catch_inputs(model: Any, blocks: torch.nn.ModuleList, samples: Sequence[tor
     return caught
 
 
-def _run_block(block: torch.nn.Module, inputs: list[tuple[tuple, dict]], stop_at: torch.nn.Module | None = None
-               ) -> list[torch.Tensor]:
+def _run_block(block: torch.nn.Module, inputs: list[tuple[tuple, dict]], stop_at: torch.nn.Module | None = None,
+               shortcuts: Sequence["_Shortcut"] = ()) -> list[torch.Tensor]:
     """The block's outputs on each batch of ``inputs``; with ``stop_at``, each run ends when that module is about to
     run (its forward pre-hooks registered before this call have run: the Hessians are collected), and nothing is
-    returned."""
+    returned. ``shortcuts`` are told which batch is running (they replay that batch's cached inputs)."""
     handle = stop_at.register_forward_pre_hook(_stop) if stop_at is not None else None
     outs = []
     try:
-        for args, kwargs in inputs:
+        for i, (args, kwargs) in enumerate(inputs):
+            for shortcut in shortcuts:
+                shortcut.batch = i
             try:
                 out = block(*args, **kwargs)
             except _Caught:
@@ -134,14 +141,76 @@ def _run_block(block: torch.nn.Module, inputs: list[tuple[tuple, dict]], stop_at
     return outs
 
 
+_ABSENT = object()
+
+
+class _Shortcut:
+    """Skips a module whose output is its last calibrated layer's output, once that layer is quantized.
+
+    Each true-sequential step re-runs the block up to the step's layers, and the block runs once more for its
+    outputs: without this, a block's attention (its costliest part on small models) would be computed once per
+    later step. When ``layer`` is the last calibrated linear of ``parent`` (e.g. o_proj of self_attn, down_proj of
+    mlp) and is quantized, its inputs on every batch were already caught (they are what its Hessian was fed), so
+    the parent's output on batch i is ``layer(inputs[i])``, computed with the quantized weight: the same tensor the
+    parent would have given, bit for bit. That is checked, not assumed: the first batch of the next pass runs the
+    parent in full and the shortcut is used only if the parent returned exactly the layer's output (or a tuple of
+    it and Nones, as attention modules return ``(output, weights=None)``) and the layer's input equals the cached
+    one; otherwise the parent always runs in full.
+    """
+
+    def __init__(self, parent: torch.nn.Module, layer: torch.nn.Module, inputs: list[torch.Tensor]):
+        self.parent, self.layer, self.inputs = parent, layer, inputs
+        self.batch = 0
+        self.form: int | None | bool = False  # False: unchecked; -1: failed; None: a tensor; n: an n-tuple
+        self._saved = parent.__dict__.get("forward", _ABSENT)
+        original = parent.forward
+
+        def forward(*args, **kwargs):
+            if self.form is False:
+                return self._check(original, args, kwargs)
+            if self.form == -1:
+                return original(*args, **kwargs)
+            out = layer(self.inputs[self.batch])
+            return out if self.form is None else (out,) + (None,) * (self.form - 1)
+
+        parent.forward = forward
+
+    def _check(self, original, args, kwargs):
+        seen: list = []
+        handle = self.layer.register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            handle.remove()
+        self.form = -1
+        if len(seen) == 1 and torch.equal(seen[0][0], self.inputs[self.batch]):
+            if out is seen[0][1]:
+                self.form = None
+            elif isinstance(out, tuple) and out and out[0] is seen[0][1] and all(x is None for x in out[1:]):
+                self.form = len(out)
+        return out
+
+    def remove(self) -> None:
+        if self._saved is _ABSENT:
+            del self.parent.forward
+        else:
+            self.parent.forward = self._saved
+
+
 def _stop(module, args):
     raise _Caught
 
 
-def _steps(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs, true_sequential: bool
-           ) -> list[list[str]]:
-    """The block's linear layers in execution order, grouped by shared input when ``true_sequential`` (one step
-    holding all of them otherwise)."""
+#: (block class, its linear layers' names) -> the order they run in, and which read the same input: found by one
+#: watched run of the first block of each kind, then reused for every block like it.
+_ORDERS: dict[tuple, tuple[list[str], list[list[str]]]] = {}
+
+
+def _order(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs) -> tuple[list[str], list[list[str]]]:
+    """The block's linear layers in execution order, and the same grouped into runs that read one input tensor."""
+    key = (type(block), tuple(linears))
+    if key in _ORDERS:
+        return _ORDERS[key]
     order: list[str] = []
     seen_inputs: dict[str, int] = {}
 
@@ -158,15 +227,33 @@ def _steps(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs, 
     finally:
         for h in handles:
             h.remove()
-    if not true_sequential:
-        return [order]
-    steps: list[list[str]] = []
+    groups: list[list[str]] = []
     for name in order:
-        if steps and seen_inputs[steps[-1][0]] == seen_inputs[name]:
-            steps[-1].append(name)
+        if groups and seen_inputs[groups[-1][0]] == seen_inputs[name]:
+            groups[-1].append(name)
         else:
-            steps.append([name])
-    return steps
+            groups.append([name])
+    _ORDERS[key] = (order, groups)
+    return order, groups
+
+
+def _steps(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs, true_sequential: bool
+           ) -> list[list[str]]:
+    """The block's linear layers in execution order, grouped by shared input when ``true_sequential`` (one step
+    holding all of them otherwise)."""
+    order, groups = _order(block, linears, inputs)
+    return groups if true_sequential else [order]
+
+
+def _shortcut_parents(block: torch.nn.Module, order: list[str]) -> dict[str, torch.nn.Module]:
+    """Layer name -> its parent module, for the layers that are the last of ``order`` inside their parent (the
+    parent being a part of the block, not the block itself): the candidates for ``_Shortcut``."""
+    modules = dict(block.named_modules())
+    last: dict[str, str] = {}
+    for name in order:
+        if "." in name:
+            last[name.rsplit(".", 1)[0]] = name
+    return {name: modules[parent] for parent, name in last.items()}
 
 
 @torch.no_grad()
@@ -224,32 +311,54 @@ def _quantize_block(prefix, b, block, inputs, settings, method, quantizer, keep,
         w = linears[n].weight
         result.report.append(LayerReport(f"{prefix}.{b}.{n}", tuple(w.shape), None, why))
     todo = {n: m for n, m in linears.items() if n not in kept}
-    for step in _steps(block, todo, inputs, true_sequential) if todo else []:
-        hessians = {n: Hessian(todo[n].in_features, todo[n].weight.device) for n in step}
-        handles = [todo[n].register_forward_pre_hook(lambda m, args, n=n: hessians[n].add(args[0]))
-                   for n in step]
-        try:
-            _run_block(block, inputs, stop_at=todo[step[-1]])  # step[-1] runs last: its hook has fed its Hessian
-        finally:
-            for h in handles:
-                h.remove()
-        for n in step:
-            layer, full = todo[n], f"{prefix}.{b}.{n}"
-            w = layer.weight.data
-            if not bool(torch.isfinite(w).all()):
-                raise ValueError(f"{full}: the weight holds NaN or inf values; a grid cannot be fitted to them "
-                                 "(is the checkpoint damaged?)")
-            if method == "gptq":
-                q = gptq_quantize(w, hessians[n].H, settings, name=full).quantized
-            else:
-                q = quantizer(w.float())
-            approx = q.dequantize().to(w.device)
-            error = relative_error(w, approx, hessians[n].H)
-            layer.weight.data = approx.to(w.dtype)
-            quantized[full] = q
-            result.layers[full] = None if after_block else q
-            result.report.append(LayerReport(full, tuple(w.shape), error))
-    outputs = _run_block(block, inputs)
+    steps = _steps(block, todo, inputs, true_sequential) if todo else []
+    parents = _shortcut_parents(block, [n for step in steps for n in step])
+    # The cached inputs of shortcut layers are held for the rest of the block: at most one more copy of the block's
+    # inputs in all, so a wide MLP's inputs (down_proj's) are only cached where they fit that.
+    budget = sum(args[0].numel() * args[0].element_size() for args, _ in inputs)
+    shortcuts: list[_Shortcut] = []
+    try:
+        for step in steps:
+            hessians = {n: Hessian(todo[n].in_features, todo[n].weight.device) for n in step}
+            caches: dict[str, list[torch.Tensor]] = {n: [] for n in step if n in parents}
+
+            def collect(module, args, n):
+                hessians[n].add(args[0])
+                if n in caches:
+                    caches[n].append(args[0])
+
+            handles = [todo[n].register_forward_pre_hook(lambda m, args, n=n: collect(m, args, n)) for n in step]
+            try:
+                # step[-1] runs last: its hook has fed its Hessian
+                _run_block(block, inputs, stop_at=todo[step[-1]], shortcuts=shortcuts)
+            finally:
+                for h in handles:
+                    h.remove()
+            for n in step:
+                layer, full = todo[n], f"{prefix}.{b}.{n}"
+                w = layer.weight.data
+                if not bool(torch.isfinite(w).all()):
+                    raise ValueError(f"{full}: the weight holds NaN or inf values; a grid cannot be fitted to them "
+                                     "(is the checkpoint damaged?)")
+                if method == "gptq":
+                    q = gptq_quantize(w, hessians[n].H, settings, name=full).quantized
+                else:
+                    q = quantizer(w.float())
+                approx = q.dequantize().to(w.device)
+                error = relative_error(w, approx, hessians[n].H)
+                layer.weight.data = approx.to(w.dtype)
+                quantized[full] = q
+                result.layers[full] = None if after_block else q
+                result.report.append(LayerReport(full, tuple(w.shape), error))
+            for n, cached in caches.items():
+                size = sum(x.numel() * x.element_size() for x in cached)
+                if len(cached) == len(inputs) and size <= budget:
+                    budget -= size
+                    shortcuts.append(_Shortcut(parents[n], todo[n], cached))
+        outputs = _run_block(block, inputs, shortcuts=shortcuts)
+    finally:
+        for shortcut in shortcuts:
+            shortcut.remove()
     if after_block:
         after_block(b, quantized)
     if progress:
