@@ -20,6 +20,15 @@ STORIES = SHARED / "models" / "stories260K" / "hf"
 
 sys.path.insert(0, str(REPO))
 
+# Under pytest-xdist each worker gets its share of the cores as torch / OpenMP threads, so do the scripts the tests
+# start (they inherit the variable). With torch's default (every core in every worker) two workers on two cores
+# oversubscribe them and OpenMP's spinning threads wait on each other: a training test measured 15 s alone took
+# 100 s beside another worker. A value the user set is kept.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_share))
+
 REAL_SETS = {
     "alpaca": DATA / "alpaca" / "gsm8k_train.json",
     "moss": DATA / "moss" / "moss_sft_sample.jsonl",
