@@ -22,10 +22,14 @@ documents). The rows are shuffled once (seeded) and split: 250 held out for eval
 calibration (the first --seqlen tokens of each), the rest for training: calibration and evaluation rows are
 disjoint and neither was trained on. The trained model is cached in bench/.cache/ under a hash of its settings and
 data (a re-run skips training). Then RTN and GPTQ with act-order, every linear layer of the blocks, at group 128
-and per row (-1), at 4 and 3 bits. Its perplexity moves little under quantization (4-bit RTN costs ~0.02% of
-it, against ~3.5% on stories260K), so its 4-bit ratios rest on ΔPPL of a few thousandths and shift with the
-floating-point summation order (4-bit g128 gave 0.36 to 0.47 over runs at one and two threads); the 3-bit ones
-are sturdier.
+and per row (-1), at 4 and 3 bits. Its perplexity moves little under quantization (4-bit RTN costs ~0.05% of
+it, against ~3.5% on stories260K), and after 400 steps the model is far from converged: the held-out loss still
+has a gradient, so a weight error changes it to first order, by an amount of either sign, before the second-order
+damage quantization does. Its 4-bit ΔPPL are then a few thousandths of either sign (RTN g128 has come out at
++0.004 and -0.012 on models trained with the same seed at other thread counts), and their ratio says nothing;
+the 3-bit ones are sturdier. So each run also reports the mean KL divergence of the quantized model's next-token
+distribution from the float model's on the held-out windows (``kl_*``, ``gptq_vs_rtn_kl_ratio_trained_*``): it
+has no first-order term, is never negative, and measures the same damage without the sign noise.
 
 P4b, against llmcompressor 0.14.0.1 (the vLLM project's GPTQ): it needs transformers <= 5.17, so it runs in its
 own venv (bench/peers/llmcompressor-venv, made by ``make bench-peers`` from bench/peers/llmcompressor.txt), as a
@@ -106,9 +110,40 @@ def log(message: str) -> None:
     print(f"bench/quantize: {message}", file=sys.stderr, flush=True)
 
 
+def windows(tok, texts: list[str], seqlen: int):
+    """The held-out texts joined (as the evaluator joins them) and cut into [n, seqlen] windows, for ``mean_kl``."""
+    import torch
+
+    from utils.evaluation.perplexity import encode_documents
+
+    ids = torch.tensor(encode_documents(tok, ["\n\n".join(texts)], add_bos=True)[0])
+    return ids[: len(ids) // seqlen * seqlen].view(-1, seqlen)
+
+
+def log_probs(model, ids, batch: int = 16) -> list:
+    """The model's next-token log-probabilities on each batch of windows ``ids``."""
+    import torch
+
+    with torch.no_grad():
+        return [torch.log_softmax(model(input_ids=ids[i:i + batch]).logits.float(), -1)
+                for i in range(0, len(ids), batch)]
+
+
+def mean_kl(reference: list, model, ids, batch: int = 16) -> float:
+    """Mean over held-out tokens of KL(float model || quantized model): how far quantization moved the
+    predictions, second order in the weight error wherever the float model sits (ΔPPL also carries a first-order
+    term of either sign on a model that is still far from converged, see P4 (b))."""
+    total, count = 0.0, 0
+    for ref, lp in zip(reference, log_probs(model, ids, batch)):
+        total += float((ref.exp() * (ref - lp)).sum())
+        count += ref.shape[0] * ref.shape[1]
+    return total / count
+
+
 def quantize_and_score(fresh, tok, samples, held_out, bits: int, group_size: int, name: str, extra: dict,
-                       base: float, keep) -> dict:
-    """Quantize a fresh copy of the model with one configuration and score it on the held-out texts."""
+                       base: float, keep, kl_reference: tuple | None = None) -> dict:
+    """Quantize a fresh copy of the model with one configuration and score it on the held-out texts (and, with
+    ``kl_reference`` = (windows, the float model's log-probabilities on them), its mean KL from the float model)."""
     from utils.evaluation.perplexity import perplexity
     from utils.quant.calibrate import quantize_model
     from utils.quant.gptq import GPTQSettings
@@ -120,9 +155,10 @@ def quantize_and_score(fresh, tok, samples, held_out, bits: int, group_size: int
     done = quantize_model(model, samples, settings, method=method, progress=False, keep=keep)
     took = time.perf_counter() - started
     ppl = perplexity(model, tok, held_out, progress=False)["ppl"]
+    kl = mean_kl(kl_reference[1], model, kl_reference[0]) if kl_reference else None
     log(f"{bits}-bit g{group_size} {name}: ppl {ppl:.4f} (delta {ppl - base:+.4f}), {len(done.layers)} layers, "
-        f"{took:.1f}s")
-    return {"ppl": ppl, "dppl": ppl - base, "seconds": round(took, 2), "layers": len(done.layers)}
+        f"{took:.1f}s" + (f", KL {kl:.2e}" if kl is not None else ""))
+    return {"ppl": ppl, "dppl": ppl - base, "kl": kl, "seconds": round(took, 2), "layers": len(done.layers)}
 
 
 def packable_only(bits: int):
@@ -272,12 +308,14 @@ def trained(seqlen: int, steps: int) -> dict:
     results: dict = {"ppl_fp32": base, "parameters": sum(p.numel() for p in model.parameters()),
                      "training": record}
     log(f"trained model: held-out ppl {base:.4f}")
+    ids = windows(tok, held_out, seqlen)
+    reference = (ids, log_probs(model, ids))
     for bits in (4, 3):
         for group_size, label in ((128, "g128"), (-1, "perrow")):
             for name, extra in TRAINED_CONFIGS.items():
                 results[f"{name}_{bits}bit_{label}"] = quantize_and_score(
                     fresh, tok, samples, held_out, bits, group_size, f"{name} (trained)", extra, base,
-                    packable_only(bits))
+                    packable_only(bits), kl_reference=reference)
     return results
 
 
@@ -460,6 +498,10 @@ def main(seqlen: int = 256, group_size: int = 32, train_steps: int = 400, peer: 
             summary[f"dppl_rtn_{bits}bit_trained_{label}"] = rtn_d
             summary[f"dppl_gptq_{bits}bit_trained_{label}"] = gptq_d
             summary[f"gptq_vs_rtn_dppl_ratio_trained_{label}{suffix}"] = gptq_d / rtn_d
+            rtn_kl, gptq_kl = t[f"rtn_{bits}bit_{label}"]["kl"], t[f"gptq_act_{bits}bit_{label}"]["kl"]
+            summary[f"kl_rtn_{bits}bit_trained_{label}"] = rtn_kl
+            summary[f"kl_gptq_{bits}bit_trained_{label}"] = gptq_kl
+            summary[f"gptq_vs_rtn_kl_ratio_trained_{label}{suffix}"] = gptq_kl / rtn_kl
     summary.update({
         # P4b
         "dppl_ours_vs_llmcompressor": ours["dppl"], "dppl_llmcompressor": their_dppl,
