@@ -154,7 +154,6 @@ def test_attention_is_skipped_once_o_proj_is_quantized_and_nothing_changes(monke
     def run(shortcuts: bool):
         m, _ = load()
         with monkeypatch.context() as patch:
-            patch.setattr(calibrate, "_ORDERS", {})  # block 0's order run is then counted below
             if not shortcuts:
                 patch.setattr(calibrate, "_shortcut_parents", lambda block, order: {})
             done = quantize_model(m, samples, settings, keep=keep, progress=False, batch_tokens=24,

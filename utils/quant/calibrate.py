@@ -201,16 +201,15 @@ def _stop(module, args):
     raise _Caught
 
 
-#: (block class, its linear layers' names) -> the order they run in, and which read the same input: found by one
-#: watched run of the first block of each kind, then reused for every block like it.
-_ORDERS: dict[tuple, tuple[list[str], list[list[str]]]] = {}
-
-
-def _order(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs) -> tuple[list[str], list[list[str]]]:
-    """The block's linear layers in execution order, and the same grouped into runs that read one input tensor."""
+def _order(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs, orders: dict
+           ) -> tuple[list[str], list[list[str]]]:
+    """The block's linear layers in execution order, and the same grouped into runs that read one input tensor.
+    ``orders`` (one per ``quantize_model`` call: another model of the same class may be configured to run its layers
+    otherwise, e.g. GPT-NeoX's parallel residual) maps (block class, layer names) to what a watched run of the first
+    block of that kind found, reused for the blocks like it."""
     key = (type(block), tuple(linears))
-    if key in _ORDERS:
-        return _ORDERS[key]
+    if key in orders:
+        return orders[key]
     order: list[str] = []
     seen_inputs: dict[str, int] = {}
 
@@ -233,15 +232,15 @@ def _order(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs) 
             groups[-1].append(name)
         else:
             groups.append([name])
-    _ORDERS[key] = (order, groups)
+    orders[key] = (order, groups)
     return order, groups
 
 
-def _steps(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs, true_sequential: bool
-           ) -> list[list[str]]:
+def _steps(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], inputs, true_sequential: bool,
+           orders: dict) -> list[list[str]]:
     """The block's linear layers in execution order, grouped by shared input when ``true_sequential`` (one step
     holding all of them otherwise)."""
-    order, groups = _order(block, linears, inputs)
+    order, groups = _order(block, linears, inputs, orders)
     return groups if true_sequential else [order]
 
 
@@ -294,15 +293,16 @@ def quantize_model(model: Any, samples: Sequence[torch.Tensor], settings: GPTQSe
     prefix, blocks = decoder_blocks(model)
     inputs = _catch_inputs(model, blocks, samples, batch_tokens)
     result = Calibrated(tokens=sum(int(s.numel()) for s in samples))
+    orders: dict = {}
     for b, block in enumerate(blocks):
         with (block_scope(b) if block_scope else nullcontext()):
             inputs = _quantize_block(prefix, b, block, inputs, settings, method, quantizer, keep, true_sequential,
-                                     result, after_block, progress, len(blocks))
+                                     result, after_block, progress, len(blocks), orders)
     return result
 
 
 def _quantize_block(prefix, b, block, inputs, settings, method, quantizer, keep, true_sequential, result,
-                    after_block, progress, count):
+                    after_block, progress, count, orders):
     """Quantize one block in place (see ``quantize_model``); its outputs on ``inputs`` are the next inputs."""
     linears = block_linears(block)
     quantized: dict[str, Any] = {}
@@ -311,7 +311,7 @@ def _quantize_block(prefix, b, block, inputs, settings, method, quantizer, keep,
         w = linears[n].weight
         result.report.append(LayerReport(f"{prefix}.{b}.{n}", tuple(w.shape), None, why))
     todo = {n: m for n, m in linears.items() if n not in kept}
-    steps = _steps(block, todo, inputs, true_sequential) if todo else []
+    steps = _steps(block, todo, inputs, true_sequential, orders) if todo else []
     parents = _shortcut_parents(block, [n for step in steps for n in step])
     # The cached inputs of shortcut layers are held for the rest of the block: at most one more copy of the block's
     # inputs in all, so a wide MLP's inputs (down_proj's) are only cached where they fit that.
