@@ -25,8 +25,9 @@ data (a re-run skips training). Then RTN and GPTQ with act-order, every linear l
 and per row (-1), at 4 and 3 bits. Its perplexity moves little under quantization (4-bit RTN costs ~0.05% of
 it, against ~3.5% on stories260K), and after 400 steps the model is far from converged: the held-out loss still
 has a gradient, so a weight error changes it to first order, by an amount of either sign, before the second-order
-damage quantization does. Its 4-bit ΔPPL are then a few thousandths of either sign (RTN g128 has come out at
-+0.004 and -0.012 on models trained with the same seed at other thread counts), and their ratio says nothing;
+damage quantization does. Its 4-bit ΔPPL are then a few thousandths of either sign (models trained with the same
+seed at other thread counts gave g128 ratios of 0.36 to 0.47 in one session and an RTN g128 ΔPPL of -0.012, a
+negative ratio, in another), and their ratio says nothing;
 the 3-bit ones are sturdier. So each run also reports the mean KL divergence of the quantized model's next-token
 distribution from the float model's on the held-out windows (``kl_*``, ``gptq_vs_rtn_kl_ratio_trained_*``): it
 has no first-order term, is never negative, and measures the same damage without the sign noise.
