@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-
-from utils.data.encode import IGNORE_INDEX  # noqa: E402
-from utils.training.batches import (MEGABATCH_STEPS, collate, collate_packed, epoch_steps, micro_batches,  # noqa: E402
+from utils.data.encode import IGNORE_INDEX
+from utils.training.batches import (MEGABATCH_STEPS, collate, collate_packed, epoch_steps, micro_batches,
                                     rank_rows, steps_per_epoch)
 
 LENGTHS = [(i * 37) % 23 + 1 for i in range(103)]

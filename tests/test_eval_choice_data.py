@@ -452,9 +452,8 @@ def test_a_question_is_not_its_own_example(tmp_path):
 
 def test_prompts_match_the_installed_lm_eval_tasks():
     """The same prompts from lm-eval 0.4.13's own task files, template engine and turn builder."""
-    yaml = pytest.importorskip("yaml")
-    pytest.importorskip("lm_eval")
     import lm_eval
+    import yaml
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.utils import apply_template
 

@@ -391,7 +391,6 @@ def test_bf16_8bit_and_4bit_loading_generate_and_keep_the_loss_of_fp32(capsys, t
     assert bf16.model.dtype == torch.bfloat16 and abs(mean_nll(bf16, texts) - fp32) < 0.01
     _gen("--base_model", str(STORIES), "--prompt", "Once upon a time", "--max_new_tokens", "8", "--dtype", "bf16")
     assert capsys.readouterr().out.strip()
-    pytest.importorskip("bitsandbytes")
     _gen("--base_model", str(STORIES), "--prompt", "Once upon a time", "--max_new_tokens", "8", "--load_8bit")
     captured = capsys.readouterr()
     assert captured.out.strip() and "decoding with the hf path" in captured.err

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+import peft
+import torch
 
-from utils.errors import SuiteError  # noqa: E402
+from utils.errors import SuiteError
 from utils.weights.merge import load_adapter, merge_bias, merge_weight  # noqa: E402
 
 

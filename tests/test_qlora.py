@@ -11,8 +11,6 @@ import pytest
 from conftest import DATA, REAL_SETS, STORIES, tiny_model
 from utils.cli import run
 
-pytest.importorskip("bitsandbytes")
-
 
 @pytest.fixture(scope="module")
 def base64(tmp_path_factory) -> Path:

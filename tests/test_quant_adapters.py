@@ -393,7 +393,6 @@ def test_layer_shapes_unpack_the_gptq_layers(gptq_base, fp_base):
 
 
 def test_qlora_on_a_prequantized_bitsandbytes_folder(fp_base, tmp_path, stories_data):
-    pytest.importorskip("bitsandbytes")
     from utils.quant.adapters import load_quantized_base, quantized_base_summary
     from utils.quant.bnb import write_bnb
     from utils.training.methods import MethodArgs, prepare_model

@@ -16,11 +16,8 @@ import torch
 
 from conftest import DATA, STORIES
 
-try:
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnb_functional
-except Exception as exc:  # noqa: BLE001 - a broken install raises more than ImportError
-    pytest.skip(f"bitsandbytes cannot be imported ({type(exc).__name__}: {exc})", allow_module_level=True)
+import bitsandbytes as bnb  # pinned in requirements.txt: a broken install fails, not skips
+import bitsandbytes.functional as bnb_functional
 
 from utils.quant.bnb import BnbError, cpu_generic_layers, load_bnb_folder, write_bnb  # noqa: E402
 from utils.weights.pretrained import keep_bnb_cpu_layout  # noqa: E402

@@ -96,7 +96,6 @@ def test_requantize_merges_an_adapter_into_the_quantized_base_it_was_trained_on(
     made into the dequantized base the adapter was trained against, not into the floating-point original: its
     perplexity equals the adapter's own on the bitsandbytes base, as finetune.py ran it; a GPTQ folder
     requantized starts from exactly the perplexity its own report gave."""
-    pytest.importorskip("bitsandbytes")
     import finetune as ft
     import quantize as stage
     from peft import PeftModel
@@ -164,7 +163,6 @@ def test_requantize_merges_an_adapter_into_the_quantized_base_it_was_trained_on(
 def test_bnb_nf4_writes_a_pre_quantized_folder_that_generate_loads_on_the_cpu(tmp_path):
     """Slow: the stage and generate.py as processes on stories260K. Its 172-wide MLP cannot take bitsandbytes'
     packed CPU kernel: those layers are named in the report and loaded on the generic path."""
-    pytest.importorskip("bitsandbytes")
     out, held = tmp_path / "nf4", tmp_path / "held.jsonl"
     held.write_text("".join(STORY_FILE.read_text().splitlines(keepends=True)[-20:]))
     quantize("--base_model", str(STORIES), "--output_dir", str(out), "--method", "bnb_nf4", "--eval_data_path",
@@ -183,7 +181,6 @@ def test_bnb_nf4_writes_a_pre_quantized_folder_that_generate_loads_on_the_cpu(tm
 def test_gguf_q8_0_file_with_its_perplexity_cost(tmp_path):
     """The stage writes one llama.cpp file (stories260K's 172-wide down_proj stays f16) and scores the weights
     read back from it."""
-    pytest.importorskip("gguf")
     out, held = tmp_path / "gguf", tmp_path / "held.jsonl"
     held.write_text("".join(STORY_FILE.read_text().splitlines(keepends=True)[-20:]))
     quantize("--base_model", str(STORIES), "--output_dir", str(out), "--method", "gguf", "--eval_data_path",
