@@ -112,7 +112,8 @@ def log(message: str) -> None:
 
 
 def windows(tok, texts: list[str], seqlen: int):
-    """The held-out texts joined (as the evaluator joins them) and cut into [n, seqlen] windows, for ``mean_kl``."""
+    """The texts joined (blank lines between them, as the evaluator joins documents) and cut into [n, seqlen]
+    windows: the P4 (b) model's training stream, and the held-out windows of ``mean_kl``."""
     import torch
 
     from utils.evaluation.perplexity import encode_documents
@@ -221,8 +222,6 @@ def train(tok, texts: list[str], steps: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from utils.evaluation.perplexity import encode_documents
-
     s = TRAINED
     torch.manual_seed(s["seed"])
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -230,10 +229,10 @@ def train(tok, texts: list[str], steps: int):
                                               "num_attention_heads", "num_key_value_heads",
                                               "max_position_embeddings", "tie_word_embeddings")})
     model = LlamaForCausalLM(config)
-    ids = torch.tensor(encode_documents(tok, ["\n\n".join(texts)], add_bos=True)[0])
-    windows = ids[: len(ids) // s["seqlen"] * s["seqlen"]].view(-1, s["seqlen"])
+    train_windows = windows(tok, texts, s["seqlen"])
     log(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Llama for {steps} steps "
-        f"on {len(texts)} rows ({len(ids)} tokens; {steps * s['batch_size'] * s['seqlen']} seen)")
+        f"on {len(texts)} rows ({train_windows.numel()} tokens in windows; "
+        f"{steps * s['batch_size'] * s['seqlen']} seen)")
     decay = [p for n, p in model.named_parameters() if p.ndim == 2]
     rest = [p for n, p in model.named_parameters() if p.ndim != 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]}, {"params": rest,
@@ -249,7 +248,7 @@ def train(tok, texts: list[str], steps: int):
     model.train()
     losses, started = [], time.perf_counter()
     for step in range(steps):
-        batch = windows[torch.randint(len(windows), (s["batch_size"],), generator=gen)]
+        batch = train_windows[torch.randint(len(train_windows), (s["batch_size"],), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

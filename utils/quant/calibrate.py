@@ -161,17 +161,18 @@ class _Shortcut:
     def __init__(self, parent: torch.nn.Module, layer: torch.nn.Module, inputs: list[torch.Tensor]):
         self.parent, self.layer, self.inputs = parent, layer, inputs
         self.batch = 0
-        self.form: int | None | bool = False  # False: unchecked; -1: failed; None: a tensor; n: an n-tuple
+        self.checked = False
+        self.nones: int | None = None  # once checked and usable: how many Nones follow the output (0: a bare tensor)
         self._saved = parent.__dict__.get("forward", _ABSENT)
         original = parent.forward
 
         def forward(*args, **kwargs):
-            if self.form is False:
+            if not self.checked:
                 return self._check(original, args, kwargs)
-            if self.form == -1:
+            if self.nones is None:
                 return original(*args, **kwargs)
             out = layer(self.inputs[self.batch])
-            return out if self.form is None else (out,) + (None,) * (self.form - 1)
+            return (out,) + (None,) * self.nones if self.nones else out
 
         parent.forward = forward
 
@@ -182,12 +183,12 @@ class _Shortcut:
             out = original(*args, **kwargs)
         finally:
             handle.remove()
-        self.form = -1
+        self.checked = True
         if len(seen) == 1 and torch.equal(seen[0][0], self.inputs[self.batch]):
             if out is seen[0][1]:
-                self.form = None
+                self.nones = 0
             elif isinstance(out, tuple) and out and out[0] is seen[0][1] and all(x is None for x in out[1:]):
-                self.form = len(out)
+                self.nones = len(out) - 1
         return out
 
     def remove(self) -> None:
@@ -312,10 +313,15 @@ def _quantize_block(prefix, b, block, inputs, settings, method, quantizer, keep,
         result.report.append(LayerReport(f"{prefix}.{b}.{n}", tuple(w.shape), None, why))
     todo = {n: m for n, m in linears.items() if n not in kept}
     steps = _steps(block, todo, inputs, true_sequential, orders) if todo else []
-    parents = _shortcut_parents(block, [n for step in steps for n in step])
     # The cached inputs of shortcut layers are held for the rest of the block: at most one more copy of the block's
-    # inputs in all, so a wide MLP's inputs (down_proj's) are only cached where they fit that.
-    budget = sum(args[0].numel() * args[0].element_size() for args, _ in inputs)
+    # inputs in all, decided before the passes that would catch them, so a wide MLP's inputs (down_proj's) are only
+    # cached where they fit. Every layer sees the same tokens, so the room is counted in columns.
+    room = inputs[0][0][0].shape[-1] if inputs else 0
+    parents: dict[str, torch.nn.Module] = {}
+    for n, parent in _shortcut_parents(block, [n for step in steps for n in step]).items():
+        if todo[n].in_features <= room:
+            room -= todo[n].in_features
+            parents[n] = parent
     shortcuts: list[_Shortcut] = []
     try:
         for step in steps:
@@ -351,9 +357,7 @@ def _quantize_block(prefix, b, block, inputs, settings, method, quantizer, keep,
                 result.layers[full] = None if after_block else q
                 result.report.append(LayerReport(full, tuple(w.shape), error))
             for n, cached in caches.items():
-                size = sum(x.numel() * x.element_size() for x in cached)
-                if len(cached) == len(inputs) and size <= budget:
-                    budget -= size
+                if len(cached) == len(inputs):  # every batch reached the layer
                     shortcuts.append(_Shortcut(parents[n], todo[n], cached))
         outputs = _run_block(block, inputs, shortcuts=shortcuts)
     finally:
